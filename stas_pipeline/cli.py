@@ -1,0 +1,44 @@
+"""``stas``: one command with a sub-command per pipeline stage.
+
+Each stage is a module with ``main(argv) -> int``; ``stas <stage> --help`` shows the stage's own options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage name -> (module, one-line description); the order is the order of the pipeline.
+STAGES: dict[str, tuple[str, str]] = {
+    "labelme-to-masks": ("data_prep.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
+    "make-datalist": ("data_prep.make_datalist", "pair images and masks, assign k folds, write datalist.json"),
+    "build-lmdb": ("data_prep.build_lmdb", "decode and resize every sample once into an LMDB cache"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [
+        "usage: stas <stage> [options]    (stas <stage> --help for a stage's options)",
+        "",
+        "STAS segmentation pipeline. Stages, in pipeline order:",
+    ]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"stas: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[name][0])
+    return module.main(rest, prog=f"stas {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

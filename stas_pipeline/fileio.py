@@ -1,0 +1,60 @@
+"""Atomic, non-clobbering writes of PNG, JSON and raw bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+
+class OutputExistsError(FileExistsError):
+    """Raised when a write would replace an existing file and overwriting was not asked for."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(f"{path}: exists; pass --overwrite to replace it")
+        self.path = Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    A crash leaves ``path`` untouched (either the old file or nothing). Without ``overwrite``, an
+    existing ``path`` raises :class:`OutputExistsError` before anything is written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if path.exists() and not overwrite:  # appeared while we were writing
+            raise OutputExistsError(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> None:
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any, overwrite: bool = False) -> None:
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_png(path: str | Path, array: np.ndarray, overwrite: bool = False) -> None:
+    """Write a 2-D uint8 array (mode L) or an HxWx3 uint8 array (RGB) as PNG, atomically."""
+    with atomic_path(path, overwrite) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
