@@ -61,8 +61,10 @@ def index_by_stem(files: Iterable[Path], problems: Problems) -> dict[str, Path]:
     return {stem: paths[0] for stem, paths in by_stem.items() if len(paths) == 1}
 
 
-def pair_by_stem(images: Iterable[Path], masks: Iterable[Path], problems: Problems) -> list[tuple[Path, Path]]:
-    """Pair images and masks with the same stem, sorted by stem; every unpaired or ambiguous file is skipped."""
+def pair_by_stem(
+    images: Iterable[Path], masks: Iterable[Path], problems: Problems
+) -> list[tuple[Path, Path]]:
+    """Pair images and masks with the same stem, sorted by stem; unpaired or ambiguous files are skipped."""
     image_files, mask_files = list(images), list(masks)
     by_image, by_mask = index_by_stem(image_files, problems), index_by_stem(mask_files, problems)
     image_dups = {p.stem for p in image_files} - by_image.keys()
@@ -167,7 +169,9 @@ def read_group_csv(path: str | Path) -> dict[str, str]:
                 if not image or not group:
                     raise DatalistError(f"{path}: line {line}: empty image or group")
                 if table.setdefault(image, group) != group:
-                    raise DatalistError(f"{path}: line {line}: {image!r} has groups {table[image]!r} and {group!r}")
+                    raise DatalistError(
+                        f"{path}: line {line}: {image!r} has groups {table[image]!r} and {group!r}"
+                    )
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatalistError(f"{path}: cannot read group CSV: {exc}") from exc
     return table
@@ -230,13 +234,18 @@ def make_datalist(
             continue
         group = group_of(image, regex, table)
         if grouped and group is None:
-            how = f"group regex {regex.pattern!r} does not match" if regex is not None else f"not in {group_csv}"
+            how = (
+                f"group regex {regex.pattern!r} does not match"
+                if regex is not None
+                else f"not in {group_csv}"
+            )
             problems.skip(image, f"no group: {how}")
             continue
         found.append((_relpath(image, base_dir), _relpath(mask, base_dir), round(fraction, 6), group))
     if not found:
         raise DatalistError(
-            f"{images}: no usable image/mask pairs ({len(image_files)} images, {len(mask_files)} masks in {masks})"
+            f"{images}: no usable image/mask pairs "
+            f"({len(image_files)} images, {len(mask_files)} masks in {masks})"
         )
     found.sort()
 
@@ -270,7 +279,7 @@ def make_datalist(
 
 
 def write_datalist(path: str | Path, datalist: dict, overwrite: bool = False) -> None:
-    """Write ``datalist`` as JSON atomically; an existing file raises OutputExistsError unless ``overwrite``."""
+    """Write ``datalist`` as JSON atomically; an existing file raises OutputExistsError unless overwrite."""
     write_json(path, datalist, overwrite=overwrite)
 
 
@@ -309,7 +318,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "(optionally keeping groups together), and write a MONAI decathlon-style datalist.json.",
     )
     parser.add_argument(
-        "--images", required=True, type=Path, help=f"folder of training images ({' '.join(IMAGE_EXTENSIONS)}, any case)"
+        "--images",
+        required=True,
+        type=Path,
+        help=f"folder of training images ({' '.join(IMAGE_EXTENSIONS)}, any case)",
     )
     parser.add_argument(
         "--masks",
@@ -318,9 +330,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="folder of single-channel PNG masks named like the images (background 0)",
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="datalist JSON to write; its paths are relative to this file's folder"
+        "--out",
+        required=True,
+        type=Path,
+        help="datalist JSON to write; its paths are relative to this file's folder",
     )
-    parser.add_argument("--test-images", type=Path, help="folder of unlabelled test images, listed under 'test'")
+    parser.add_argument(
+        "--test-images", type=Path, help="folder of unlabelled test images, listed under 'test'"
+    )
     parser.add_argument("--folds", type=_positive_int(2), default=5, help="number of folds (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
     group = parser.add_mutually_exclusive_group()

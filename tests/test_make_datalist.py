@@ -72,7 +72,10 @@ def test_pairs_by_stem_and_paths_load_with_monai(tmp_path):
     assert rc == 0
     assert stems(dl["training"]) == ["a", "b", "c", "d"]
     assert dl["folds"] == 2 and dl["seed"] == 0 and dl["description"]
-    assert all(e["image"].startswith("../../images/") and e["label"].startswith("../../masks/") for e in dl["training"])
+    assert all(
+        e["image"].startswith("../../images/") and e["label"].startswith("../../masks/")
+        for e in dl["training"]
+    )
     assert [e["foreground"] for e in dl["training"]] == [0.0, 5 / (W * H), 30 / (W * H), 10 / (W * H)]
     training = load_decathlon_datalist(out, is_segmentation=True, data_list_key="training")
     for entry in training:
@@ -179,7 +182,18 @@ def test_assign_folds_balances_sizes_and_strata(seed):
 
 
 def test_area_strata_empty_bin_and_quantiles():
-    assert area_strata([0, 0.1, 0.2, 0.3, 0.4, 0, 0.5, 0.6, 0.7, 0.8], n_bins=4) == [0, 1, 1, 2, 2, 0, 3, 3, 4, 4]
+    assert area_strata([0, 0.1, 0.2, 0.3, 0.4, 0, 0.5, 0.6, 0.7, 0.8], n_bins=4) == [
+        0,
+        1,
+        1,
+        2,
+        2,
+        0,
+        3,
+        3,
+        4,
+        4,
+    ]
     assert area_strata([0.0, 0.0], n_bins=4) == [0, 0]
 
 
