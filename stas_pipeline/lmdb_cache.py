@@ -136,16 +136,31 @@ def decode_record(value: bytes, names: Iterable[str] | None = None) -> tuple[dic
 # ---------------------------------------------------------------------------- reading
 
 
+_READERS: dict[tuple[int, int, int], lmdb.Environment] = {}
+
+
+def open_reader(cache_dir: str | Path) -> lmdb.Environment:
+    """This process's read-only environment for ``cache_dir``, shared by every dataset reading it.
+
+    LMDB allows one open per file and process; environments inherited through fork are closed in the child
+    and opened afresh. A rebuilt cache (new files) gets a new environment.
+    """
+    st = os.stat(Path(cache_dir) / "data.mdb")
+    key = (os.getpid(), st.st_dev, st.st_ino)
+    if key not in _READERS:
+        for inherited in [k for k in _READERS if k[0] != key[0]]:
+            _READERS.pop(inherited).close()
+        _READERS[key] = lmdb.open(str(cache_dir), readonly=True, lock=False, readahead=False, meminit=False,
+                                  max_readers=4096, subdir=True)
+    return _READERS[key]
+
+
 def read_meta(cache_dir: str | Path) -> dict | None:
     """The cache's ``__meta__`` or None when ``cache_dir`` holds no complete cache."""
     if not (Path(cache_dir) / "data.mdb").is_file():
         return None
-    env = lmdb.open(str(cache_dir), readonly=True, lock=False, readahead=False, subdir=True)
-    try:
-        with env.begin() as txn:
-            raw = txn.get(META_KEY)
-    finally:
-        env.close()
+    with open_reader(cache_dir).begin() as txn:
+        raw = txn.get(META_KEY)
     meta = json.loads(raw) if raw else None
     return meta if meta and meta.get("complete") else None
 
@@ -208,10 +223,8 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
             raise CacheError(f"{self.cache_dir}: stale for {len(stale)} sample(s): {shown}; {hint}")
 
     def _open(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(self.cache_dir, readonly=True, lock=False, readahead=False,
-                                  meminit=False, max_readers=4096, subdir=True)
-            self._pid = os.getpid()
+        if self._pid != os.getpid():
+            self._env, self._pid = open_reader(self.cache_dir), os.getpid()
         return self._env
 
     def __getstate__(self) -> dict:
@@ -337,7 +350,7 @@ def build_cache(
         meta = read_meta(cache_dir)
         reuse = meta is not None and meta.get("version") == CACHE_VERSION \
             and meta.get("preprocessing") == pre.to_json()
-        old_env = lmdb.open(str(cache_dir), readonly=True, lock=False) if reuse else None
+        old_env = open_reader(cache_dir) if reuse else None
         tmp_dir = cache_dir.parent / f".{cache_dir.name}.building"
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted build
         env = lmdb.open(str(tmp_dir), map_size=_estimate_map_size(len(items), pre), subdir=True,
@@ -376,8 +389,6 @@ def build_cache(
             env.sync(True)
         finally:
             env.close()
-            if old_env is not None:
-                old_env.close()
         if cache_dir.exists():
             trash = cache_dir.parent / f".{cache_dir.name}.old"
             shutil.rmtree(trash, ignore_errors=True)
