@@ -60,7 +60,7 @@ class Annotation:
 
 
 def read_annotation(path: str | Path) -> Annotation:
-    """Parse and check the top level of a LabelMe file; raise :class:`ConversionError` saying what is wrong."""
+    """Parse and check the top level of a LabelMe file; raise :class:`ConversionError` saying why."""
     try:
         data = json.loads(Path(path).read_bytes())
     except OSError as e:
@@ -70,7 +70,9 @@ def read_annotation(path: str | Path) -> Annotation:
     except json.JSONDecodeError as e:
         raise ConversionError(f"malformed or truncated JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ConversionError(f"not a LabelMe file: the top level is a JSON {type(data).__name__}, not an object")
+        raise ConversionError(
+            f"not a LabelMe file: the top level is a JSON {type(data).__name__}, not an object"
+        )
     for key in ("shapes", "imageHeight", "imageWidth"):
         if key not in data:
             raise ConversionError(f"missing key '{key}'")
@@ -87,7 +89,7 @@ def read_annotation(path: str | Path) -> Annotation:
 
 
 def _shape_geometry(shape: Any, index: int, height: int, width: int) -> tuple[str, list[tuple[float, float]]]:
-    """Check one shape; return its shape type and points, or raise :class:`ConversionError` naming the shape."""
+    """Check one shape; return its type and points, or raise :class:`ConversionError` naming the shape."""
     where = f"shape {index}"
     if not isinstance(shape, dict):
         raise ConversionError(f"{where}: not a JSON object")
@@ -186,7 +188,9 @@ def _check_image_size(annotation: Annotation, json_path: Path, images: Path) -> 
         if not image.is_file():
             raise ConversionError(f"image {image} not found (imagePath {annotation.image_path!r})")
     else:
-        found = sorted(p for p in images.glob(glob.escape(json_path.stem) + ".*") if p.suffix.lower() != ".json")
+        found = sorted(
+            p for p in images.glob(glob.escape(json_path.stem) + ".*") if p.suffix.lower() != ".json"
+        )
         if not found:
             raise ConversionError(f"no image {json_path.stem}.* in {images} (the file has no imagePath)")
         image = found[0]
@@ -206,7 +210,9 @@ def _write_mask(target: Path, mask: np.ndarray, overwrite: bool) -> None:
     try:
         write_png(target, mask, overwrite=overwrite)
     except OutputExistsError:
-        raise ConversionError(f"output {target} exists and was kept; pass --overwrite to replace it") from None
+        raise ConversionError(
+            f"output {target} exists and was kept; pass --overwrite to replace it"
+        ) from None
     except OSError as e:
         raise ConversionError(f"cannot write {target}: {e.strerror or e}") from None
 
@@ -277,14 +283,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "one <image stem>.png per annotation file, drawn as labelme's shape_to_mask draws them.",
     )
     parser.add_argument("annotations", type=Path, help="folder of LabelMe *.json files")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the masks into (created if missing)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder to write the masks into (created if missing)"
+    )
     parser.add_argument(
         "--images",
         type=Path,
-        help="image folder; when given, each file's imageWidth x imageHeight is checked against its image's header",
+        help="image folder; when given, each file's imageWidth x imageHeight is checked against its image",
     )
     parser.add_argument(
-        "--labels", nargs="+", metavar="LABEL", help="draw only shapes with these labels (default: every shape)"
+        "--labels",
+        nargs="+",
+        metavar="LABEL",
+        help="draw only shapes with these labels (default: every shape)",
     )
     parser.add_argument(
         "--line-width",
@@ -300,7 +311,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run the stage; 0 when every file was converted, 1 when any was skipped, 2 for unusable input folders."""
+    """Run the stage; 0 when every file was converted, 1 when any was skipped, 2 for unusable folders."""
     args = build_parser(prog).parse_args(argv)
     try:
         problems = convert_folder(

@@ -31,7 +31,7 @@ def labelme(shapes: list, height: int = H, width: int = W, image_path: str | Non
 
 
 def write_json(folder: Path, stem: str, data: dict | str, image: tuple[int, int] | None = None) -> Path:
-    """Write ``folder/ann/<stem>.json`` and, with ``image=(width, height)``, a JPEG ``folder/img/<stem>.jpg``."""
+    """Write ``folder/ann/<stem>.json``; with ``image=(width, height)`` a JPEG ``folder/img/<stem>.jpg``."""
     (folder / "ann").mkdir(exist_ok=True)
     path = folder / "ann" / f"{stem}.json"
     path.write_text(data if isinstance(data, str) else json.dumps(data))
@@ -51,7 +51,7 @@ def run(tmp_path: Path, *extra: str) -> int:
     return main([str(tmp_path / "ann"), "--out", str(tmp_path / "out"), *extra], prog="stas labelme-to-masks")
 
 
-# --- rasterisation -------------------------------------------------------------------------------------------
+# --- rasterisation ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape_type", ["polygon", None, ""])
@@ -125,7 +125,10 @@ def test_points_outside_are_counted_and_clipped():
         ([shape(SQUARE, "blob")], "shape 0: unknown shape_type 'blob'"),
         ([{"label": "STAS"}], "shape 0: missing key 'points'"),
         ([shape(SQUARE), shape(SQUARE, label=None)], "shape 1: 'label' must be a string, got None"),
-        ([shape([[1, 1], [1e12, 5], [9, 1]])], "shape 0: point 1 (1e+12, 5) lies far outside the 60x40 image"),
+        (
+            [shape([[1, 1], [1e12, 5], [9, 1]])],
+            "shape 0: point 1 (1e+12, 5) lies far outside the 60x40 image",
+        ),
     ],
 )
 def test_bad_shapes_raise_naming_the_shape(shapes, reason):
@@ -134,7 +137,7 @@ def test_bad_shapes_raise_naming_the_shape(shapes, reason):
     assert reason in str(info.value)
 
 
-# --- command line --------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 
 def test_cli_writes_binary_masks_named_by_image_stem(tmp_path, capsys):
@@ -182,8 +185,16 @@ BAD_TEXT = json.dumps(BAD)
         (BAD_TEXT[: len(BAD_TEXT) // 2], (W, H), "malformed or truncated JSON"),
         ("[1, 2]", (W, H), "not a LabelMe file"),
         ({k: v for k, v in BAD.items() if k != "imageHeight"}, (W, H), "missing key 'imageHeight'"),
-        ({**BAD, "shapes": [shape(SQUARE), shape([[1, 1], [5, 5]])]}, (W, H), "shape 1: polygon has 2 points"),
-        ({**BAD, "shapes": [shape([[1, 1], [5, "abc"], [9, 1]])]}, (W, H), "shape 0: point 1 has a non-numeric"),
+        (
+            {**BAD, "shapes": [shape(SQUARE), shape([[1, 1], [5, 5]])]},
+            (W, H),
+            "shape 1: polygon has 2 points",
+        ),
+        (
+            {**BAD, "shapes": [shape([[1, 1], [5, "abc"], [9, 1]])]},
+            (W, H),
+            "shape 0: point 1 has a non-numeric",
+        ),
         (BAD_TEXT.replace("10,", "NaN,", 1), (W, H), "shape 0: point 0 has a non-finite coordinate nan"),
         ({**BAD, "shapes": [shape(SQUARE, "blob")]}, (W, H), "shape 0: unknown shape_type 'blob'"),
         (BAD, (W + 1, H), f"declared size {W}x{H} (imageWidth x imageHeight) disagrees with image"),
@@ -250,14 +261,17 @@ def test_empty_or_missing_input_folder_exits_2(tmp_path, capsys):
 
 def test_module_help_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "data_prep.labelme_to_masks", "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "data_prep.labelme_to_masks", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0
     for option in ("--out", "--images", "--labels", "--line-width", "--point-radius", "--overwrite"):
         assert option in result.stdout
 
 
-# --- the real STAS sample ------------------------------------------------------------------------------------
+# --- the real STAS sample -----------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
