@@ -48,11 +48,22 @@ class CacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The deterministic part of the transform chain, applied once when the cache is built."""
+    """The deterministic part of the transform chain, applied once when the cache is built.
+
+    ``image_size`` is one number for a square or ``(H, W)``.
+    """
 
     image_size: tuple[int, int]
     image_mode: str = "area"
     label_mode: str = "nearest"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", image_size_pair(self.image_size))
+
+    @classmethod
+    def of(cls, spec: Preprocessing | int | Sequence[int]) -> Preprocessing:
+        """``spec`` itself, or the default preprocessing for an image size."""
+        return spec if isinstance(spec, Preprocessing) else cls(spec)
 
     def loader(self, keys: Sequence[str]) -> LoadImaged:
         """LoadImaged with arrays in (H, W[, C]) order, as PIL and torch index them."""
@@ -166,7 +177,8 @@ def read_meta(cache_dir: str | Path) -> dict | None:
 
 
 class LMDBCacheDataset(torch.utils.data.Dataset):
-    """Dataset over a cache built by :func:`build_cache`; yields dicts ready for the random transforms.
+    """Dataset over a cache built by :func:`build_cache` with ``preprocessing`` (a :class:`Preprocessing` or
+    an image size); yields dicts ready for the random transforms.
 
     Each item is the datalist entry (paths, fold, ...) with ``image`` (uint8 tensor, C x H x W), and for
     segmentation ``label`` (uint8 0/1, 1 x H x W), plus ``orig_size`` (H0, W0); with ``with_orig_label`` also
@@ -182,7 +194,7 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
         self,
         data: Sequence[dict],
         cache_dir: str | Path,
-        image_size: int | Sequence[int],
+        preprocessing: Preprocessing | int | Sequence[int],
         transform: Callable | None = None,
         image_key: str = "image",
         label_key: str = "label",
@@ -195,7 +207,7 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
         self.image_key, self.label_key = image_key, label_key
         self._env = None
         self._pid = None
-        self._check(Preprocessing(image_size_pair(image_size)))
+        self._check(Preprocessing.of(preprocessing))
 
     def _check(self, pre: Preprocessing) -> None:
         meta = read_meta(self.cache_dir)
@@ -301,6 +313,17 @@ def _reusable(old_env: lmdb.Environment | None, key: bytes, item: dict, keys: Se
     return value if ok else None
 
 
+def _up_to_date(env: lmdb.Environment, meta: dict, items: Sequence[dict], image_key: str, label_key: str) -> bool:
+    """True when the cache holds exactly ``items`` and none of their sources changed: nothing to rebuild."""
+    if meta["keys"] != [sample_key(item, image_key).decode() for item in items]:
+        return False
+    return all(
+        _reusable(env, sample_key(item, image_key), item,
+                  [image_key, label_key] if _has_mask(item, label_key) else [image_key]) is not None
+        for item in items
+    )
+
+
 def _put_all(env: lmdb.Environment, pending: list[tuple[bytes, bytes]]) -> None:
     """Write ``pending`` in one transaction, growing the map when it is full; empties ``pending``."""
     while True:
@@ -323,7 +346,7 @@ def _estimate_map_size(n: int, pre: Preprocessing) -> int:
 def build_cache(
     items: Sequence[dict],
     cache_dir: str | Path,
-    image_size: int | Sequence[int],
+    preprocessing: Preprocessing | int | Sequence[int],
     problems: Problems | None = None,
     image_key: str = "image",
     label_key: str = "label",
@@ -331,13 +354,14 @@ def build_cache(
 ) -> BuildStats:
     """Build (or incrementally refresh) the cache for ``items``.
 
-    Unchanged samples of an existing cache with the same preprocessing are copied over, changed or new ones
-    are decoded; a bad sample is reported to ``problems`` and left out. Memory stays bounded: samples are
-    streamed one at a time and committed every few samples. The new cache is written beside ``cache_dir``
-    and renamed onto it only when complete. Concurrent builders of the same cache wait for each other.
+    A cache that already holds exactly ``items``, unchanged, is left as it is. Otherwise unchanged samples
+    of an existing cache with the same preprocessing are copied over, changed or new ones are decoded; a bad
+    sample is reported to ``problems`` and left out. Memory stays bounded: samples are streamed one at a time
+    and committed every few samples. The new cache is written beside ``cache_dir`` and renamed onto it only
+    when complete. Concurrent builders of the same cache wait for each other.
     """
     problems = problems or Problems("build-lmdb")
-    pre = Preprocessing(image_size_pair(image_size))
+    pre = Preprocessing.of(preprocessing)
     cache_dir = Path(cache_dir).resolve()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     if cache_dir.exists() and any(cache_dir.iterdir()) and read_meta(cache_dir) is None \
@@ -351,53 +375,61 @@ def build_cache(
         reuse = meta is not None and meta.get("version") == CACHE_VERSION \
             and meta.get("preprocessing") == pre.to_json()
         old_env = open_reader(cache_dir) if reuse else None
-        tmp_dir = cache_dir.parent / f".{cache_dir.name}.building"
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted build
-        env = lmdb.open(str(tmp_dir), map_size=_estimate_map_size(len(items), pre), subdir=True,
-                        metasync=False, sync=False)
-        keys_written: list[str] = []
-        seen: set[bytes] = set()
-        pending: list[tuple[bytes, bytes]] = []
-        try:
-            for item in tqdm(items, desc="build-lmdb", unit="img", disable=not progress):
-                key = sample_key(item, image_key)
-                if key in seen:
-                    problems.skip(item[image_key], "listed twice in the datalist")
-                    stats.skipped += 1
-                    continue
-                keys = [image_key, label_key] if _has_mask(item, label_key) else [image_key]
-                value = _reusable(old_env, key, item, keys)
-                if value is not None:
-                    stats.reused += 1
-                else:
-                    try:
-                        value = _load_sample(item, pre, image_key, label_key)
-                    except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
-                        problems.skip(item[image_key], f"{type(err).__name__}: {err}".splitlines()[0])
-                        stats.skipped += 1
-                        continue
-                    stats.written += 1
-                pending.append((key, value))
-                seen.add(key)
-                keys_written.append(key.decode())
-                if len(pending) >= _COMMIT_EVERY:
-                    _put_all(env, pending)
-            meta = {"version": CACHE_VERSION, "preprocessing": pre.to_json(), "keys": keys_written,
-                    "complete": True}
-            pending.append((META_KEY, json.dumps(meta).encode()))
-            _put_all(env, pending)
-            env.sync(True)
-        finally:
-            env.close()
-        if cache_dir.exists():
-            trash = cache_dir.parent / f".{cache_dir.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(cache_dir, trash)
-            os.replace(tmp_dir, cache_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+        if old_env is not None and _up_to_date(old_env, meta, items, image_key, label_key):
+            stats.reused = len(items)
         else:
-            os.replace(tmp_dir, cache_dir)
+            _rebuild(items, cache_dir, pre, old_env, problems, stats, image_key, label_key, progress)
     stats.bytes_on_disk = sum(f.stat().st_size for f in cache_dir.iterdir())
     problems.count("decoded", stats.written)
     problems.count("reused", stats.reused)
     return stats
+
+
+def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env: lmdb.Environment | None,
+             problems: Problems, stats: BuildStats, image_key: str, label_key: str, progress: bool) -> None:
+    """Write a complete new cache beside ``cache_dir``, then swap it in."""
+    tmp_dir = cache_dir.parent / f".{cache_dir.name}.building"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted build
+    env = lmdb.open(str(tmp_dir), map_size=_estimate_map_size(len(items), pre), subdir=True,
+                    metasync=False, sync=False)
+    keys_written: list[str] = []
+    seen: set[bytes] = set()
+    pending: list[tuple[bytes, bytes]] = []
+    try:
+        for item in tqdm(items, desc="build-lmdb", unit="img", disable=not progress):
+            key = sample_key(item, image_key)
+            if key in seen:
+                problems.skip(item[image_key], "listed twice in the datalist")
+                stats.skipped += 1
+                continue
+            keys = [image_key, label_key] if _has_mask(item, label_key) else [image_key]
+            value = _reusable(old_env, key, item, keys)
+            if value is not None:
+                stats.reused += 1
+            else:
+                try:
+                    value = _load_sample(item, pre, image_key, label_key)
+                except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
+                    problems.skip(item[image_key], f"{type(err).__name__}: {err}".splitlines()[0])
+                    stats.skipped += 1
+                    continue
+                stats.written += 1
+            pending.append((key, value))
+            seen.add(key)
+            keys_written.append(key.decode())
+            if len(pending) >= _COMMIT_EVERY:
+                _put_all(env, pending)
+        meta = {"version": CACHE_VERSION, "preprocessing": pre.to_json(), "keys": keys_written, "complete": True}
+        pending.append((META_KEY, json.dumps(meta).encode()))
+        _put_all(env, pending)
+        env.sync(True)
+    finally:
+        env.close()
+    if cache_dir.exists():
+        trash = cache_dir.parent / f".{cache_dir.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(cache_dir, trash)
+        os.replace(tmp_dir, cache_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, cache_dir)

@@ -58,7 +58,9 @@ def test_records_hold_resized_sample_and_original_mask(items, tmp_path):
 
 def test_rebuild_reuses_unchanged_and_redecodes_changed(items, tmp_path):
     build_cache(items, tmp_path / "cache", SIZE, progress=False)
+    inode = (tmp_path / "cache" / "data.mdb").stat().st_ino
     assert build_cache(items, tmp_path / "cache", SIZE, progress=False).reused == 6
+    assert (tmp_path / "cache" / "data.mdb").stat().st_ino == inode  # up to date: not rewritten
 
     changed = Path(items[2]["label"])
     Image.fromarray(np.full((H, W), 255, np.uint8)).save(changed)
