@@ -181,8 +181,8 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
     an image size); yields dicts ready for the random transforms.
 
     Each item is the datalist entry (paths, fold, ...) with ``image`` (uint8 tensor, C x H x W), and for
-    segmentation ``label`` (uint8 0/1, 1 x H x W), plus ``orig_size`` (H0, W0); with ``with_orig_label`` also
-    ``label_orig`` (1 x H0 x W0, the mask at the original size, for scoring at the original resolution).
+    segmentation ``label`` (uint8 0/1, 1 x H x W), plus ``orig_size`` (H0, W0); with ``original_label`` the
+    ``label`` is the mask at the original size (1 x H0 x W0), for scoring at the original resolution.
     A numeric label is passed through. The environment is opened read-only and lazily in each process
     (DataLoader worker, DDP rank), so any number of readers can share one cache.
 
@@ -198,10 +198,10 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
         transform: Callable | None = None,
         image_key: str = "image",
         label_key: str = "label",
-        with_orig_label: bool = False,
+        original_label: bool = False,
     ):
         self.data = list(data)
-        self.arrays = ("image", "label", "label_orig") if with_orig_label else ("image", "label")
+        self.arrays = {"image": "image", "label_orig" if original_label else "label": label_key}
         self.cache_dir = str(cache_dir)
         self.transform = transform
         self.image_key, self.label_key = image_key, label_key
@@ -250,7 +250,7 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
         with self._open().begin(buffers=False) as txn:
             value = txn.get(sample_key(item, self.image_key))
         header, arrays = decode_record(value, self.arrays)
-        tensors = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        tensors = {self.arrays[k]: torch.from_numpy(a) for k, a in arrays.items()}
         sample = {**item, **tensors, "orig_size": tuple(header["orig_size"])}
         return self.transform(sample) if self.transform is not None else sample
 

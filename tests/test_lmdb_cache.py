@@ -42,18 +42,19 @@ def items(tmp_path: Path) -> list[dict]:
 def test_records_hold_resized_sample_and_original_mask(items, tmp_path):
     stats = build_cache(items, tmp_path / "cache", SIZE, progress=False)
     assert (stats.written, stats.reused, stats.skipped) == (6, 0, 0)
-    ds = LMDBCacheDataset(items, tmp_path / "cache", SIZE, with_orig_label=True)
-    for item, sample in zip(items, ds, strict=True):
+    ds = LMDBCacheDataset(items, tmp_path / "cache", SIZE)
+    at_original_size = LMDBCacheDataset(items, tmp_path / "cache", SIZE, original_label=True)
+    for item, sample, orig in zip(items, ds, at_original_size, strict=True):
         assert sample["image"].shape == (3, SIZE, SIZE) and sample["image"].dtype == torch.uint8
         assert sample["label"].shape == (1, SIZE, SIZE) and set(sample["label"].unique().tolist()) <= {0, 1}
         original = np.asarray(Image.open(item["label"])) > 0
-        assert np.array_equal(sample["label_orig"][0].numpy(), original)
+        assert np.array_equal(orig["label"][0].numpy(), original)
+        assert torch.equal(orig["image"], sample["image"])
         assert sample["orig_size"] == (H, W) and sample["fold"] == item["fold"]
         # the cached image is the MONAI area-resized JPEG, rounded to uint8
         decoded = torch.from_numpy(np.asarray(Image.open(item["image"]), np.float32)).permute(2, 0, 1)[None]
         expected = torch.nn.functional.interpolate(decoded, (SIZE, SIZE), mode="area")[0]
         assert (sample["image"].float() - expected).abs().max() <= 0.5 + 1e-3
-    assert "label_orig" not in LMDBCacheDataset(items, tmp_path / "cache", SIZE)[0]
 
 
 def test_rebuild_reuses_unchanged_and_redecodes_changed(items, tmp_path):

