@@ -13,6 +13,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "labelme-to-masks": ("data_prep.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
     "make-datalist": ("data_prep.make_datalist", "pair images and masks, assign k folds, write datalist.json"),
     "build-lmdb": ("data_prep.build_lmdb", "decode and resize every sample once into an LMDB cache"),
+    "ensemble": ("stas_pipeline.ensemble", "majority vote or mean probability of several prediction folders"),
+    "postprocess": ("stas_pipeline.postprocess", "remove small components, fill holes in predicted masks"),
+    "evaluate": ("stas_pipeline.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
+    "export": ("stas_pipeline.export", "checked submission zip: one 0/255 PNG per test image"),
 }
 
 

@@ -1,0 +1,123 @@
+"""Tests of stas_pipeline.postprocess: small-component removal, hole filling, the folder stage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stas_pipeline import cli
+from stas_pipeline.postprocess import main, postprocess_mask, remove_small_components
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hand_made() -> np.ndarray:
+    """A 5x5 ring (25 pixels, a 1-pixel hole), a 2-pixel diagonal pair, a single speck."""
+    mask = np.zeros((12, 12), np.uint8)
+    mask[1:6, 1:6] = 255
+    mask[3, 3] = 0  # the hole: 24 foreground pixels in the ring
+    mask[8, 8] = mask[9, 9] = 255  # diagonal neighbours: one 8-connected component of 2
+    mask[10, 2] = 7  # a grey-level speck
+    return mask
+
+
+def test_nothing_by_default():
+    mask = hand_made()
+    np.testing.assert_array_equal(postprocess_mask(mask), mask > 0)
+
+
+@pytest.mark.parametrize("min_size, kept", [(1, 27), (2, 26), (3, 24), (24, 24), (25, 0)])
+def test_min_size_removes_components_below_it(min_size, kept):
+    out = postprocess_mask(hand_made(), min_size=min_size)
+    assert out.dtype == bool and int(out.sum()) == kept
+
+
+def test_diagonal_pixels_are_one_component():
+    out = remove_small_components(hand_made(), 2)
+    assert out[8, 8] and out[9, 9] and not out[10, 2]
+
+
+def test_fill_holes():
+    out = postprocess_mask(hand_made(), fill_holes=True)
+    assert out[3, 3] and int(out.sum()) == 28
+
+
+def test_border_background_is_not_a_hole():
+    mask = np.zeros((5, 5), bool)
+    mask[:, 2] = True  # splits the background into two parts, both touching the border
+    np.testing.assert_array_equal(postprocess_mask(mask, fill_holes=True), mask)
+
+
+def test_both_steps_and_any_dimension():
+    out = postprocess_mask(hand_made(), min_size=3, fill_holes=True)
+    assert int(out.sum()) == 25
+    volume = np.zeros((3, 5, 5), bool)
+    volume[0, 4, 4] = True
+    volume[1:3, 1:3, 1:3] = True
+    assert int(postprocess_mask(volume, min_size=2).sum()) == 8
+
+
+def test_folder_stage(tmp_path, capsys):
+    pred, out = tmp_path / "pred", tmp_path / "out"
+    pred.mkdir()
+    Image.fromarray(hand_made()).save(pred / "a.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(pred / "empty.png")
+    (pred / "broken.png").write_bytes(b"not a png")
+    assert main(["--pred", str(pred), "--out", str(out), "--min-size", "3", "--fill-holes"]) == 1
+    captured = capsys.readouterr()
+    assert f"ERROR {pred / 'broken.png'}" in captured.err
+    assert "written 2, pixels removed 3, pixels filled 1, skipped 1" in captured.out
+    with Image.open(out / "a.png") as img:
+        assert img.mode == "L"
+        result = np.array(img)
+    assert set(np.unique(result)) == {0, 255} and int((result > 0).sum()) == 25
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "empty.png"]
+
+
+def test_existing_out_refused_then_replaced(tmp_path, capsys):
+    pred, out = tmp_path / "pred", tmp_path / "out"
+    pred.mkdir()
+    out.mkdir()
+    Image.fromarray(hand_made()).save(pred / "a.png")
+    (out / "mine.txt").write_text("mine")
+    assert main(["--pred", str(pred), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert main(["--pred", str(pred), "--out", str(out), "--overwrite"]) == 0
+    assert [p.name for p in out.iterdir()] == ["a.png"]
+
+
+def test_threshold_option(tmp_path):
+    pred, out = tmp_path / "pred", tmp_path / "out"
+    pred.mkdir()
+    Image.fromarray(hand_made()).save(pred / "a.png")
+    assert main(["--pred", str(pred), "--out", str(out), "--threshold", "0.1"]) == 0
+    with Image.open(out / "a.png") as img:
+        assert int((np.array(img) > 0).sum()) == 26  # the grey speck (7) is below 0.1 * 255
+
+
+def test_empty_pred_folder(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    assert main(["--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "out")]) == 2
+    assert "no *.png masks" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_module_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "stas_pipeline.postprocess", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--min-size" in out and "--fill-holes" in out
+
+
+def test_stas_postprocess_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["postprocess", "--help"])
+    assert exit_info.value.code == 0 and "usage: stas postprocess" in capsys.readouterr().out
