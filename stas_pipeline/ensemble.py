@@ -20,35 +20,24 @@ only when every image has been handled, so ``DIR`` is never half-written. The co
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stas_pipeline.fileio import OutputExistsError, write_png
+from stas_pipeline.cli_types import probability_threshold
+from stas_pipeline.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.mask_io import InputFolderError, NothingWrittenError, prediction_files, read_grey_png, size_text
 from stas_pipeline.problems import Problems
 
 STAGE = "ensemble"
 METHODS = ("vote", "mean")
 TIES = ("background", "foreground")
 MEMBER_SUFFIXES = (".png", ".npy")
-GREY_MODES = ("L", "P", "1")  # read as stored: grey level, palette index, 0/255
-CONVERTED_MODES = ("RGB", "RGBA", "LA")  # converted to L, with a warning
-
-
-class InputFolderError(ValueError):
-    """An input folder is missing or holds no prediction files, or the options do not fit together."""
-
-
-class NothingWrittenError(RuntimeError):
-    """Every image was skipped; the output folder was left as it was."""
 
 
 # --- core: arrays of any shape ----------------------------------------------------------------------------
@@ -110,91 +99,6 @@ def mean_probability(probs: Sequence[np.ndarray], weights: Sequence[float] | Non
     for p, wi in zip(probs, w, strict=True):
         total += wi * np.asarray(p, dtype=np.float64)
     return (total / w.sum()).astype(np.float32)
-
-
-# --- files and folders (shared by the other file-based stages) --------------------------------------------
-
-
-def prediction_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> dict[str, list[Path]]:
-    """Map stem -> the non-hidden files directly in ``folder`` with one of ``suffixes`` (any case), by stem.
-
-    A stem with more than one file (``a.png`` and ``a.npy``) is ambiguous; callers report it.
-    Raises :class:`InputFolderError` when ``folder`` is not a folder.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputFolderError(f"{folder}: folder not found")
-    found: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in suffixes:
-            found.setdefault(path.stem, []).append(path)
-    return found
-
-
-def read_grey_png(path: str | Path, problems: Problems | None = None) -> np.ndarray:
-    """Read a single-channel image as a 2-D uint8 array of its stored values.
-
-    Mode L is read as is, P as its palette indices, 1 as 0/255; RGB, RGBA and LA are converted to L (with a
-    warning in ``problems``). Other modes (16-bit, float) raise ``ValueError``; unreadable files ``OSError``.
-    """
-    with Image.open(path) as img:
-        if img.mode in CONVERTED_MODES:
-            if problems is not None:
-                problems.warn(path, f"mode {img.mode} converted to grey (L); masks should be single-channel")
-            img = img.convert("L")
-        elif img.mode == "1":
-            img = img.convert("L")
-        elif img.mode not in GREY_MODES:
-            raise ValueError(f"unsupported image mode {img.mode} (expected L, P, 1 or RGB)")
-        return np.asarray(img, dtype=np.uint8)
-
-
-def size_text(shape: tuple[int, ...]) -> str:
-    """``W x H`` of an (H, W) array shape, as image sizes are written elsewhere."""
-    return f"{shape[1]}x{shape[0]}" if len(shape) == 2 else "x".join(map(str, shape))
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputFolderError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(out)
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{kind}")
-
-
-@contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a new temporary folder beside ``out``; when the block ends normally it becomes ``out``.
-
-    An existing empty ``out`` is replaced; a non-empty one raises :class:`OutputExistsError` (before the block
-    runs, and again at the end if one appeared meanwhile) unless ``overwrite``, and is then removed only once
-    the new folder is complete. An exception in the block removes the temporary folder, ``out`` untouched.
-    """
-    out = Path(out)
-    _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
-    tmp.mkdir()  # not mkdtemp: the folder gets the permissions of a folder made the usual way
-    try:
-        yield tmp
-        _check_out(out, overwrite)
-        old = _sibling(out, "old") if out.exists() else None
-        if old is not None:
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -327,14 +231,6 @@ def ensemble_folders(
 
 
 # --- command line -----------------------------------------------------------------------------------------
-
-
-def probability_threshold(text: str) -> float:
-    """argparse type of a threshold on probabilities: a float in [0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

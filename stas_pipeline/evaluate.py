@@ -27,20 +27,14 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from stas_pipeline.ensemble import (
-    InputFolderError,
-    prediction_files,
-    probability_threshold,
-    read_grey_png,
-    size_text,
-)
+from stas_pipeline.cli_types import non_negative_int, probability_threshold
 from stas_pipeline.fileio import OutputExistsError, atomic_path, write_png
+from stas_pipeline.mask_io import IMAGE_SUFFIXES, InputFolderError, prediction_files, read_grey_png, size_text
 from stas_pipeline.problems import Problems
 
 STAGE = "evaluate"
 METRICS = ("dice", "iou", "precision", "recall")
 CSV_COLUMNS = ("image", *METRICS, "pred_pixels", "ref_pixels")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 REF_COLOUR, PRED_COLOUR, BOTH_COLOUR = (0, 255, 0), (255, 0, 0), (255, 255, 0)
 CAPTION = 16  # height in pixels of the overlay's caption band
 
@@ -225,13 +219,6 @@ def format_summary(summary: dict) -> str:
     return f"mean over {summary['count']} images: {means}"
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -259,7 +246,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--images", type=Path, metavar="DIR", help="image folder, needed by --overlays")
     parser.add_argument(
-        "--worst", type=_non_negative, default=10, metavar="N", help="number of overlays (default: 10)"
+        "--worst", type=non_negative_int, default=10, metavar="N", help="number of overlays (default: 10)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing CSV and overlays")
     return parser

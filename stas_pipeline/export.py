@@ -21,18 +21,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stas_pipeline.ensemble import (
+from stas_pipeline.fileio import OutputExistsError, atomic_path
+from stas_pipeline.mask_io import (
     CONVERTED_MODES,
     GREY_MODES,
+    IMAGE_SUFFIXES,
     InputFolderError,
     prediction_files,
     read_grey_png,
 )
-from stas_pipeline.fileio import OutputExistsError, atomic_path
 from stas_pipeline.problems import Problems
 
 STAGE = "export"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # a fixed entry date: the same masks give the same zip bytes
 
 

@@ -1,10 +1,12 @@
-"""Atomic, non-clobbering writes of PNG, JSON and raw bytes."""
+"""Atomic, non-clobbering writes of PNG, JSON, raw bytes and whole folders."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from stas_pipeline.mask_io import InputFolderError
 
 
 class OutputExistsError(FileExistsError):
@@ -66,3 +70,46 @@ def write_png(path: str | Path, array: np.ndarray, overwrite: bool = False) -> N
     """Write a 2-D uint8 array (mode L) or an HxWx3 uint8 array (RGB) as PNG, atomically."""
     with atomic_path(path, overwrite) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputFolderError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(out)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{kind}")
+
+
+@contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``out``; when the block ends normally it becomes ``out``.
+
+    An existing empty ``out`` is replaced; a non-empty one raises :class:`OutputExistsError` (before the block
+    runs, and again at the end if one appeared meanwhile) unless ``overwrite``, and is then removed only once
+    the new folder is complete. An exception in the block removes the temporary folder, ``out`` untouched.
+    """
+    out = Path(out)
+    _check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    tmp.mkdir()  # not mkdtemp: the folder gets the permissions of a folder made the usual way
+    try:
+        yield tmp
+        _check_out(out, overwrite)
+        old = _sibling(out, "old") if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -18,15 +18,9 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from stas_pipeline.ensemble import (
-    InputFolderError,
-    NothingWrittenError,
-    atomic_folder,
-    prediction_files,
-    probability_threshold,
-    read_grey_png,
-)
-from stas_pipeline.fileio import OutputExistsError, write_png
+from stas_pipeline.cli_types import non_negative_int, probability_threshold
+from stas_pipeline.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.mask_io import InputFolderError, NothingWrittenError, prediction_files, read_grey_png
 from stas_pipeline.problems import Problems
 
 STAGE = "postprocess"
@@ -92,13 +86,6 @@ def postprocess_folder(
     return problems
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -110,7 +97,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (written only when complete)")
     parser.add_argument(
         "--min-size",
-        type=_non_negative,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="remove 8-connected foreground components of fewer than N pixels (default: 0, keep all)",

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from stas_pipeline import cli, ensemble
-from stas_pipeline.ensemble import atomic_folder, ensemble_folders, main, mean_probability, vote
-from stas_pipeline.fileio import OutputExistsError
+from stas_pipeline.ensemble import ensemble_folders, main, mean_probability, vote
+from stas_pipeline.fileio import OutputExistsError, atomic_folder
+from stas_pipeline.mask_io import InputFolderError
 
 REPO = Path(__file__).resolve().parents[1]
 STAS_PUBLIC = Path(__file__).resolve().parents[2] / "shared/data/stas_public"
@@ -266,7 +267,7 @@ def test_nothing_written_keeps_out(tmp_path, capsys):
 
 def test_atomic_folder_refuses_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ensemble.InputFolderError), atomic_folder(tmp_path / "f", overwrite=True):
+    with pytest.raises(InputFolderError), atomic_folder(tmp_path / "f", overwrite=True):
         pass
     (tmp_path / "d").mkdir()
     (tmp_path / "d/x").write_text("x")

@@ -1,0 +1,21 @@
+"""argparse ``type=`` functions shared by the stages' command lines."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def probability_threshold(text: str) -> float:
+    """argparse type of a threshold on probabilities: a float in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
