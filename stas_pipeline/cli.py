@@ -13,6 +13,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "labelme-to-masks": ("data_prep.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
     "make-datalist": ("data_prep.make_datalist", "pair images and masks, assign k folds, write datalist.json"),
     "build-lmdb": ("data_prep.build_lmdb", "decode and resize every sample once into an LMDB cache"),
+    "predict": ("stas_pipeline.predict", "checkpoints -> masks and probabilities at the original size (TTA, windows)"),
     "ensemble": ("stas_pipeline.ensemble", "majority vote or mean probability of several prediction folders"),
     "postprocess": ("stas_pipeline.postprocess", "remove small components, fill holes in predicted masks"),
     "evaluate": ("stas_pipeline.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
@@ -28,6 +29,11 @@ def _usage() -> str:
         "STAS segmentation pipeline. Stages, in pipeline order:",
     ]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    lines += [
+        "",
+        "Training and validation run as MONAI bundles, between build-lmdb and predict:",
+        "  python -m monai.bundle run training --config_file bundles/deeplab_effb6.json --dataset_dir DATA",
+    ]
     return "\n".join(lines)
 
 

@@ -22,9 +22,3 @@ def load_fold(datalist: str | Path, fold: int, section: str = "training") -> tup
         return entries, []
     return [e for e in entries if e["fold"] != fold], [e for e in entries if e["fold"] == fold]
 
-
-def load_section(datalist: str | Path, section: str = "test") -> list[dict]:
-    """All entries of one section (e.g. ``test``), paths made absolute."""
-    if not Path(datalist).is_file():
-        raise ValueError(f"datalist {datalist!s}: no such file (make one with: stas make-datalist)")
-    return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=section)

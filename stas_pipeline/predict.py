@@ -1,0 +1,223 @@
+"""Inference: one or more checkpoints over a folder of images (or a datalist's test list), image by image.
+
+``stas predict --checkpoint runs/deeplab_lite0/fold*/best.pt --images DIR --out DIR`` writes, for every image,
+``DIR/<image stem>.png`` (the binary mask, 0/255, at the image's original size) and with ``--save-probs PDIR``
+the probability map ``PDIR/<image stem>.png`` (uint8, p * 255) or ``.npy`` (float32). Several checkpoints
+(models x folds) are averaged in probability space, as is flip TTA. Each checkpoint's model is rebuilt from the
+``best.json``/``last.json`` written beside it by training (encoder, image size, auxiliary head).
+
+Modes: ``resize`` (the reference recipe: resize to the training size, predict, resize the probabilities back)
+and ``sliding_window`` (MONAI's SlidingWindowInferer at the original resolution, Gaussian-weighted overlapping
+windows of the training size, for images larger than it). Memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from stas_pipeline.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.mask_io import InputFolderError
+from stas_pipeline.models import build_model
+from stas_pipeline.problems import Problems
+from stas_pipeline.run_recorder import CheckpointError, load_model_weights
+
+STAGE = "predict"
+TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
+MODES = ("resize", "sliding_window")
+
+
+def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, int]:
+    """The model of a training run's checkpoint, in eval mode, and its training image size.
+
+    The architecture comes from ``best.json`` (or ``last.json``) beside the checkpoint."""
+    checkpoint = Path(checkpoint)
+    info_file = next((checkpoint.with_name(n) for n in ("best.json", "metrics.json")
+                      if checkpoint.with_name(n).is_file()), None)
+    if info_file is None:
+        raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")
+    info = json.loads(info_file.read_text())
+    model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
+    load_model_weights(model, checkpoint)
+    return model.to(device).eval(), int(info["image_size"])
+
+
+def scale_intensity(image: torch.Tensor) -> torch.Tensor:
+    """Min-max scaling to [0, 1] per image, as ``ScaleIntensityd`` does in training."""
+    lo, hi = image.amin(), image.amax()
+    return (image - lo) / (hi - lo) if hi > lo else torch.zeros_like(image)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An RGB image as a float (3, H, W) tensor of its 0-255 values."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+
+
+def flip_tta(model: nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """Mean sigmoid probability over flipped copies of ``x`` (N, C, H, W), each flipped back."""
+    total = None
+    for dims in flips:
+        xi = torch.flip(x, dims) if dims else x
+        p = torch.sigmoid(model(xi).float())
+        p = torch.flip(p, dims) if dims else p
+        total = p if total is None else total + p
+    return total / len(flips)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    models: Sequence[tuple[nn.Module, int]],
+    images: Sequence[torch.Tensor],
+    mode: str = "resize",
+    tta: str = "none",
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    amp: bool = False,
+) -> list[torch.Tensor]:
+    """Mean probability maps (1, H, W) of ``models`` (each with its training size) for (3, H, W) images.
+
+    In ``resize`` mode the images go through each model as one batch; in ``sliding_window`` mode one image at a
+    time, ``sw_batch_size`` windows per forward pass."""
+    for model, _ in models:
+        model.eval()
+    device = next(models[0][0].parameters()).device
+    xs = [scale_intensity(image.to(device))[None] for image in images]
+    totals = [torch.zeros((1, 1, *image.shape[-2:]), device=device) for image in images]
+    for model, size in models:
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            if mode == "resize":
+                small = torch.cat([F.interpolate(x, size=(size, size), mode="area") for x in xs])
+                probs = flip_tta(model, small, TTA_FLIPS[tta]).float()
+                for total, p in zip(totals, probs, strict=True):
+                    total += F.interpolate(p[None], size=total.shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                inferer = SlidingWindowInferer(roi_size=(size, size), sw_batch_size=sw_batch_size, overlap=overlap,
+                                               mode="gaussian", padding_mode="reflect")
+                for total, x in zip(totals, xs, strict=True):
+                    total += inferer(x, lambda xi, m=model: flip_tta(m, xi, TTA_FLIPS[tta])).float()
+    return [(total / len(models))[0] for total in totals]
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers; an unreadable file yields its error instead of a tensor."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Path, torch.Tensor | str]:
+        try:
+            return self.paths[i], read_image(self.paths[i])
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return self.paths[i], f"{type(err).__name__}: {err}"
+
+
+def predict_images(
+    models: Sequence[tuple[nn.Module, int]],
+    images: Sequence[str | Path],
+    out: str | Path,
+    save_probs: str | Path | None = None,
+    probs_format: str = "png",
+    threshold: float = 0.5,
+    mode: str = "resize",
+    tta: str = "none",
+    overlap: float = 0.25,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    amp: bool = False,
+    overwrite: bool = False,
+    problems: Problems | None = None,
+) -> Problems:
+    """Predict every image into ``out`` (and ``save_probs``), ``batch_size`` images at a time, decoded by
+    ``num_workers`` processes; each output folder appears only when complete."""
+    problems = problems or Problems(STAGE)
+    if mode not in MODES or tta not in TTA_FLIPS:
+        raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
+    loader = torch.utils.data.DataLoader(_ImageFiles([Path(p) for p in images]), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=list)
+    with atomic_folder(out, overwrite) as masks_dir, \
+            (atomic_folder(save_probs, overwrite) if save_probs else nullcontext()) as probs_dir:
+        progress = tqdm(total=len(images), desc=STAGE, unit="img")
+        for batch in loader:
+            readable = [(path, image) for path, image in batch if not isinstance(image, str)]
+            for path, error in batch:
+                if isinstance(error, str):
+                    problems.skip(path, f"cannot read image: {error}")
+            probs = predict_probabilities(models, [image for _, image in readable], mode, tta, overlap,
+                                          sw_batch_size=batch_size, amp=amp) if readable else []
+            for (path, _), prob in zip(readable, probs, strict=True):
+                prob = prob[0].cpu().numpy()
+                write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))
+                if probs_dir is not None and probs_format == "npy":
+                    np.save(probs_dir / f"{path.stem}.npy", prob.astype(np.float32))
+                elif probs_dir is not None:
+                    write_png(probs_dir / f"{path.stem}.png", np.rint(prob * 255).astype(np.uint8))
+                problems.count("written")
+            progress.update(len(batch))
+        progress.close()
+    return problems
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
+                        help="best.pt/last.pt of one or more training runs (their probabilities are averaged)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images to predict (.jpg .jpeg .png .tif .tiff)")
+    source.add_argument("--datalist", help="datalist.json whose 'test' list is predicted")
+    parser.add_argument("--out", required=True, help="output folder for the binary masks <image stem>.png (0/255)")
+    parser.add_argument("--save-probs", metavar="DIR", help="also keep the probability maps in this folder")
+    parser.add_argument("--probs-format", choices=("png", "npy"), default="png",
+                        help="probability maps as uint8 PNG of p*255 (default) or float32 .npy")
+    parser.add_argument("--threshold", type=float, default=0.5, help="foreground where probability > this (0.5)")
+    parser.add_argument("--mode", choices=MODES, default="resize",
+                        help="resize: to the training size and back (the recipe's); sliding_window: overlapping "
+                             "windows of the training size at the original resolution (default resize)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
+    parser.add_argument("--tta", choices=list(TTA_FLIPS), default="none",
+                        help="flip test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward pass in resize mode, windows per pass in sliding_window mode (1)")
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    from stas_pipeline.export import test_images_from_datalist, test_images_from_folder
+
+    try:
+        images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
+        models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+        problems = predict_images(models, images, args.out, args.save_probs, args.probs_format, args.threshold,
+                                  args.mode, args.tta, args.overlap, args.batch_size, args.workers, args.amp,
+                                  args.overwrite)
+    except (InputFolderError, CheckpointError, OutputExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return problems.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
