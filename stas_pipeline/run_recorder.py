@@ -99,9 +99,15 @@ class RunRecorder:
 
     def _started(self, engine: Engine) -> None:
         if self.resume_from is None:
+            if self.validator is not None and self.validator.state.metrics:
+                # validated before training (the bundle's val_at_start): the untrained model's baseline
+                baseline = float(self.validator.state.metrics[self.key_metric])
+                self.history.append({"epoch": 0, "loss": None, self.key_metric: baseline,
+                                     "lr": self.optimizer.param_groups[0]["lr"], "seconds": None})
             return
         ckpt = self.resume_from
-        self.network.load_state_dict(ckpt["model"])
+        model = self.network.module if isinstance(self.network, nn.parallel.DistributedDataParallel) else self.network
+        model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -132,12 +138,13 @@ class RunRecorder:
         if not _is_writer():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        model = self.network.module if isinstance(self.network, nn.parallel.DistributedDataParallel) else self.network
         if improved:
-            self._save(self.network.state_dict(), BEST)
+            self._save(model.state_dict(), BEST)
             write_json(self.run_dir / "best.json", {**self.run_info, "epoch": engine.state.epoch,
                                                      self.key_metric: metric}, overwrite=True)
         self._save({
-            "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "epoch": engine.state.epoch, "iteration": engine.state.iteration,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": self.history,
@@ -161,9 +168,9 @@ class RunRecorder:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        epochs = [r["epoch"] for r in self.history]
+        trained = [r for r in self.history if r["loss"] is not None]
         fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
-        ax_loss.plot(epochs, [r["loss"] for r in self.history], marker="o")
+        ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
         ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
         scored = [r for r in self.history if r[self.key_metric] is not None]
         ax_dice.plot([r["epoch"] for r in scored], [r[self.key_metric] for r in scored], marker="o", color="C1")
