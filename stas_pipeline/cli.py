@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "postprocess": ("stas_pipeline.postprocess", "remove small components, fill holes in predicted masks"),
     "evaluate": ("stas_pipeline.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
     "export": ("stas_pipeline.export", "checked submission zip: one 0/255 PNG per test image"),
+    "demo": ("stas_pipeline.demo", "every stage end to end on a synthetic (or --data) set, with a summary"),
 }
 
 

@@ -6,6 +6,7 @@ whose union is the mask. A fraction of the images has no cluster (empty mask), a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,113 @@ def make_dataset(out: str | Path, n: int = 24, height: int = 80, width: int = 96
         Image.fromarray(image).save(images / f"{prefix}_{i:03d}.jpg", quality=92)
         Image.fromarray(mask).save(masks / f"{prefix}_{i:03d}.png")
     return images, masks
+
+
+# --- the challenge layout: JPEGs and LabelMe annotations drawn from one shape list ---------------------------
+
+CLUSTER_FILL, CLUSTER_OUTLINE, CLUSTER_NUCLEUS = (150, 80, 165), (100, 40, 120), (95, 35, 115)
+
+
+def _r2(v: float) -> float:
+    return round(float(v), 2)
+
+
+def random_shapes(height: int, width: int, rng: np.random.Generator, n_clusters: int) -> list[dict]:
+    """LabelMe shapes (``label`` STAS) of ``n_clusters`` STAS-like clusters; the kinds rotate through
+    ``circle`` cells (centre and rim point), a ``polygon`` outline of a solid cluster and a ``rectangle``
+    clump, so that any few images hold every kind. Coordinates are rounded to 0.01 px, as files store them."""
+    scale = min(height, width) / 10
+    shapes = []
+    kinds = ("circle", "polygon", "circle", "rectangle")
+    first = int(rng.integers(len(kinds)))
+    for c in range(n_clusters):
+        kind = kinds[(first + c) % len(kinds)]
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        if kind == "circle":
+            for _ in range(int(rng.integers(3, 7))):
+                r = scale * rng.uniform(0.5, 0.9)
+                x = float(np.clip(cx + rng.normal(0, scale * 0.7), r, width - 1 - r))
+                y = float(np.clip(cy + rng.normal(0, scale * 0.7), r, height - 1 - r))
+                shapes.append({"points": [[_r2(x), _r2(y)], [_r2(x + r), _r2(y)]], "shape_type": "circle"})
+        elif kind == "polygon":
+            n = int(rng.integers(10, 17))
+            radius = scale * rng.uniform(1.1, 1.8)
+            angles = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(-0.15, 0.15, n)
+            radii = radius * rng.uniform(0.7, 1.1, n)
+            points = [[_r2(np.clip(cx + r * np.cos(a), 0, width - 1)), _r2(np.clip(cy + r * np.sin(a), 0, height - 1))]
+                      for a, r in zip(angles, radii, strict=True)]
+            shapes.append({"points": points, "shape_type": "polygon"})
+        else:
+            w, h = scale * rng.uniform(1.2, 2.2), scale * rng.uniform(1.0, 1.8)
+            x0, y0 = float(np.clip(cx - w / 2, 0, width - 1 - w)), float(np.clip(cy - h / 2, 0, height - 1 - h))
+            shapes.append({"points": [[_r2(x0), _r2(y0)], [_r2(x0 + w), _r2(y0 + h)]], "shape_type": "rectangle"})
+    return [{"label": "STAS", "points": s["points"], "group_id": None, "shape_type": s["shape_type"], "flags": {}}
+            for s in shapes]
+
+
+def _shape_box(shape: dict) -> tuple[str, list]:
+    """What PIL draws for a shape, exactly as LabelMe's shape_to_mask does: (kind, xy)."""
+    kind, pts = shape["shape_type"], [tuple(p) for p in shape["points"]]
+    if kind == "circle":
+        (cx, cy), (px, py) = pts
+        r = float(np.hypot(cx - px, cy - py))
+        return "ellipse", [cx - r, cy - r, cx + r, cy + r]
+    if kind == "rectangle":
+        (x0, y0), (x1, y1) = pts
+        return "rectangle", [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+    return "polygon", pts
+
+
+def draw_shapes_sample(height: int, width: int, rng: np.random.Generator,
+                       shapes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like RGB uint8 image whose STAS-like clusters are ``shapes``, and the 0/255 mask of their union
+    (drawn as LabelMe draws them, so that converting the annotation gives this mask)."""
+    base = np.array([236, 190, 210], np.float32) + rng.normal(0, 6, (height, width, 3))
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(height * width // 400):  # scattered nuclei of the background tissue
+        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(1, 2.5)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(120, 60, 140))
+    mask = Image.new("L", (width, height), 0)
+    mask_draw = ImageDraw.Draw(mask)
+    for shape in shapes:
+        kind, xy = _shape_box(shape)
+        getattr(draw, kind)(xy, fill=CLUSTER_FILL, outline=CLUSTER_OUTLINE)
+        getattr(mask_draw, kind)(xy, fill=255, outline=255)
+        if kind != "ellipse":  # a solid cluster: darker nuclei inside its outline
+            region = Image.new("L", (width, height), 0)
+            getattr(ImageDraw.Draw(region), kind)(xy, fill=255)
+            ys, xs = np.nonzero(np.asarray(region))
+            for j in rng.choice(len(xs), size=min(len(xs), max(3, len(xs) // 60)), replace=False) if len(xs) else []:
+                r = rng.uniform(1.2, 2.2)
+                draw.ellipse((xs[j] - r, ys[j] - r, xs[j] + r, ys[j] + r), fill=CLUSTER_NUCLEUS)
+    image = image.filter(ImageFilter.GaussianBlur(0.6))
+    return np.asarray(image), np.asarray(mask)
+
+
+def make_challenge_dataset(out: str | Path, n: int = 40, height: int = 176, width: int = 320, empty_every: int = 6,
+                           seed: int = 0, prefix: str = "synthetic",
+                           masks: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``n`` images in the challenge's layout: ``out/Train_Images/<name>.jpg`` and
+    ``out/Train_Annotations/<name>.json`` (LabelMe: ``shapes`` of label ``STAS`` as ``circle``, ``polygon``
+    and ``rectangle``, ``imagePath``, ``imageHeight``, ``imageWidth``); every ``empty_every``-th image has
+    ``shapes: []``. With ``masks`` the drawn 0/255 masks are written there too (``<name>.png``), for checking
+    a conversion. Returns the image and annotation folders."""
+    rng = np.random.default_rng(seed)
+    images, annotations = Path(out) / "Train_Images", Path(out) / "Train_Annotations"
+    images.mkdir(parents=True, exist_ok=True)
+    annotations.mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        Path(masks).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        empty = empty_every > 0 and i % empty_every == 0
+        shapes = [] if empty else random_shapes(height, width, rng, int(rng.integers(1, 4)))
+        image, mask = draw_shapes_sample(height, width, rng, shapes)
+        name = f"{prefix}_{i:03d}"
+        Image.fromarray(image).save(images / f"{name}.jpg", quality=92)
+        document = {"version": "5.0.1", "flags": {}, "shapes": shapes, "imagePath": f"{name}.jpg",
+                    "imageData": None, "imageHeight": height, "imageWidth": width}
+        (annotations / f"{name}.json").write_text(json.dumps(document, indent=1))
+        if masks is not None:
+            Image.fromarray(mask).save(Path(masks) / f"{name}.png")
+    return images, annotations

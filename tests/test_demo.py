@@ -1,0 +1,142 @@
+"""``stas demo``: every stage end to end on a tiny synthetic set, stage failures, the synthetic LabelMe data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.labelme_to_masks import convert_folder
+from stas_pipeline.cli import STAGES
+from stas_pipeline.demo import MARKER, main
+from stas_pipeline.synthetic import make_challenge_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--n-images", "14", "--image-size", "64", "--epochs", "1", "--weights", "none", "--batch-size", "4",
+        "--device", "cpu", "--worst", "2"]
+
+
+def png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return main([*TINY, "--out", str(out)], prog="stas demo"), out
+
+
+def test_demo_runs_every_stage_and_writes_every_output(demo_run):
+    code, out = demo_run
+    assert code == 0
+    data = out / "data"
+    assert len(list((data / "Train_Images").glob("*.jpg"))) == 14
+    assert len(list((data / "Train_Annotations").glob("*.json"))) == 14
+    assert len(list((out / "masks").glob("*.png"))) == 14
+    datalist = json.loads((out / "datalist.json").read_text())
+    test_stems = sorted(Path(e["image"]).stem for e in datalist["test"])
+    train_stems = {Path(e["image"]).stem for e in datalist["training"]}
+    assert test_stems and not train_stems & set(test_stems) and len(train_stems) + len(test_stems) == 14
+    assert {e["fold"] for e in datalist["training"]} >= {0, 1}
+    assert sorted(p.stem for p in (out / "split" / "test_masks").glob("*.png")) == test_stems
+    assert (out / "cache_64" / "data.mdb").is_file()
+    for fold in (0, 1):
+        run_dir = out / "runs" / "deeplab_lite0" / f"fold{fold}"
+        assert (run_dir / "best.pt").is_file() and (run_dir / "metrics.json").is_file()
+        for folder in (f"fold{fold}", f"fold{fold}_probs"):
+            assert sorted(p.stem for p in (out / "predictions" / folder).glob("*.png")) == test_stems
+    ensemble = sorted((out / "predictions" / "ensemble").glob("*.png"))
+    assert [p.stem for p in ensemble] == test_stems
+    assert all(set(np.unique(png(p))) <= {0, 255} for p in ensemble)
+    assert {p.name for p in (out / "evaluation").glob("*.csv")} == {"fold0.csv", "fold1.csv", "ensemble.csv"}
+    overlays = sorted((out / "overlays").glob("*_overlay.png"))
+    assert len(overlays) == min(2, len(test_stems)) and png(overlays[0]).ndim == 3
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == [f"{s}.png" for s in test_stems]
+    assert (out / MARKER).is_file()
+
+
+def test_demo_summary_holds_every_dice_and_timing(demo_run):
+    _, out = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["fold"] for row in summary["folds"]] == [0, 1]
+    for row in summary["folds"]:
+        assert 0 <= row["best_val_dice"] <= 1 and 0 <= row["test_dice"] <= 1
+    assert 0 <= summary["ensemble"]["test_dice"] <= 1 and "mean" in summary["ensemble"]["method"]
+    assert set(summary["seconds"]) == {"startup", "data", "masks", "datalist", "cache", "train", "predict",
+                                       "ensemble", "evaluate", "export"}
+    assert summary["total_seconds"] > 0 and summary["images"]["test"] >= 1
+    assert Path(summary["outputs"]["submission"]) == out / "submission.zip"
+
+
+def test_existing_non_empty_out_is_refused(demo_run, capsys):
+    _, out = demo_run
+    before = sorted(p.name for p in out.iterdir())
+    assert main([*TINY, "--out", str(out)]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_data_without_annotations_fails_in_the_masks_stage(tmp_path, capsys):
+    (tmp_path / "data" / "Train_Images").mkdir(parents=True)
+    code = main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "demo: stage 'masks' failed:" in err and "Train_Annotations" in err and "challenge layout" in err
+
+
+def test_overwrite_removes_only_the_demos_own_outputs(tmp_path, capsys, monkeypatch):
+    import stas_pipeline.demo as demo
+
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "cache_64").mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "mine.txt").write_text("keep me")
+    def stop(self):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(demo.Demo, "stage_data", stop)
+    assert main(["--out", str(out), "--overwrite"]) == 1
+    assert "demo: stage 'data' failed: RuntimeError: stop here" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "mine.txt"]
+
+
+def test_synthetic_labelme_files_match_the_drawn_masks(tmp_path):
+    images, annotations = make_challenge_dataset(tmp_path, n=12, height=88, width=160, masks=tmp_path / "drawn")
+    kinds, empty = set(), 0
+    for path in sorted(annotations.glob("*.json")):
+        doc = json.loads(path.read_text())
+        assert doc["imagePath"] == f"{path.stem}.jpg" and (images / doc["imagePath"]).is_file()
+        assert (doc["imageHeight"], doc["imageWidth"]) == (88, 160)
+        assert all(s["label"] == "STAS" for s in doc["shapes"])
+        kinds |= {s["shape_type"] for s in doc["shapes"]}
+        empty += not doc["shapes"]
+    assert kinds == {"circle", "polygon", "rectangle"} and 1 <= empty < 12
+    problems = convert_folder(annotations, tmp_path / "masks", images=images)
+    assert not problems.skipped
+    for drawn in sorted((tmp_path / "drawn").glob("*.png")):
+        a, b = png(drawn) > 0, png(tmp_path / "masks" / drawn.name) > 0
+        dice = 1.0 if not a.any() and not b.any() else 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice > 0.95, drawn.name
+        with Image.open(images / f"{drawn.stem}.jpg") as im:
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        if a.any():  # the clusters are purple where the mask is, the stroma pink elsewhere
+            assert rgb[a][:, 1].mean() < rgb[~a][:, 1].mean() - 50
+
+
+def test_demo_is_a_stas_stage_with_help():
+    assert STAGES["demo"][0] == "stas_pipeline.demo"
+    result = subprocess.run([sys.executable, "-m", "stas_pipeline.demo", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--data", "--out", "--overwrite", "--n-images", "--image-size", "--epochs", "--folds-to-train",
+                   "--test-fraction", "--seed", "--device", "--weights"):
+        assert option in result.stdout
