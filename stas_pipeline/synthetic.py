@@ -13,14 +13,20 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 
-def draw_sample(height: int, width: int, rng: np.random.Generator, empty: bool) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB uint8 image and its 0/255 mask."""
+def stroma(height: int, width: int, rng: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """Pink H&E-like stroma with scattered dark nuclei, and a drawing context on it."""
     base = np.array([236, 190, 210], np.float32) + rng.normal(0, 6, (height, width, 3))
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(height * width // 400):  # scattered nuclei of the background tissue
         x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(1, 2.5)
         draw.ellipse((x - r, y - r, x + r, y + r), fill=(120, 60, 140))
+    return image, draw
+
+
+def draw_sample(height: int, width: int, rng: np.random.Generator, empty: bool) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB uint8 image and its 0/255 mask."""
+    image, draw = stroma(height, width, rng)
     mask = Image.new("L", (width, height), 0)
     mask_draw = ImageDraw.Draw(mask)
     for _ in range(0 if empty else int(rng.integers(1, 3))):
@@ -109,12 +115,7 @@ def draw_shapes_sample(height: int, width: int, rng: np.random.Generator,
                        shapes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """An H&E-like RGB uint8 image whose STAS-like clusters are ``shapes``, and the 0/255 mask of their union
     (drawn as LabelMe draws them, so that converting the annotation gives this mask)."""
-    base = np.array([236, 190, 210], np.float32) + rng.normal(0, 6, (height, width, 3))
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(height * width // 400):  # scattered nuclei of the background tissue
-        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(1, 2.5)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=(120, 60, 140))
+    image, draw = stroma(height, width, rng)
     mask = Image.new("L", (width, height), 0)
     mask_draw = ImageDraw.Draw(mask)
     for shape in shapes:
