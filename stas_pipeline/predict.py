@@ -4,7 +4,7 @@
 ``DIR/<image stem>.png`` (the binary mask, 0/255, at the image's original size) and with ``--save-probs PDIR``
 the probability map ``PDIR/<image stem>.png`` (uint8, p * 255) or ``.npy`` (float32). Several checkpoints
 (models x folds) are averaged in probability space, as is flip TTA. Each checkpoint's model is rebuilt from the
-``best.json``/``last.json`` written beside it by training (encoder, image size, auxiliary head).
+``best.json``/``metrics.json`` written beside it by training (encoder, image size, auxiliary head).
 
 Modes: ``resize`` (the reference recipe: resize to the training size, predict, resize the probabilities back)
 and ``sliding_window`` (MONAI's SlidingWindowInferer at the original resolution, Gaussian-weighted overlapping
@@ -42,7 +42,7 @@ MODES = ("resize", "sliding_window")
 def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, int]:
     """The model of a training run's checkpoint, in eval mode, and its training image size.
 
-    The architecture comes from ``best.json`` (or ``last.json``) beside the checkpoint."""
+    The architecture comes from ``best.json`` (or ``metrics.json``) beside the checkpoint."""
     checkpoint = Path(checkpoint)
     info_file = next((checkpoint.with_name(n) for n in ("best.json", "metrics.json")
                       if checkpoint.with_name(n).is_file()), None)

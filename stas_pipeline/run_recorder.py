@@ -91,6 +91,12 @@ class RunRecorder:
             raise FileExistsError(f"{self.run_dir}: holds an earlier run; pass --resume true to continue it, "
                                   "or another --output_dir / --fold")
 
+    @property
+    def _model(self) -> nn.Module:
+        """The network without its DistributedDataParallel wrapper: checkpoints load on any number of GPUs."""
+        net = self.network
+        return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
@@ -106,7 +112,7 @@ class RunRecorder:
                                      "lr": self.optimizer.param_groups[0]["lr"], "seconds": None})
             return
         ckpt = self.resume_from
-        model = self.network.module if isinstance(self.network, nn.parallel.DistributedDataParallel) else self.network
+        model = self._model
         model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
@@ -138,7 +144,7 @@ class RunRecorder:
         if not _is_writer():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        model = self.network.module if isinstance(self.network, nn.parallel.DistributedDataParallel) else self.network
+        model = self._model
         if improved:
             self._save(model.state_dict(), BEST)
             write_json(self.run_dir / "best.json", {**self.run_info, "epoch": engine.state.epoch,
