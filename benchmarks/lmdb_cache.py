@@ -30,7 +30,7 @@ from monai.data import Dataset, LMDBDataset
 from monai.transforms import Compose, EnsureTyped, RandRotate90d, ScaleIntensityd
 from torch.utils.data import DataLoader
 
-from stas_pipeline.lmdb_cache import LMDBCacheDataset, Preprocessing, build_cache
+from stas_pipeline.core.lmdb_cache import LMDBCacheDataset, Preprocessing, build_cache
 
 KEYS = ["image", "label"]
 
@@ -72,7 +72,7 @@ def build_memory(items: list[dict], copies: int, size: int, tmp: Path) -> dict:
             many.append({"image": str(img), "label": it["label"]})
     (tmp / "many.json").write_text(json.dumps(many))
     code = (
-        "import json,sys;from stas_pipeline.lmdb_cache import build_cache\n"
+        "import json,sys;from stas_pipeline.core.lmdb_cache import build_cache\n"
         "def anon():\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon'))\n"
         f"items=json.load(open({str(tmp / 'many.json')!r}));a=anon()\n"

@@ -28,9 +28,9 @@ from adabelief_pytorch import AdaBelief
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped, RandRotate90d, ScaleIntensityd
 
-from stas_pipeline.lmdb_cache import LMDBCacheDataset, Preprocessing, build_cache
-from stas_pipeline.losses import DiceWithAuxLoss
-from stas_pipeline.models import build_model
+from stas_pipeline.core.lmdb_cache import LMDBCacheDataset, Preprocessing, build_cache
+from stas_pipeline.core.losses import DiceWithAuxLoss
+from stas_pipeline.core.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["image", "label"]

@@ -10,15 +10,24 @@ import sys
 
 # stage name -> (module, one-line description); the order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
-    "labelme-to-masks": ("data_prep.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
-    "make-datalist": ("data_prep.make_datalist", "pair images and masks, assign k folds, write datalist.json"),
-    "build-lmdb": ("data_prep.build_lmdb", "decode and resize every sample once into an LMDB cache"),
-    "predict": ("stas_pipeline.predict", "checkpoints -> masks and probabilities at the original size (TTA, windows)"),
-    "ensemble": ("stas_pipeline.ensemble", "majority vote or mean probability of several prediction folders"),
-    "postprocess": ("stas_pipeline.postprocess", "remove small components, fill holes in predicted masks"),
-    "evaluate": ("stas_pipeline.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
-    "export": ("stas_pipeline.export", "checked submission zip: one 0/255 PNG per test image"),
-    "demo": ("stas_pipeline.demo", "every stage end to end on a synthetic (or --data) set, with a summary"),
+    "labelme-to-masks": (
+        "stas_pipeline.stages.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
+    "make-datalist": (
+        "stas_pipeline.stages.make_datalist", "pair images and masks, assign k folds, write datalist.json"),
+    "build-lmdb": (
+        "stas_pipeline.stages.build_lmdb", "decode and resize every sample once into an LMDB cache"),
+    "predict": (
+        "stas_pipeline.stages.predict", "checkpoints -> masks and probabilities at the original size (TTA, windows)"),
+    "ensemble": (
+        "stas_pipeline.stages.ensemble", "majority vote or mean probability of several prediction folders"),
+    "postprocess": (
+        "stas_pipeline.stages.postprocess", "remove small components, fill holes in predicted masks"),
+    "evaluate": (
+        "stas_pipeline.stages.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
+    "export": (
+        "stas_pipeline.stages.export", "checked submission zip: one 0/255 PNG per test image"),
+    "demo": (
+        "stas_pipeline.stages.demo", "every stage end to end on a synthetic (or --data) set, with a summary"),
 }
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from monai.data import load_decathlon_datalist
 
-from data_prep.make_datalist import make_datalist, write_datalist
-from stas_pipeline.lmdb_cache import build_cache
-from stas_pipeline.synthetic import make_dataset
+from stas_pipeline.core.lmdb_cache import build_cache
+from stas_pipeline.core.synthetic import make_dataset
+from stas_pipeline.stages.make_datalist import make_datalist, write_datalist
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SIZES = (64, 96)

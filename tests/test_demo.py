@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.labelme_to_masks import convert_folder
 from stas_pipeline.cli import STAGES
-from stas_pipeline.demo import MARKER, main
-from stas_pipeline.synthetic import make_challenge_dataset
+from stas_pipeline.core.synthetic import make_challenge_dataset
+from stas_pipeline.stages.demo import MARKER, main
+from stas_pipeline.stages.labelme_to_masks import convert_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n-images", "14", "--image-size", "64", "--epochs", "1", "--weights", "none", "--batch-size", "4",
@@ -93,7 +93,7 @@ def test_data_without_annotations_fails_in_the_masks_stage(tmp_path, capsys):
 
 
 def test_overwrite_removes_only_the_demos_own_outputs(tmp_path, capsys, monkeypatch):
-    import stas_pipeline.demo as demo
+    import stas_pipeline.stages.demo as demo
 
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)
@@ -133,8 +133,8 @@ def test_synthetic_labelme_files_match_the_drawn_masks(tmp_path):
 
 
 def test_demo_is_a_stas_stage_with_help():
-    assert STAGES["demo"][0] == "stas_pipeline.demo"
-    result = subprocess.run([sys.executable, "-m", "stas_pipeline.demo", "--help"], cwd=REPO,
+    assert STAGES["demo"][0] == "stas_pipeline.stages.demo"
+    result = subprocess.run([sys.executable, "-m", "stas_pipeline.stages.demo", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for option in ("--data", "--out", "--overwrite", "--n-images", "--image-size", "--epochs", "--folds-to-train",

@@ -1,4 +1,4 @@
-"""Tests of stas_pipeline.ensemble: vote and mean cores, member reading, errors, the atomic output folder."""
+"""Tests of stas_pipeline.stages.ensemble: vote and mean cores, member reading, errors, the atomic output folder."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stas_pipeline import cli, ensemble
-from stas_pipeline.ensemble import ensemble_folders, main, mean_probability, vote
-from stas_pipeline.fileio import OutputExistsError, atomic_folder
-from stas_pipeline.mask_io import InputFolderError
+from stas_pipeline import cli
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder
+from stas_pipeline.core.mask_io import InputFolderError
+from stas_pipeline.stages import ensemble
+from stas_pipeline.stages.ensemble import ensemble_folders, main, mean_probability, vote
 
 REPO = Path(__file__).resolve().parents[1]
 STAS_PUBLIC = Path(__file__).resolve().parents[2] / "shared/data/stas_public"
@@ -300,7 +301,7 @@ def test_unusable_member_folders(tmp_path, capsys):
 
 def test_module_help():
     out = subprocess.run(
-        [sys.executable, "-m", "stas_pipeline.ensemble", "--help"],
+        [sys.executable, "-m", "stas_pipeline.stages.ensemble", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

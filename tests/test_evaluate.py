@@ -1,4 +1,4 @@
-"""Tests of stas_pipeline.evaluate: metrics on hand-computed cases, the CSV, overlays, errors."""
+"""Tests of stas_pipeline.stages.evaluate: metrics on hand-computed cases, the CSV, overlays, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from stas_pipeline import cli
-from stas_pipeline.evaluate import CAPTION, dice_iou_precision_recall, evaluate_folders, main, summarize
+from stas_pipeline.stages.evaluate import CAPTION, dice_iou_precision_recall, evaluate_folders, main, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 10, 12
@@ -192,7 +192,7 @@ def test_empty_reference_folder(tmp_path, capsys):
 
 def test_module_help():
     out = subprocess.run(
-        [sys.executable, "-m", "stas_pipeline.evaluate", "--help"],
+        [sys.executable, "-m", "stas_pipeline.stages.evaluate", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

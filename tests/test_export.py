@@ -1,4 +1,4 @@
-"""Tests of stas_pipeline.export: zip contents, refusals, --allow-missing, no overwriting."""
+"""Tests of stas_pipeline.stages.export: zip contents, refusals, --allow-missing, no overwriting."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from stas_pipeline import cli
-from stas_pipeline.export import main
+from stas_pipeline.stages.export import main
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"img_a": (16, 10), "img_b": (12, 8), "img_c": (9, 9)}  # stem -> (width, height)
@@ -163,7 +163,7 @@ def test_test_images_needed(tmp_path, capsys):
 
 def test_module_help():
     out = subprocess.run(
-        [sys.executable, "-m", "stas_pipeline.export", "--help"],
+        [sys.executable, "-m", "stas_pipeline.stages.export", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""Tests of data_prep.labelme_to_masks: every shape type, the CLI, bad input, clipping, overwriting."""
+"""Tests of stas_pipeline.stages.labelme_to_masks: every shape type, the CLI, bad input, clipping, overwriting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from data_prep.labelme_to_masks import ConversionError, convert_folder, main, rasterize_shapes
+from stas_pipeline.stages.labelme_to_masks import ConversionError, convert_folder, main, rasterize_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 STAS_PUBLIC = Path(__file__).resolve().parents[2] / "shared/data/stas_public"
@@ -261,7 +261,7 @@ def test_empty_or_missing_input_folder_exits_2(tmp_path, capsys):
 
 def test_module_help_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "data_prep.labelme_to_masks", "--help"],
+        [sys.executable, "-m", "stas_pipeline.stages.labelme_to_masks", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

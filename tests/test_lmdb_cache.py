@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_prep import build_lmdb
-from stas_pipeline import lmdb_cache
-from stas_pipeline.lmdb_cache import CacheError, LMDBCacheDataset, build_cache, read_meta
-from stas_pipeline.problems import Problems
+from stas_pipeline.core import lmdb_cache
+from stas_pipeline.core.lmdb_cache import CacheError, LMDBCacheDataset, build_cache, read_meta
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.stages import build_lmdb
 
 REPO = Path(__file__).resolve().parents[1]
 H, W, SIZE = 40, 56, 32
@@ -118,7 +118,7 @@ def test_killed_build_process_leaves_no_cache(items, tmp_path):
     (tmp_path / "items.json").write_text(json.dumps(items))
     code = (
         "import json,os,signal,sys\n"
-        "from stas_pipeline import lmdb_cache\n"
+        "from stas_pipeline.core import lmdb_cache\n"
         "real=lmdb_cache._load_sample;n=[0]\n"
         "def load(*a,**k):\n"
         "    n[0]+=1\n"
@@ -190,6 +190,6 @@ def test_cli_builds_from_a_datalist(items, tmp_path, capsys):
 
 
 def test_module_help():
-    out = subprocess.run([sys.executable, "-m", "data_prep.build_lmdb", "--help"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "stas_pipeline.stages.build_lmdb", "--help"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "--image-size" in out and "--datalist" in out

@@ -1,4 +1,4 @@
-"""Tests of data_prep.make_datalist: pairing, problem reporting, folds, output layout and CLI."""
+"""Tests of stas_pipeline.stages.make_datalist: pairing, problem reporting, folds, output layout and CLI."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from data_prep.make_datalist import area_strata, assign_folds, main, make_datalist, pair_by_stem
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.stages.make_datalist import area_strata, assign_folds, main, make_datalist, pair_by_stem
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 16, 10
@@ -299,7 +299,7 @@ def test_make_datalist_library_call_groups_by_pattern(tmp_path):
 
 def test_module_help_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "data_prep.make_datalist", "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "stas_pipeline.stages.make_datalist", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0
     assert "--group-regex" in result.stdout and "--overwrite" in result.stdout

@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from stas_pipeline.models import OFFLINE_WEIGHTS, WeightsError, build_model
+from stas_pipeline.core.models import OFFLINE_WEIGHTS, WeightsError, build_model
 
 ENCODER = "tf_efficientnet_lite0"
 
@@ -86,7 +86,7 @@ def test_bad_weight_files_are_named(tmp_path):
 
 def test_hub_weights_offline_say_how_to_pass_a_file():
     """HF_HUB_OFFLINE=1 (read when the hub client is imported) makes the failed download immediate."""
-    code = "from stas_pipeline.models import build_model; build_model('resnet18', encoder_weights='imagenet')"
+    code = "from stas_pipeline.core.models import build_model; build_model('resnet18', encoder_weights='imagenet')"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                          capture_output=True, text=True)
     assert out.returncode != 0

@@ -1,4 +1,4 @@
-"""Tests of stas_pipeline.postprocess: small-component removal, hole filling, the folder stage."""
+"""Tests of stas_pipeline.stages.postprocess: small-component removal, hole filling, the folder stage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from stas_pipeline import cli
-from stas_pipeline.postprocess import main, postprocess_mask, remove_small_components
+from stas_pipeline.stages.postprocess import main, postprocess_mask, remove_small_components
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_empty_pred_folder(tmp_path, capsys):
 
 def test_module_help():
     out = subprocess.run(
-        [sys.executable, "-m", "stas_pipeline.postprocess", "--help"],
+        [sys.executable, "-m", "stas_pipeline.stages.postprocess", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

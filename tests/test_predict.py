@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from stas_pipeline import cli
-from stas_pipeline.predict import TTA_FLIPS, predict_images, predict_probabilities, scale_intensity
+from stas_pipeline.stages.predict import TTA_FLIPS, predict_images, predict_probabilities, scale_intensity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,6 @@ def test_bundle_inference_entry_and_stas_predict_agree(synthetic_dataset, tmp_pa
 
 
 def test_predict_help():
-    out = subprocess.run([sys.executable, "-m", "stas_pipeline.predict", "--help"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "stas_pipeline.stages.predict", "--help"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "--tta" in out and "--mode" in out and "sliding_window" in out

@@ -1,4 +1,5 @@
-"""The README's commands stay true: every ``stas``/``data_prep`` command parses with the stage's own parser, and
+"""The README's commands stay true: every ``stas`` (or
+``python -m stas_pipeline.stages.<stage>``) command parses with the stage's own parser, and
 every ``monai.bundle`` command names existing config files, entry points and top-level keys.
 
 (The set-up and test commands are what ``.ci/run`` runs; the demo command is run by tests/test_demo.py.)
@@ -50,8 +51,8 @@ def stage_commands() -> list[tuple[str, list[str]]]:
             if word == "stas" and i + 1 < len(words) and not words[i + 1].startswith("-"):
                 found.append((words[i + 1], words[i + 2:]))
                 break
-            if word.startswith("data_prep.") and i > 0 and words[i - 1] == "-m":
-                stage = word.split(".", 1)[1].replace("_", "-")
+            if word.startswith("stas_pipeline.stages.") and i > 0 and words[i - 1] == "-m":
+                stage = word.rsplit(".", 1)[1].replace("_", "-")
                 found.append((stage, words[i + 1:]))
                 break
     return found

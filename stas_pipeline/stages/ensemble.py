@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stas_pipeline.cli_types import probability_threshold
-from stas_pipeline.fileio import OutputExistsError, atomic_folder, write_png
-from stas_pipeline.mask_io import InputFolderError, NothingWrittenError, prediction_files, read_grey_png, size_text
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.cli_types import probability_threshold
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.core.mask_io import InputFolderError, NothingWrittenError, prediction_files, read_grey_png, size_text
+from stas_pipeline.core.problems import Problems
 
 STAGE = "ensemble"
 METHODS = ("vote", "mean")

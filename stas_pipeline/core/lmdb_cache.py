@@ -34,7 +34,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 from tqdm import tqdm
 
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.problems import Problems
 
 CACHE_VERSION = 1
 META_KEY = b"__meta__"

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from stas_pipeline.fileio import OutputExistsError, write_png
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.fileio import OutputExistsError, write_png
+from stas_pipeline.core.problems import Problems
 
 STAGE = "labelme-to-masks"
 

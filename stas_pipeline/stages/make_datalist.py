@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stas_pipeline.fileio import OutputExistsError, write_json
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.fileio import OutputExistsError, write_json
+from stas_pipeline.core.problems import Problems
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MASK_EXTENSIONS = (".png",)

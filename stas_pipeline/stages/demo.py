@@ -41,7 +41,7 @@ import time
 import traceback
 from pathlib import Path
 
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.problems import Problems
 
 BUNDLE = "deeplab_lite0"
 STAGE_NAMES = ("data", "masks", "datalist", "cache", "train", "predict", "ensemble", "evaluate", "export")
@@ -218,7 +218,7 @@ class Demo:
 
     def stage_data(self) -> None:
         if self.synthetic:
-            from stas_pipeline.synthetic import make_challenge_dataset
+            from stas_pipeline.core.synthetic import make_challenge_dataset
 
             height, width = SYNTHETIC_SHAPE
             make_challenge_dataset(self.data, n=self.args.n_images, height=height, width=width, seed=self.args.seed)
@@ -227,7 +227,7 @@ class Demo:
             raise StageError(f"{self.data}: --data folder not found")
 
     def stage_masks(self) -> None:
-        from data_prep.labelme_to_masks import InputFolderError, convert_folder
+        from stas_pipeline.stages.labelme_to_masks import InputFolderError, convert_folder
 
         try:
             problems = convert_folder(self.data / "Train_Annotations", self.masks, images=self.data / "Train_Images")
@@ -241,7 +241,7 @@ class Demo:
             self.notes.append(f"masks: {len(problems.skipped)} annotation file(s) skipped, see the log")
 
     def stage_datalist(self) -> None:
-        from data_prep.make_datalist import (
+        from stas_pipeline.stages.make_datalist import (
             IMAGE_EXTENSIONS,
             fold_table,
             foreground_fraction,
@@ -293,7 +293,7 @@ class Demo:
     def stage_cache(self) -> None:
         from monai.data import load_decathlon_datalist
 
-        from stas_pipeline.lmdb_cache import build_cache
+        from stas_pipeline.core.lmdb_cache import build_cache
 
         items = load_decathlon_datalist(str(self.datalist), is_segmentation=True, data_list_key="training")
         problems = Problems("build-lmdb")
@@ -331,8 +331,8 @@ class Demo:
     def stage_predict(self) -> None:
         import torch
 
-        from stas_pipeline.export import test_images_from_datalist
-        from stas_pipeline.predict import load_run_model, predict_images
+        from stas_pipeline.stages.export import test_images_from_datalist
+        from stas_pipeline.stages.predict import load_run_model, predict_images
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         images = test_images_from_datalist(self.datalist)
@@ -343,7 +343,7 @@ class Demo:
             _check_problems(problems, "images")
 
     def stage_ensemble(self) -> None:
-        from stas_pipeline.ensemble import ensemble_folders
+        from stas_pipeline.stages.ensemble import ensemble_folders
 
         n = self.args.folds_to_train
         method = self.args.ensemble if self.args.ensemble != "auto" else ("mean" if n % 2 == 0 else "vote")
@@ -359,7 +359,7 @@ class Demo:
         print(f"{self.ensemble_method}: {problems.counts['written']} masks")
 
     def stage_evaluate(self) -> None:
-        from stas_pipeline.evaluate import evaluate_folders, format_summary, summarize
+        from stas_pipeline.stages.evaluate import evaluate_folders, format_summary, summarize
 
         members = [(f"fold{k}", self.predictions / f"fold{k}") for k in range(self.args.folds_to_train)]
         for name, folder in [*members, ("ensemble", self.predictions / "ensemble")]:
@@ -373,7 +373,7 @@ class Demo:
             print(f"{name}: {format_summary(self.test[name])}")
 
     def stage_export(self) -> None:
-        from stas_pipeline.export import export_submission, test_images_from_datalist
+        from stas_pipeline.stages.export import export_submission, test_images_from_datalist
 
         problems = export_submission(self.predictions / "ensemble", self.submission,
                                      test_images_from_datalist(self.datalist))
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     import monai.bundle  # noqa: F401 - the imports take seconds; counted apart from the stages
     import torch  # noqa: F401
 
-    import data_prep.labelme_to_masks  # noqa: F401
+    import stas_pipeline.stages.labelme_to_masks  # noqa: F401
 
     demo.seconds["startup"] = time.perf_counter() - start
     for i, name in enumerate(STAGE_NAMES, start=1):
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             return 1
         demo.seconds[name] = time.perf_counter() - start
     summary = demo.summary()
-    from stas_pipeline.fileio import write_json
+    from stas_pipeline.core.fileio import write_json
 
     write_json(demo.out / "summary.json", summary, overwrite=True)
     demo.print_summary(summary)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stas_pipeline.mask_io import InputFolderError
+from stas_pipeline.core.mask_io import InputFolderError
 
 
 class OutputExistsError(FileExistsError):

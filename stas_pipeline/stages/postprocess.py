@@ -18,10 +18,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from stas_pipeline.cli_types import non_negative_int, probability_threshold
-from stas_pipeline.fileio import OutputExistsError, atomic_folder, write_png
-from stas_pipeline.mask_io import InputFolderError, NothingWrittenError, prediction_files, read_grey_png
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.cli_types import non_negative_int, probability_threshold
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.core.mask_io import InputFolderError, NothingWrittenError, prediction_files, read_grey_png
+from stas_pipeline.core.problems import Problems
 
 STAGE = "postprocess"
 

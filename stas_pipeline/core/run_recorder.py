@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
-from stas_pipeline.fileio import atomic_path, write_json
+from stas_pipeline.core.fileio import atomic_path, write_json
 
 LAST, BEST = "last.pt", "best.pt"
 

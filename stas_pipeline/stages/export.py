@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stas_pipeline.fileio import OutputExistsError, atomic_path
-from stas_pipeline.mask_io import (
+from stas_pipeline.core.fileio import OutputExistsError, atomic_path
+from stas_pipeline.core.mask_io import (
     CONVERTED_MODES,
     GREY_MODES,
     IMAGE_SUFFIXES,
@@ -30,7 +30,7 @@ from stas_pipeline.mask_io import (
     prediction_files,
     read_grey_png,
 )
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.problems import Problems
 
 STAGE = "export"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # a fixed entry date: the same masks give the same zip bytes

@@ -28,11 +28,11 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from stas_pipeline.fileio import OutputExistsError, atomic_folder, write_png
-from stas_pipeline.mask_io import InputFolderError
-from stas_pipeline.models import build_model
-from stas_pipeline.problems import Problems
-from stas_pipeline.run_recorder import CheckpointError, load_model_weights
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.core.mask_io import InputFolderError
+from stas_pipeline.core.models import build_model
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
 
 STAGE = "predict"
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
@@ -205,7 +205,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from stas_pipeline.export import test_images_from_datalist, test_images_from_folder
+    from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
 
     try:
         images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)

@@ -11,8 +11,8 @@ import sys
 
 from monai.data import load_decathlon_datalist
 
-from stas_pipeline.lmdb_cache import CacheError, build_cache
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.lmdb_cache import CacheError, build_cache
+from stas_pipeline.core.problems import Problems
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

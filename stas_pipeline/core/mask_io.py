@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stas_pipeline.problems import Problems
+from stas_pipeline.core.problems import Problems
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # the images the masks belong to
 GREY_MODES = ("L", "P", "1")  # read as stored: grey level, palette index, 0/255
