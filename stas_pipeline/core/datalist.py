@@ -10,7 +10,8 @@ from monai.data import load_decathlon_datalist
 def load_fold(datalist: str | Path, fold: int, section: str = "training") -> tuple[list[dict], list[dict]]:
     """``(train, val)`` entries of ``section``: validation is ``fold``, training every other fold.
 
-    ``fold = -1`` trains on every entry and validates on none. Raises ValueError naming the bad value.
+    ``fold = -1`` trains on every entry and validates on none. Entries without a fold (pseudo-labelled ones)
+    are in the training part of every fold. Raises ValueError naming the bad value.
     """
     if not Path(datalist).is_file():
         raise ValueError(f"datalist {datalist!s}: no such file (make one with: stas make-datalist)")
@@ -20,5 +21,5 @@ def load_fold(datalist: str | Path, fold: int, section: str = "training") -> tup
         raise ValueError(f"fold {fold!r} is out of range: {datalist} has folds {folds} (or -1 for all data)")
     if fold == -1:
         return entries, []
-    return [e for e in entries if e["fold"] != fold], [e for e in entries if e["fold"] == fold]
+    return [e for e in entries if e.get("fold") != fold], [e for e in entries if e.get("fold") == fold]
 
