@@ -23,7 +23,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from stas_pipeline.core.problems import Problems
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 META_KEY = b"__meta__"
 _HEADER = struct.Struct("<I")
 _COMMIT_EVERY = 16
@@ -46,40 +46,79 @@ class CacheError(RuntimeError):
     """The cache is missing, incomplete, built with other preprocessing, or stale for some sources."""
 
 
-@dataclass(frozen=True)
 class Preprocessing:
-    """The deterministic part of the transform chain, applied once when the cache is built.
+    """The deterministic part of a task's transform chain, applied once when the cache is built.
 
-    ``image_size`` is one number for a square or ``(H, W)``.
+    ``transforms`` are MONAI dictionary transforms as a bundle declares them (``task#preprocessing``): the first
+    is a ``LoadImaged`` (arrays in (H, W[, C]) order), the rest keep the image on its 0..255 scale (intensity
+    scaling happens after the cache). The cache is keyed by :attr:`spec`, a description of every transform's
+    class and parameters, so a cache built with another chain (size, crop, interpolation) is refused.
     """
 
-    image_size: tuple[int, int]
-    image_mode: str = "area"
-    label_mode: str = "nearest"
-
-    def __post_init__(self):
-        object.__setattr__(self, "image_size", image_size_pair(self.image_size))
+    def __init__(self, transforms: Sequence[Callable] | Compose):
+        transforms = list(transforms.transforms if isinstance(transforms, Compose) else transforms)
+        if not transforms or not isinstance(transforms[0], LoadImaged):
+            raise ValueError("a cached preprocessing chain starts with LoadImaged, got "
+                             f"{[type(t).__name__ for t in transforms]}")
+        self.transforms = transforms
+        self.spec = describe(transforms)
 
     @classmethod
-    def of(cls, spec: Preprocessing | int | Sequence[int]) -> Preprocessing:
-        """``spec`` itself, or the default preprocessing for an image size."""
-        return spec if isinstance(spec, Preprocessing) else cls(spec)
+    def resize(cls, image_size: int | Sequence[int], image_mode: str = "area", label_mode: str = "nearest",
+               keys: Sequence[str] = ("image", "label")) -> Preprocessing:
+        """LoadImaged -> EnsureChannelFirstd -> Resized(image_size): images with ``image_mode``, the ``label``
+        key with ``label_mode``; the chain ``bundles/tasks/segmentation.json`` declares."""
+        keys = list(keys)
+        modes = [label_mode if k == "label" else image_mode for k in keys]
+        return cls([
+            LoadImaged(keys, reader="PILReader", reverse_indexing=False, image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys, allow_missing_keys=True),
+            Resized(keys, spatial_size=image_size_pair(image_size), mode=modes, allow_missing_keys=True),
+        ])
 
-    def loader(self, keys: Sequence[str]) -> LoadImaged:
-        """LoadImaged with arrays in (H, W[, C]) order, as PIL and torch index them."""
-        return LoadImaged(keys, reader="PILReader", reverse_indexing=False, image_only=True)
+    @classmethod
+    def of(cls, spec: Preprocessing | Sequence[Callable] | int | Sequence[int]) -> Preprocessing:
+        """``spec`` itself, a chain of transforms, or the resize chain for an image size."""
+        if isinstance(spec, Preprocessing):
+            return spec
+        if isinstance(spec, int) or (isinstance(spec, Sequence) and all(isinstance(v, int) for v in spec)):
+            return cls.resize(spec)
+        return cls(spec)
 
-    def resizer(self, keys: Sequence[str]) -> list:
-        """EnsureChannelFirstd -> Resized (images with ``image_mode``, the ``label`` key with ``label_mode``)."""
-        modes = [self.label_mode if k == "label" else self.image_mode for k in keys]
-        return [EnsureChannelFirstd(keys), Resized(keys, spatial_size=self.image_size, mode=modes)]
+    def load(self, data: dict) -> dict:
+        """Only the loading step: arrays at the original size."""
+        return self.transforms[0](data)
 
-    def transforms(self, keys: Sequence[str]) -> list:
-        """The whole deterministic chain: LoadImaged -> EnsureChannelFirstd -> Resized."""
-        return [self.loader(keys), *self.resizer(keys)]
+    def after_load(self, data: dict) -> dict:
+        """Every step after loading."""
+        for transform in self.transforms[1:]:
+            data = transform(data)
+        return data
 
-    def to_json(self) -> dict:
-        return {**asdict(self), "image_size": list(self.image_size)}
+    def __call__(self, data: dict) -> dict:
+        return self.after_load(self.load(data))
+
+    def to_json(self) -> list:
+        return self.spec
+
+
+def describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON description of a transform chain: each object's class and its attributes (recursively), so that
+    any parameter that changes what the chain computes changes the description."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [describe(v, depth) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v, depth) for k, v in obj.items()}
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, (type, torch.dtype, np.dtype)) or callable(obj) and not hasattr(obj, "__dict__"):
+        return getattr(obj, "__qualname__", str(obj))
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if isinstance(obj, np.random.RandomState) or depth >= 4 or not hasattr(obj, "__dict__"):
+        return name
+    return {"_target_": name, **{k.lstrip("_"): describe(v, depth + 1) for k, v in sorted(vars(obj).items())}}
 
 
 def image_size_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -216,15 +255,20 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
             raise CacheError(f"{self.cache_dir}: no complete LMDB cache here; {hint}")
         if meta.get("version") != CACHE_VERSION or meta.get("preprocessing") != pre.to_json():
             raise CacheError(
-                f"{self.cache_dir}: built with {meta.get('preprocessing')}, this run needs {pre.to_json()}; "
-                f"rebuild it ({hint} --image-size {pre.image_size[0]})"
+                f"{self.cache_dir}: built with another preprocessing chain "
+                f"({spec_difference(meta.get('preprocessing'), pre.to_json())}); rebuild it ({hint} and the "
+                "bundle or --image-size of this run)"
             )
+        left_out = meta.get("skipped", {})
         stale = []
         with self._open().begin() as txn:
             for item in self.data:
                 value = txn.get(sample_key(item, self.image_key))
                 if value is None:
-                    stale.append(f"{item[self.image_key]} (not in the cache)")
+                    reason = left_out.get(str(Path(item[self.image_key]).resolve()))
+                    stale.append(f"{item[self.image_key]} (" + (
+                        f"left out when the cache was built: {reason}; fix the file or drop it from the datalist)"
+                        if reason else "not in the cache)"))
                     continue
                 header, _ = decode_header(value)
                 for key in (self.image_key, self.label_key):
@@ -274,10 +318,10 @@ class BuildStats:
 
 
 def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str) -> bytes:
-    """Decode, resize and encode one datalist entry (raises on unreadable input)."""
+    """Run the cached chain on one datalist entry and encode it (raises on unreadable input)."""
     has_mask = _has_mask(item, label_key)
     keys = [image_key, label_key] if has_mask else [image_key]
-    raw = pre.loader(keys)({k: item[k] for k in keys})
+    raw = pre.load({k: item[k] for k in keys})
     image = raw[image_key]
     if image.ndim == 2:
         raise ValueError("expected a colour image, got a single-channel one")
@@ -286,8 +330,6 @@ def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str)
     header: dict = {"sources": sources, "orig_size": list(orig)}
     if not has_mask and isinstance(item.get(label_key), Number):
         header["target"] = item[label_key]
-    resized = Compose(pre.resizer(keys))(raw)
-    arrays = {"image": np.clip(np.rint(np.asarray(resized[image_key])), 0, 255).astype(np.uint8)}
     if has_mask:
         mask = np.asarray(raw[label_key])
         if mask.ndim == 3:
@@ -295,9 +337,29 @@ def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str)
         if mask.shape != orig:
             raise ValueError(f"{item[label_key]}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH), "
                              f"image is {orig[1]}x{orig[0]}")
-        arrays["label"] = (np.asarray(resized[label_key]) > 0).astype(np.uint8)
-        arrays["label_orig"] = (mask > 0).astype(np.uint8)[None]
+        mask = (mask > 0).astype(np.uint8)[None]
+    out = pre.after_load(raw)
+    arrays = {"image": np.clip(np.rint(np.asarray(out[image_key])), 0, 255).astype(np.uint8)}
+    if arrays["image"].ndim != 3:
+        raise ValueError(f"the preprocessing chain gave an image of shape {arrays['image'].shape}, not (C, H, W)")
+    if has_mask:
+        arrays["label"] = (np.asarray(out[label_key]) > 0).astype(np.uint8)
+        arrays["label_orig"] = mask
     return encode_record(header, arrays, packed=("label", "label_orig"))
+
+
+def spec_difference(built: Any, wanted: Any, path: str = "") -> str:
+    """Where two chain descriptions first differ, e.g. ``[2].resizer.spatial_size: [32, 32] != [64, 64]``."""
+    if isinstance(built, dict) and isinstance(wanted, dict):
+        for key in [*built, *(k for k in wanted if k not in built)]:
+            if built.get(key) != wanted.get(key):
+                return spec_difference(built.get(key), wanted.get(key), f"{path}.{key}")
+    if isinstance(built, list) and isinstance(wanted, list) and len(built) == len(wanted):
+        for i, (a, b) in enumerate(zip(built, wanted, strict=True)):
+            if a != b:
+                return spec_difference(a, b, f"{path}[{i}]")
+    short = [json.dumps(v)[:80] for v in (built, wanted)]
+    return f"{path.lstrip('.') or 'chain'}: built {short[0]}, needs {short[1]}"
 
 
 def _reusable(old_env: lmdb.Environment | None, key: bytes, item: dict, keys: Sequence[str]) -> bytes | None:
@@ -337,12 +399,6 @@ def _put_all(env: lmdb.Environment, pending: list[tuple[bytes, bytes]]) -> None:
     pending.clear()
 
 
-def _estimate_map_size(n: int, pre: Preprocessing) -> int:
-    h, w = pre.image_size
-    per_sample = 3 * h * w + h * w // 8 + 2_000_000 // 8 + 4096  # image + packed masks (original ~2 MP)
-    return max(64 << 20, int(n * per_sample * 1.2))
-
-
 def build_cache(
     items: Sequence[dict],
     cache_dir: str | Path,
@@ -369,6 +425,7 @@ def build_cache(
         raise CacheError(f"{cache_dir}: exists and is not an LMDB cache; refusing to replace it")
 
     stats = BuildStats()
+    items = _unique(items, problems, stats, image_key, label_key)
     with open(cache_dir.parent / f".{cache_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = read_meta(cache_dir)
@@ -385,23 +442,34 @@ def build_cache(
     return stats
 
 
+def _unique(items: Sequence[dict], problems: Problems, stats: BuildStats, image_key: str,
+            label_key: str) -> list[dict]:
+    """One entry per image (a pseudo-labelled copy of a test image shares its record); an image listed twice
+    with different masks is skipped."""
+    first: dict[bytes, dict] = {}
+    for item in items:
+        key = sample_key(item, image_key)
+        if key not in first:
+            first[key] = item
+        elif _has_mask(item, label_key) or _has_mask(first[key], label_key):
+            if item.get(label_key) != first[key].get(label_key):
+                problems.skip(item[image_key], "listed twice in the datalist, with different masks")
+                stats.skipped += 1
+    return list(first.values())
+
+
 def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env: lmdb.Environment | None,
              problems: Problems, stats: BuildStats, image_key: str, label_key: str, progress: bool) -> None:
     """Write a complete new cache beside ``cache_dir``, then swap it in."""
     tmp_dir = cache_dir.parent / f".{cache_dir.name}.building"
     shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted build
-    env = lmdb.open(str(tmp_dir), map_size=_estimate_map_size(len(items), pre), subdir=True,
-                    metasync=False, sync=False)
+    env = lmdb.open(str(tmp_dir), map_size=64 << 20, subdir=True, metasync=False, sync=False)
     keys_written: list[str] = []
-    seen: set[bytes] = set()
+    left_out: dict[str, str] = {}
     pending: list[tuple[bytes, bytes]] = []
     try:
         for item in tqdm(items, desc="build-lmdb", unit="img", disable=not progress):
             key = sample_key(item, image_key)
-            if key in seen:
-                problems.skip(item[image_key], "listed twice in the datalist")
-                stats.skipped += 1
-                continue
             keys = [image_key, label_key] if _has_mask(item, label_key) else [image_key]
             value = _reusable(old_env, key, item, keys)
             if value is not None:
@@ -410,16 +478,20 @@ def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env
                 try:
                     value = _load_sample(item, pre, image_key, label_key)
                 except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
-                    problems.skip(item[image_key], f"{type(err).__name__}: {err}".splitlines()[0])
+                    reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                    problems.skip(item[image_key], reason)
+                    left_out[key.decode()] = reason
                     stats.skipped += 1
                     continue
                 stats.written += 1
+            if not keys_written:  # size the map from the first record; a full map still grows in _put_all
+                env.set_mapsize(max(64 << 20, int(len(items) * len(value) * 1.25)))
             pending.append((key, value))
-            seen.add(key)
             keys_written.append(key.decode())
             if len(pending) >= _COMMIT_EVERY:
                 _put_all(env, pending)
-        meta = {"version": CACHE_VERSION, "preprocessing": pre.to_json(), "keys": keys_written, "complete": True}
+        meta = {"version": CACHE_VERSION, "preprocessing": pre.to_json(), "keys": keys_written,
+                "skipped": left_out, "complete": True}
         pending.append((META_KEY, json.dumps(meta).encode()))
         _put_all(env, pending)
         env.sync(True)

@@ -1,4 +1,8 @@
-"""Model factory: smp segmentation models over timm encoders, with offline encoder weights.
+"""Model factory: smp segmentation models over timm encoders and timm image classifiers, with offline weights.
+
+:func:`build_network` is the one entry point: ``kind="segmentation"`` (:func:`build_model`) or
+``"classification"`` (:func:`build_classifier`); a run records its keyword arguments so that ``stas predict``
+rebuilds the same network from the checkpoint's JSON.
 
 ``encoder_weights`` is ``None``/``"none"`` (random), a local file (a timm state dict as ``.pth``/``.pt``/
 ``.bin``, a ``.safetensors`` file, or a known foreign layout whose tensors match timm's in order and shape),
@@ -78,6 +82,42 @@ def build_model(
     return AuxOutputInTraining(model) if aux_head else model
 
 
+def build_classifier(
+    model_name: str,
+    encoder_weights: str | None = None,
+    num_classes: int = 1,
+    drop_rate: float = 0.0,
+    image_size: int | tuple[int, int] | None = None,
+) -> nn.Module:
+    """A timm classifier with ``num_classes`` logits; ``encoder_weights`` (as for the segmentation encoders) load
+    every tensor but the
+    classification head, which stays freshly initialised. ``image_size`` is only recorded (timm models pool
+    globally), except for ViT-style models with a fixed input size, where it must match."""
+    check_encoder_name(model_name)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    fixed = model.pretrained_cfg.get("fixed_input_size") and model.pretrained_cfg.get("input_size")
+    if fixed and image_size is not None and tuple(fixed[1:]) != _pair(image_size):
+        raise ValueError(f"{model_name} takes {fixed[1]}x{fixed[2]} images, not image_size {image_size}")
+    if encoder_weights not in (None, "", "none", "None"):
+        head = model.pretrained_cfg.get("classifier", "classifier")
+        heads = (head,) if isinstance(head, str) else tuple(head)
+        load_encoder_weights(model, model_name, str(encoder_weights), skip=heads)
+    return model
+
+
+def build_network(kind: str = "segmentation", **kwargs) -> nn.Module:
+    """The network of a task: ``segmentation`` -> :func:`build_model`, ``classification`` ->
+    :func:`build_classifier` (keyword arguments as theirs)."""
+    factories = {"segmentation": build_model, "classification": build_classifier}
+    if kind not in factories:
+        raise ValueError(f"unknown network kind {kind!r}; known: {sorted(factories)}")
+    return factories[kind](**kwargs)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weight file: safetensors, or a torch file holding a state dict (possibly wrapped)."""
     path = Path(path)
@@ -111,8 +151,9 @@ def match_to_timm(state: dict[str, torch.Tensor], encoder_name: str, source: str
                        f"order and shape ({len(reference)} tensors expected)")
 
 
-def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) -> None:
-    """Load ``weights`` (a file, or ``imagenet``/a pretrained tag) into an smp ``tu-`` encoder's timm model."""
+def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str, skip: tuple[str, ...] = ()) -> None:
+    """Load ``weights`` (a file, or ``imagenet``/a pretrained tag) into an smp ``tu-`` encoder's timm model (or a
+    timm model), leaving the tensors under the ``skip`` prefixes (a classifier head) as they are."""
     if Path(weights).is_file():
         state = match_to_timm(read_state_dict(weights), encoder_name, weights)
         source = weights
@@ -120,14 +161,14 @@ def load_encoder_weights(encoder: nn.Module, encoder_name: str, weights: str) ->
         raise WeightsError(f"{weights}: weight file not found")
     else:
         state, source = _pretrained_state(encoder_name, weights)
-    wanted = encoder.state_dict()
+    wanted = {k: v for k, v in encoder.state_dict().items() if not k.startswith(tuple(f"{p}." for p in skip))}
     missing = [k for k in wanted if k not in state]
     if missing:
         raise WeightsError(f"{source}: lacks {len(missing)} encoder tensors of {encoder_name}, e.g. {missing[:3]}")
     bad = [k for k in wanted if state[k].shape != wanted[k].shape]
     if bad:
         raise WeightsError(f"{source}: shape mismatch for {bad[:3]}")
-    encoder.load_state_dict({k: state[k] for k in wanted})
+    encoder.load_state_dict({k: state[k] for k in wanted}, strict=not skip)
 
 
 def _pretrained_state(encoder_name: str, tag: str) -> tuple[dict[str, torch.Tensor], str]:

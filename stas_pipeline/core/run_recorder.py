@@ -4,8 +4,9 @@ In ``run_dir`` it keeps:
 
 - ``last.pt``: model, optimiser, scheduler, epoch, iteration, best metric and the metric history, written
   atomically every epoch, so a run killed at any moment resumes (``resume=True``) from its last epoch;
-- ``best.pt`` (model ``state_dict`` only) and ``best.json`` (config, fold, epoch, validation Dice);
-- ``metrics.json`` (per epoch: loss, validation Dice, lr, seconds) and ``curves.png`` (loss and Dice).
+- ``best.pt`` (model ``state_dict`` only) and ``best.json`` (the run's knobs, task and network definition, fold,
+  epoch, key metric);
+- ``metrics.json`` (per epoch: loss, key metric (``val_dice``, ``val_auc``), lr, seconds) and ``curves.png``.
 
 All checkpoints load with ``torch.load(..., weights_only=True)``. Only rank 0 writes under DDP.
 """
@@ -180,7 +181,7 @@ class RunRecorder:
         ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
         scored = [r for r in self.history if r[self.key_metric] is not None]
         ax_dice.plot([r["epoch"] for r in scored], [r[self.key_metric] for r in scored], marker="o", color="C1")
-        ax_dice.set(xlabel="epoch", ylabel=self.key_metric, title="validation Dice (original size)", ylim=(0, 1))
+        ax_dice.set(xlabel="epoch", ylabel=self.key_metric, title=f"validation {self.key_metric}", ylim=(0, 1))
         fig.tight_layout()
         with atomic_path(self.run_dir / "curves.png", overwrite=True) as tmp:
             fig.savefig(tmp, format="png", dpi=80)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
 from stas_pipeline.core.mask_io import InputFolderError
-from stas_pipeline.core.models import build_model
+from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
 
@@ -49,7 +49,10 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -
     if info_file is None:
         raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")
     info = json.loads(info_file.read_text())
-    model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
+    if "network" in info:
+        model = build_network(**{**info["network"], "encoder_weights": None})
+    else:  # runs recorded before the network definition was
+        model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
     load_model_weights(model, checkpoint)
     return model.to(device).eval(), int(info["image_size"])
 
