@@ -339,13 +339,18 @@ def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str)
                              f"image is {orig[1]}x{orig[0]}")
         mask = (mask > 0).astype(np.uint8)[None]
     out = pre.after_load(raw)
-    arrays = {"image": np.clip(np.rint(np.asarray(out[image_key])), 0, 255).astype(np.uint8)}
+    arrays = {"image": to_uint8(out[image_key])}
     if arrays["image"].ndim != 3:
         raise ValueError(f"the preprocessing chain gave an image of shape {arrays['image'].shape}, not (C, H, W)")
     if has_mask:
         arrays["label"] = (np.asarray(out[label_key]) > 0).astype(np.uint8)
         arrays["label_orig"] = mask
     return encode_record(header, arrays, packed=("label", "label_orig"))
+
+
+def to_uint8(image: Any) -> np.ndarray:
+    """An image of the chain's output (0..255 floats) as the cache stores it: rounded, clipped, uint8."""
+    return np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
 
 
 def spec_difference(built: Any, wanted: Any, path: str = "") -> str:

@@ -9,6 +9,11 @@ the probability map ``PDIR/<image stem>.png`` (uint8, p * 255) or ``.npy`` (floa
 Modes: ``resize`` (the reference recipe: resize to the training size, predict, resize the probabilities back)
 and ``sliding_window`` (MONAI's SlidingWindowInferer at the original resolution, Gaussian-weighted overlapping
 windows of the training size, for images larger than it). Memory does not grow with the number of images.
+
+Image-level runs (a classification bundle; the task is read from ``best.json``) write ``--out`` as a CSV
+``image,prob,<run>...`` instead (fold mean in ``prob``), each image through the run's own declared chain; with
+``--datalist D --out-of-fold`` each training image is predicted by the run of its fold only (out-of-fold
+predictions, for the CV AUC). See stas_pipeline/tasks/classification/inference.py.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from stas_pipeline.core.bundles import BundleError
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
 from stas_pipeline.core.mask_io import InputFolderError
 from stas_pipeline.core.models import build_model, build_network
@@ -185,38 +191,75 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images to predict (.jpg .jpeg .png .tif .tiff)")
     source.add_argument("--datalist", help="datalist.json whose 'test' list is predicted")
-    parser.add_argument("--out", required=True, help="output folder for the binary masks <image stem>.png (0/255)")
-    parser.add_argument("--save-probs", metavar="DIR", help="also keep the probability maps in this folder")
+    parser.add_argument("--out-of-fold", action="store_true",
+                        help="image-level runs with --datalist: predict each training image with the run of its "
+                             "own fold only (the run that did not train on it): out-of-fold predictions")
+    parser.add_argument("--out", required=True,
+                        help="segmentation: output folder for the binary masks <image stem>.png (0/255); "
+                             "image-level tasks: the predictions CSV (image,prob,<run>...)")
+    parser.add_argument("--save-probs", metavar="DIR", help="segmentation: also keep the probability maps here")
     parser.add_argument("--probs-format", choices=("png", "npy"), default="png",
                         help="probability maps as uint8 PNG of p*255 (default) or float32 .npy")
     parser.add_argument("--threshold", type=float, default=0.5, help="foreground where probability > this (0.5)")
     parser.add_argument("--mode", choices=MODES, default="resize",
-                        help="resize: to the training size and back (the recipe's); sliding_window: overlapping "
-                             "windows of the training size at the original resolution (default resize)")
+                        help="segmentation: resize: to the training size and back (the recipe's); sliding_window: "
+                             "overlapping windows of the training size at the original resolution (default resize)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     parser.add_argument("--tta", choices=list(TTA_FLIPS), default="none",
                         help="flip test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips)")
     parser.add_argument("--batch-size", type=int, default=1,
-                        help="images per forward pass in resize mode, windows per pass in sliding_window mode (1)")
+                        help="images per forward pass in resize mode and for image-level tasks, windows per pass "
+                             "in sliding_window mode (1)")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
+
+
+def _predict_image_level(args: argparse.Namespace, infos: list[dict]) -> Problems:
+    from stas_pipeline.core.datalist import load_fold
+    from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
+    from stas_pipeline.tasks.classification.inference import load_image_level_run, predict_scores
+
+    runs = [load_image_level_run(ckpt, info, args.device) for ckpt, info in zip(args.checkpoint, infos, strict=True)]
+    assignments = None
+    if args.out_of_fold:
+        assignments = {}
+        for run in runs:
+            for entry in load_fold(args.datalist, run.fold)[1]:
+                assignments.setdefault(str(Path(entry["image"]).resolve()), []).append(run.name)
+        images = list(assignments)
+    else:
+        images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
+    problems, _ = predict_scores(runs, images, args.out, args.tta, args.batch_size, args.workers, args.amp,
+                                 args.overwrite, assignments=assignments)
+    return problems
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
+    from stas_pipeline.tasks import get_task
+    from stas_pipeline.tasks.classification.inference import run_info_of
 
     try:
-        images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
-        models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
-        problems = predict_images(models, images, args.out, args.save_probs, args.probs_format, args.threshold,
-                                  args.mode, args.tta, args.overlap, args.batch_size, args.workers, args.amp,
-                                  args.overwrite)
-    except (InputFolderError, CheckpointError, OutputExistsError, ValueError) as err:
+        infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
+        tasks = {get_task(info.get("task", "segmentation")) for info in infos}
+        if len(tasks) > 1:
+            raise ValueError(f"the checkpoints are of different tasks: {sorted(t.name for t in tasks)}")
+        if args.out_of_fold and (args.datalist is None or not next(iter(tasks)).image_level):
+            raise ValueError("--out-of-fold needs --datalist and image-level runs")
+        if next(iter(tasks)).image_level:
+            problems = _predict_image_level(args, infos)
+        else:
+            images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
+            models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+            problems = predict_images(models, images, args.out, args.save_probs, args.probs_format, args.threshold,
+                                      args.mode, args.tta, args.overlap, args.batch_size, args.workers, args.amp,
+                                      args.overwrite)
+    except (InputFolderError, CheckpointError, OutputExistsError, BundleError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return problems.finish()
