@@ -159,3 +159,24 @@ def test_metadata_passes_monai_schema():
                           "bundles/metadata.json", "--filepath", str(schema)], cwd=REPO, capture_output=True,
                          text=True, check=True)
     assert "metadata is verified with no error" in out.stdout + out.stderr
+
+
+def test_an_image_left_out_of_the_cache_ends_the_bundle_with_one_line(tmp_path):
+    from stas_pipeline.core.synthetic import make_dataset
+    from stas_pipeline.stages import build_lmdb
+    from stas_pipeline.stages.make_datalist import make_datalist, write_datalist
+
+    images, masks = make_dataset(tmp_path, n=10, height=48, width=64)
+    write_datalist(tmp_path / "datalist.json", make_datalist(images, masks, tmp_path, folds=2, seed=0))
+    broken = sorted(Path(images).iterdir())[3]
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated after make-datalist read it
+    argv = ["--datalist", str(tmp_path / "datalist.json"), "--out", str(tmp_path / "cache_64"), "--image-size", "64",
+            "--no-progress"]
+    assert build_lmdb.main(argv) == 1
+    out = subprocess.run(cli("deeplab_lite0", "--dataset_dir", str(tmp_path), "--image_size", "64", "--epochs", "1",
+                             "--encoder_weights", "none", "--output_dir", str(tmp_path / "runs")),
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and broken.name in last and "left out when the cache was built" in last
+    assert "cannot decode image: OSError" in last and "build it with" not in last

@@ -259,13 +259,14 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
                 f"({spec_difference(meta.get('preprocessing'), pre.to_json())}); rebuild it ({hint} and the "
                 "bundle or --image-size of this run)"
             )
-        left_out = meta.get("skipped", {})
+        left_out, left = meta.get("skipped", {}), []
         stale = []
         with self._open().begin() as txn:
             for item in self.data:
                 value = txn.get(sample_key(item, self.image_key))
                 if value is None:
                     reason = left_out.get(str(Path(item[self.image_key]).resolve()))
+                    left += [item] if reason else []
                     stale.append(f"{item[self.image_key]} (" + (
                         f"left out when the cache was built: {reason}; fix the file or drop it from the datalist)"
                         if reason else "not in the cache)"))
@@ -276,7 +277,8 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
                         stale.append(f"{item[key]} (changed since the cache was built)")
         if stale:
             shown = "; ".join(stale[:5]) + (f"; and {len(stale) - 5} more" if len(stale) > 5 else "")
-            raise CacheError(f"{self.cache_dir}: stale for {len(stale)} sample(s): {shown}; {hint}")
+            rebuild = "" if len(stale) == len(left) else f"; {hint}"
+            raise CacheError(f"{self.cache_dir}: stale for {len(stale)} sample(s): {shown}{rebuild}")
 
     def _open(self) -> lmdb.Environment:
         if self._pid != os.getpid():
@@ -447,6 +449,18 @@ def build_cache(
     return stats
 
 
+def _decode_error(path: str) -> str | None:
+    """Why PIL cannot decode ``path`` (MONAI's loader only says it found no reader), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as err:  # noqa: BLE001 - the reason is reported, whatever it is
+        return f"cannot decode image: {type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
 def _unique(items: Sequence[dict], problems: Problems, stats: BuildStats, image_key: str,
             label_key: str) -> list[dict]:
     """One entry per image (a pseudo-labelled copy of a test image shares its record); an image listed twice
@@ -483,7 +497,7 @@ def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env
                 try:
                     value = _load_sample(item, pre, image_key, label_key)
                 except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
-                    reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                    reason = _decode_error(item[image_key]) or f"{type(err).__name__}: {err}".splitlines()[0]
                     problems.skip(item[image_key], reason)
                     left_out[key.decode()] = reason
                     stats.skipped += 1
