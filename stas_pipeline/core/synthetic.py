@@ -159,3 +159,53 @@ def make_challenge_dataset(out: str | Path, n: int = 40, height: int = 176, widt
         if masks is not None:
             Image.fromarray(mask).save(Path(masks) / f"{name}.png")
     return images, annotations
+
+
+# --- fundus-like photographs for the classification task ------------------------------------------------------
+
+
+def draw_fundus(size: int, rng: np.random.Generator, cup_to_disc: float) -> np.ndarray:
+    """A fundus-like RGB photograph: an orange retina on a black border (off-centre, as a camera frames it),
+    dark vessels, and a bright optic disc whose pale cup covers ``cup_to_disc`` of its radius (a large cup is
+    what glaucoma looks like)."""
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    cx, cy = size / 2 + rng.normal(0, size * 0.03), size / 2 + rng.normal(0, size * 0.03)
+    r = size * rng.uniform(0.36, 0.44)
+    tint = rng.normal(0, 12, 3)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in np.clip([200, 90, 40] + tint, 0, 255)))
+    dx, dy = cx + r * rng.uniform(0.2, 0.45) * rng.choice([-1, 1]), cy + rng.normal(0, r * 0.08)
+    for _ in range(int(rng.integers(5, 9))):  # vessels leaving the disc
+        angle, points = rng.uniform(0, 2 * np.pi), [(dx, dy)]
+        for _ in range(6):
+            angle += rng.normal(0, 0.3)
+            x, y = points[-1]
+            points.append((x + np.cos(angle) * r * 0.18, y + np.sin(angle) * r * 0.18))
+        draw.line(points, fill=(120, 30, 20), width=max(1, int(size / 90)))
+    disc = r * rng.uniform(0.16, 0.2)
+    draw.ellipse((dx - disc, dy - disc, dx + disc, dy + disc), fill=(245, 190, 120))
+    cup = disc * cup_to_disc
+    draw.ellipse((dx - cup, dy - cup, dx + cup, dy + cup), fill=(252, 240, 205))
+    image = image.filter(ImageFilter.GaussianBlur(size / 250))
+    noise = rng.normal(0, 4, (size, size, 3)) * (np.asarray(image).max(axis=2, keepdims=True) > 10)
+    return np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def make_fundus_dataset(out: str | Path, n: int = 80, size: int = 128, positive_fraction: float = 0.4,
+                        seed: int = 0) -> Path:
+    """Write ``n`` fundus-like JPEGs into ``out/images`` and ``out/labels.csv`` (``image,label,group``: label 1
+    = glaucoma-like, a cup-to-disc ratio drawn from 0.55-0.85 against 0.25-0.6 for label 0, so the classes
+    overlap a little; group = a made-up patient id shared by two images). Returns the CSV's path."""
+    rng = np.random.default_rng(seed)
+    images = Path(out) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows, label = ["image,label,group"], 0
+    for i in range(n):
+        if i % 2 == 0:  # the two images of a patient share the label
+            label = int(rng.random() < positive_fraction)
+        ratio = rng.uniform(0.55, 0.85) if label else rng.uniform(0.25, 0.6)
+        Image.fromarray(draw_fundus(size, rng, ratio)).save(images / f"fundus_{i:03d}.jpg", quality=92)
+        rows.append(f"images/fundus_{i:03d}.jpg,{label},patient{i // 2:03d}")
+    csv_path = Path(out) / "labels.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path
