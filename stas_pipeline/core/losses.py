@@ -1,9 +1,11 @@
-"""Losses: the recipe's Dice loss, plus the auxiliary "image has STAS" head when the model has one."""
+"""Losses: the STAS recipe's Dice loss, plus the auxiliary "image has STAS" head when the model has one; and the
+glaucoma recipe's binary cross-entropy with asymmetrically smoothed targets and an optional focal term."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.losses import DiceLoss
 from torch import nn
 
@@ -24,3 +26,61 @@ class DiceWithAuxLoss(nn.Module):
             has_fg = target.flatten(1).amax(dim=1, keepdim=True).float()
             return self.dice(masks, target) + self.aux_weight * F.binary_cross_entropy_with_logits(logits, has_fg)
         return self.dice(pred, target)
+
+
+class SmoothedBCELoss(nn.Module):
+    """Binary cross-entropy with logits for one logit per image, against targets smoothed as in the glaucoma
+    recipe: a positive's target is ``1 - smoothing``, a negative's ``smoothing / 2`` (a soft target t in [0, 1]
+    becomes ``t * (1 - smoothing) + (1 - t) * smoothing / 2``); ``smoothing = 0`` is plain BCE.
+
+    ``focal_gamma > 0`` multiplies each term by ``(1 - p_t) ** focal_gamma`` (Lin et al. 2017), where
+    ``p_t = p * t + (1 - p) * (1 - t)`` is the probability given to the (smoothed) target, as
+    ``torchvision.ops.sigmoid_focal_loss`` with ``alpha=-1`` computes it: confident right answers weigh less.
+
+    Logits (N,) or (N, 1); targets (N,) or (N, 1), integers, booleans or floats in [0, 1] (not checked, to keep
+    the loss free of device synchronisation). ``reduction``: "mean" (default), "sum" or "none" (a (N,) tensor).
+    """
+
+    def __init__(self, smoothing: float = 0.0, focal_gamma: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 2 / 3:
+            raise ValueError("smoothing must be a number in [0, 2/3) (the positive target 1 - a must stay above the "
+                             f"negative target a / 2), got {smoothing!r}")
+        if isinstance(focal_gamma, bool) or not isinstance(focal_gamma, (int, float)) or not focal_gamma >= 0.0:
+            raise ValueError(f"focal_gamma must be a number >= 0 (0 = no focal term), got {focal_gamma!r}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.smoothing, self.focal_gamma, self.reduction = float(smoothing), float(focal_gamma), reduction
+
+    def smooth(self, target: torch.Tensor) -> torch.Tensor:
+        """Targets in [0, 1] -> the smoothed targets the loss is computed against."""
+        return target * (1.0 - self.smoothing) + (1.0 - target) * (self.smoothing / 2)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = _one_per_image(logits, "logits"), _one_per_image(target, "targets")
+        if logits.shape != target.shape:
+            raise ValueError(f"{logits.shape[0]} logits but {target.shape[0]} targets")
+        target = self.smooth(target.to(device=logits.device, dtype=logits.dtype))
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if self.focal_gamma > 0:
+            p = torch.sigmoid(logits)
+            p_t = p * target + (1 - p) * (1 - target)
+            loss = loss * (1 - p_t) ** self.focal_gamma
+        if self.reduction == "mean":
+            return loss.mean()
+        return loss.sum() if self.reduction == "sum" else loss
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}, focal_gamma={self.focal_gamma}, reduction={self.reduction!r}"
+
+
+def _one_per_image(x: torch.Tensor, what: str) -> torch.Tensor:
+    """(N,) or (N, 1) -> (N,); anything else is refused."""
+    x = torch.as_tensor(x)
+    if isinstance(x, MetaTensor):
+        x = x.as_tensor()
+    if x.ndim == 2 and x.shape[1] == 1:
+        return x[:, 0]
+    if x.ndim == 1:
+        return x
+    raise ValueError(f"expected {what} of shape (N,) or (N, 1) (one per image), got {tuple(x.shape)}")

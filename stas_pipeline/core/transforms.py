@@ -1,13 +1,36 @@
-"""Transforms that MONAI has no ready-made equivalent for."""
+"""Transforms that MONAI has no ready-made equivalent for.
+
+Fundus photographs (the glaucoma classification task) are preprocessed by a chain that a bundle declares::
+
+    LoadImaged(reader="PILReader", reverse_indexing=False, image_only=True) -> EnsureChannelFirstd
+      -> FundusBorderCropd(threshold=10)      crop to the bounding box of the non-black pixels
+      -> CenterScaleCropd(roi_scale=f)        MONAI's own: the centre f x H by f x W (ceil), f = 1.0 keeps the image
+      -> Resized(spatial_size=(512, 512))
+
+on (C, H, W) images on the 0..255 scale (uint8 or floats); intensity scaling comes after the cache. Every
+parameter is an attribute of the transform or of its members, so the cache's description of the chain
+(:func:`stas_pipeline.core.lmdb_cache.describe`) changes with it. ``CenterScaleCropd`` is used as MONAI ships it:
+a fraction <= 0 means 1.0 and a fraction > 1 crops nothing (it never pads).
+
+:class:`RandAugMixd` is timm's AugMix as a MONAI randomizable dictionary transform, for the training chain
+(after the cache, before intensity scaling).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import random
+from collections.abc import Hashable, Mapping, Sequence
+from numbers import Integral, Real
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import CropForegroundd, MapTransform, RandomizableTransform
+from monai.utils import convert_to_dst_type
+from PIL import Image
+from timm.data.auto_augment import augment_and_mix_transform
 
 
 class ResizeLiked(MapTransform):
@@ -26,3 +49,154 @@ class ResizeLiked(MapTransform):
             x = torch.as_tensor(d[key])
             d[key] = F.interpolate(x[None].float(), size=size, mode=self.mode, align_corners=align)[0]
         return d
+
+
+class ChannelThreshold:
+    """``select_fn`` for MONAI's ``CropForeground``: a (1, H, W) mask of the pixels whose ``reduction`` ("max" or
+    "mean") over the channels of a (C, H, W) image is > ``threshold``. When no pixel is, the mask is all true, so
+    that the crop keeps the whole image instead of cutting it to nothing."""
+
+    def __init__(self, threshold: float = 10.0, reduction: str = "max"):
+        if isinstance(threshold, bool) or not isinstance(threshold, Real):
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
+        if reduction not in ("max", "mean"):
+            raise ValueError(f"reduction must be 'max' or 'mean', got {reduction!r}")
+        self.threshold = float(threshold)
+        self.reduction = reduction
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if isinstance(img, np.ndarray):
+            reduced = img.max(0, keepdims=True) if self.reduction == "max" else img.mean(0, keepdims=True)
+            mask = reduced > self.threshold
+            return mask if mask.any() else np.ones_like(mask)
+        if isinstance(img, MetaTensor):
+            img = img.as_tensor()  # the mask needs no metadata
+        reduced = img.amax(0, keepdim=True) if self.reduction == "max" else img.float().mean(0, keepdim=True)
+        mask = reduced > self.threshold
+        return mask if bool(mask.any()) else torch.ones_like(mask)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threshold={self.threshold}, reduction={self.reduction!r})"
+
+
+class FundusBorderCropd(CropForegroundd):
+    """Black-border removal: crop ``keys`` to the bounding box of the pixels of ``data[source_key]`` whose max (or
+    mean, ``reduction``) over channels is > ``threshold`` (0..255 scale), widened by ``margin`` pixels but never
+    past the image edges. An image with no such pixel (all black) is kept whole. A mask under ``label`` listed in
+    ``keys`` gets the same crop. MONAI's ``CropForegroundd`` with :class:`ChannelThreshold` as ``select_fn``;
+    the box is recorded in the data under ``start_coord_key`` / ``end_coord_key`` only when they are given."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        threshold: float = 10.0,
+        reduction: str = "max",
+        margin: Sequence[int] | int = 0,
+        source_key: str = "image",
+        start_coord_key: str | None = None,
+        end_coord_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(
+            keys,
+            source_key=source_key,
+            select_fn=ChannelThreshold(threshold, reduction),
+            margin=margin,
+            allow_smaller=True,
+            start_coord_key=start_coord_key,
+            end_coord_key=end_coord_key,
+            allow_missing_keys=allow_missing_keys,
+        )
+
+    @property
+    def threshold(self) -> float:
+        return self.cropper.select_fn.threshold
+
+    @property
+    def reduction(self) -> str:
+        return self.cropper.select_fn.reduction
+
+
+class RandAugMixd(RandomizableTransform, MapTransform):
+    """AugMix (Hendrycks et al. 2020) by timm's ``augment_and_mix_transform("augmix-m{severity}-w{width}...")``
+    on ``keys``: (C, H, W) images on the 0..255 scale (uint8 or floats; C = 1 or 3), as tensors, MetaTensors or
+    arrays; each comes back with its type, dtype, device and shape (floats come back rounded to integers).
+
+    - ``severity`` 0..10: the ops' magnitude, sampled uniformly in [0, severity] per op (timm's default);
+      0 turns AugMix off (the images are returned as they are).
+    - ``width`` chains (>= 1) of ``depth`` ops each (1.. or -1: 1 to 3 at random), mixed with Dirichlet(``alpha``)
+      weights and blended with the original by Beta(``alpha``, ``alpha``).
+    - ``prob``: the chance that a sample is augmented at all.
+    - ``fill``: the grey level that rotations, shears and translations bring in (timm's default is 128; a fundus
+      photograph's background is black, hence 0).
+
+    Randomness: timm draws from python's ``random`` and numpy's global generator. Each call seeds both from this
+    transform's ``self.R`` (so ``set_random_state`` / MONAI's per-worker seeding make runs reproducible) and
+    restores their previous states afterwards. All ``keys`` of one sample get the same augmentation. Not safe to
+    call from several threads at once (the global generators are shared); DataLoader worker processes are fine.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        severity: int = 3,
+        width: int = 3,
+        depth: int = -1,
+        alpha: float = 1.0,
+        prob: float = 1.0,
+        fill: int = 0,
+        allow_missing_keys: bool = False,
+    ):
+        def integer(name, value, ok, what):
+            if isinstance(value, bool) or not isinstance(value, Integral) or not ok(value):
+                raise ValueError(f"RandAugMixd: {name} must be {what}, got {value!r}")
+            return int(value)
+
+        self.severity = integer("severity", severity, lambda v: 0 <= v <= 10, "an integer in 0..10 (0 = off)")
+        self.width = integer("width", width, lambda v: v >= 1, "an integer >= 1")
+        self.depth = integer("depth", depth, lambda v: v == -1 or v >= 1, "-1 (random 1..3) or an integer >= 1")
+        self.fill = integer("fill", fill, lambda v: 0 <= v <= 255, "an integer in 0..255")
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0 or not np.isfinite(alpha):
+            raise ValueError(f"RandAugMixd: alpha must be a number > 0, got {alpha!r}")
+        if isinstance(prob, bool) or not isinstance(prob, Real) or not 0.0 <= prob <= 1.0:
+            raise ValueError(f"RandAugMixd: prob must be a number in [0, 1], got {prob!r}")
+        self.alpha = float(alpha)
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.config = f"augmix-m{self.severity}-w{self.width}-a{np.format_float_positional(self.alpha, trim='-')}"
+        if self.depth != -1:  # timm's parser splits on "-": "d-1" cannot be written, and -1 is its default
+            self.config += f"-d{self.depth}"
+        hparams = {"translate_const": 250, "img_mean": (self.fill,) * 3}
+        self.augmix = augment_and_mix_transform(self.config, hparams)
+        self._seed = 0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self._seed = int(self.R.randint(2**32, dtype=np.int64))
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform or self.severity == 0:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self._augment(d[key])
+        return d
+
+    def _augment(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if img.ndim != 3 or img.shape[0] not in (1, 3):
+            raise ValueError(f"RandAugMixd expects a (C, H, W) image with C = 1 or 3, got shape {tuple(img.shape)}")
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        hwc = np.ascontiguousarray(np.broadcast_to(np.moveaxis(arr, 0, -1), arr.shape[1:] + (3,)))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(self._seed)
+            np.random.seed(self._seed)
+            out = np.asarray(self.augmix(Image.fromarray(hwc)))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        out = np.moveaxis(out, -1, 0)[: arr.shape[0]]  # a grey image stays grey through every op: keep one channel
+        return convert_to_dst_type(np.ascontiguousarray(out), dst=img)[0]
