@@ -24,10 +24,14 @@ STAGES: dict[str, tuple[str, str]] = {
         "stas_pipeline.stages.postprocess", "remove small components, fill holes in predicted masks"),
     "evaluate": (
         "stas_pipeline.stages.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
+    "pseudo-label": (
+        "stas_pipeline.stages.pseudo_label", "confident image-level predictions -> next round's datalist"),
     "export": (
         "stas_pipeline.stages.export", "checked submission zip: one 0/255 PNG per test image"),
     "demo": (
         "stas_pipeline.stages.demo", "every stage end to end on a synthetic (or --data) set, with a summary"),
+    "experiments": (
+        "stas_pipeline.stages.experiments", "table of training runs: CV/test scores and the knobs that differ"),
 }
 
 
