@@ -16,7 +16,18 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.stages.make_datalist import area_strata, assign_folds, main, make_datalist, pair_by_stem
+from stas_pipeline.stages.make_datalist import (
+    Source,
+    area_strata,
+    assign_folds,
+    build_parser,
+    fold_table,
+    main,
+    make_datalist,
+    make_label_datalist,
+    pair_by_stem,
+    split_weighted,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 16, 10
@@ -303,3 +314,386 @@ def test_module_help_runs():
     )
     assert result.returncode == 0
     assert "--group-regex" in result.stdout and "--overwrite" in result.stdout
+
+
+# --- image-level labels, inner test split, decoding ------------------------------------------------------
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is whole (PIL opens it and reads its size) but whose scan data stops half-way."""
+    make_image(path)
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")
+    path.write_bytes(data[: sos + (len(data) - sos) // 2])
+    with Image.open(path) as img:
+        assert img.size == (W, H)  # the header alone looks fine: only a full decode finds the problem
+    return path
+
+
+def not_an_image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not a JPEG\n" * 4)
+    return path
+
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def labelled_set(root: Path, n: int = 40, per_group: int = 2, positive_every: int = 3) -> Path:
+    """``root/images/img<i>.jpg`` and ``root/labels.csv`` (image,label,group): a group's images share a label."""
+    rows = []
+    for i in range(n):
+        make_image(root / "images" / f"img{i:03d}.jpg")
+        group = i // per_group
+        rows.append(f"images/img{i:03d}.jpg,{int(group % positive_every == 0)},g{group:03d}")
+    return write_csv(root / "labels.csv", "image,label,group", rows)
+
+
+def run_labels(tmp_path: Path, *args: str | Path, out: Path | None = None) -> tuple[int, dict | None]:
+    out = out or tmp_path / "datalist.json"
+    rc = main(["--out", str(out)] + [str(a) for a in args])
+    return rc, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_labels_csv_numbers_groups_folds_and_monai_load(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path / "data", n=40)
+    out = tmp_path / "lists" / "datalist.json"
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "4", out=out)
+
+    assert rc == 0
+    assert len(dl["training"]) == 40 and dl["test"] == [] and dl["folds"] == 4
+    entry = dl["training"][0]
+    assert entry == {"image": "../data/images/img000.jpg", "label": 1, "fold": entry["fold"], "group": "g000"}
+    assert all("foreground" not in e and "source" not in e and "classes" not in dl for e in dl["training"])
+    assert_groups_whole(dl, 4)
+    positives = Counter(e["fold"] for e in dl["training"] if e["label"] == 1)
+    assert max(positives.values()) - min(positives.values()) <= 2  # 7 positive groups of 2 in 4 folds
+    loaded = load_decathlon_datalist(out, is_segmentation=True, data_list_key="training")
+    assert [e["label"] for e in loaded] == [e["label"] for e in dl["training"]]
+    assert all(type(e["label"]) is int and os.path.isfile(e["image"]) for e in loaded)
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["fold", "count", "0", "1"]
+    assert any(line.split() == ["all", "40", "26", "14"] for line in table.splitlines())
+
+
+def test_label_values_int_when_integral_else_float_and_float_strata(tmp_path):
+    rows = []
+    for i in range(24):
+        make_image(tmp_path / f"r{i:02d}.png")
+        rows.append(f"r{i:02d}.png,{['1.0', '2', '0.25', '3.5e0'][i % 4]}")
+    csv_path = write_csv(tmp_path / "scores.csv", "image,label", rows)
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "3")
+
+    assert rc == 0
+    labels = [e["label"] for e in dl["training"]]
+    assert labels[:4] == [1, 2, 0.25, 3.5] and [type(v) for v in labels[:4]] == [int, int, float, float]
+    assert "quantile bins" in dl["description"]
+    per_fold = Counter((e["fold"], e["label"]) for e in dl["training"])
+    assert all(per_fold[(f, v)] == 2 for f in range(3) for v in (1, 2, 0.25, 3.5))
+
+
+def test_label_column_picks_one_of_several(tmp_path):
+    for i in range(6):
+        make_image(tmp_path / "tiles" / f"t{i}.jpg")
+    rows = [f"tiles/t{i}.jpg,{i % 2},{i % 5},t{i // 2}" for i in range(6)]
+    csv_path = write_csv(tmp_path / "labels.csv", "image,stas,grade,group", rows)
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--label-column", "grade", "--folds", "3")
+
+    assert rc == 0
+    assert [e["label"] for e in dl["training"]] == [0, 1, 2, 3, 4, 0]
+
+
+def test_aptos_layout_ids_without_extension_looked_up_by_stem(tmp_path):
+    ids = [f"{i:04x}c0de" for i in range(8)]
+    for i, stem in enumerate(ids):
+        make_image(tmp_path / "train_images" / f"{stem}.{'png' if i % 2 else 'jpg'}")
+    rows = [f"{stem},{i % 5}" for i, stem in enumerate(ids)]
+    csv_path = write_csv(tmp_path / "meta" / "train.csv", "id_code,diagnosis", rows)
+
+    rc, dl = run_labels(
+        tmp_path, "--labels-csv", csv_path, "--image-column", "id_code", "--label-column", "diagnosis",
+        "--images", tmp_path / "train_images", "--folds", "2",
+    )
+
+    assert rc == 0
+    assert [Path(e["image"]).stem for e in dl["training"]] == ids
+    assert dl["training"][1]["image"] == f"train_images/{ids[1]}.png"
+    assert [e["label"] for e in dl["training"]] == [i % 5 for i in range(8)]
+
+
+def test_missing_label_column_is_one_line_exit_2(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path, n=4)
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--label-column", "stas", "--folds", "2")
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and dl is None
+    assert len(err) == 1 and err[0].startswith(f"ERROR {csv_path}: no column 'stas' (columns: image, label, group)")
+
+
+def test_bad_rows_are_skipped_naming_file_and_line(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path, n=8)
+    with csv_path.open("a") as f:
+        f.write("images/missing.jpg,1,gx\nimages/img000.jpg,yes,g000\nimages/img001.jpg,,g000\n,1,gy\n")
+        f.write("images/img002.jpg,nan,g001\n")
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "2")
+
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"ERROR {csv_path}: line 10 (images/missing.jpg): image 'images/missing.jpg' not found in" in err
+    assert f"ERROR {csv_path}: line 11 (images/img000.jpg): label 'yes' in column 'label' is not a number" in err
+    assert "line 12 (images/img001.jpg): label '' in column 'label' is not a number" in err
+    assert "line 13: empty 'image'" in err
+    assert "line 14 (images/img002.jpg): label 'nan'" in err
+    assert len(dl["training"]) == 8  # the good rows of img000..img002 are still there
+
+
+@pytest.mark.parametrize("mode", ["masks", "labels-csv"])
+def test_undecodable_images_are_reported_and_left_out(tmp_path, capsys, mode):
+    from PIL import ImageFile
+
+    make_pairs(tmp_path, {f"ok{i}": i for i in range(4)})
+    truncated_jpeg(tmp_path / "images" / "cut.jpg")
+    not_an_image(tmp_path / "images" / "text.jpg")
+    for stem in ("cut", "text"):
+        make_mask(tmp_path / "masks" / f"{stem}.png", 3)
+    if mode == "masks":
+        rc, dl = run(tmp_path, "--folds", "2")
+    else:
+        rows = [f"images/{stem}.jpg,{i % 2}" for i, stem in enumerate(["ok0", "ok1", "ok2", "ok3", "cut", "text"])]
+        csv_path = write_csv(tmp_path / "l.csv", "image,label", rows)
+        rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "2")
+
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"ERROR {tmp_path / 'images' / 'cut.jpg'}: cannot decode image: image file is truncated" in err
+    assert f"ERROR {tmp_path / 'images' / 'text.jpg'}: cannot decode image: cannot identify image file" in err
+    assert stems(dl["training"]) == ["ok0", "ok1", "ok2", "ok3"]
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_undecodable_test_images_are_left_out(tmp_path, capsys):
+    make_pairs(tmp_path, {"a": 1, "b": 2})
+    make_image(tmp_path / "test" / "good.jpg")
+    truncated_jpeg(tmp_path / "test" / "bad.jpg")
+
+    rc, dl = run(tmp_path, "--folds", "2", "--test-images", tmp_path / "test")
+
+    assert rc == 1 and "bad.jpg: cannot decode image" in capsys.readouterr().err
+    assert dl["test"] == [{"image": "test/good.jpg"}]
+
+
+def test_image_listed_twice_is_left_out(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path, n=6)
+    with csv_path.open("a") as f:
+        f.write("images/img004.jpg,1,g002\n")
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "2")
+
+    assert rc == 1
+    assert "img004.jpg: listed 2 times (labels.csv line 6; labels.csv line 8); left out" in capsys.readouterr().err
+    assert stems(dl["training"]) == ["img000", "img001", "img002", "img003", "img005"]
+
+
+def test_class_folders_sorted_names_and_integer_names(tmp_path, capsys):
+    for cls, n in (("normal", 4), ("glaucoma", 2)):
+        for i in range(n):
+            make_image(tmp_path / "fundus" / cls / f"{cls}{i}.jpg")
+    for grade in (0, 1, 3):
+        for i in range(2):
+            make_image(tmp_path / "grades" / str(grade) / f"g{grade}_{i}.png")
+
+    rc, dl = run_labels(tmp_path, "--class-folders", tmp_path / "fundus", "--folds", "2")
+    assert rc == 0 and dl["classes"] == ["glaucoma", "normal"]
+    assert {Path(e["image"]).stem: e["label"] for e in dl["training"]} == {
+        "glaucoma0": 0, "glaucoma1": 0, "normal0": 1, "normal1": 1, "normal2": 1, "normal3": 1}
+    assert "classes: 0=glaucoma, 1=normal" in capsys.readouterr().out
+
+    rc, dl = run_labels(tmp_path, "--class-folders", tmp_path / "grades", "--folds", "2", "--overwrite")
+    assert rc == 0 and dl["classes"] == ["0", "1", "3"]
+    assert sorted({e["label"] for e in dl["training"]}) == [0, 1, 3]
+
+    rc, dl = run_labels(
+        tmp_path, "--class-folders", tmp_path / "fundus", "--classes", "normal", "glaucoma", "--folds", "2",
+        "--overwrite",
+    )
+    assert rc == 0 and dl["classes"] == ["normal", "glaucoma"]
+    assert {e["label"] for e in dl["training"] if "glaucoma" in e["image"]} == {1}
+
+
+def test_merged_sources_named_and_subsampled(tmp_path, capsys):
+    for cls, n in (("normal", 20), ("glaucoma", 6)):
+        for i in range(n):
+            make_image(tmp_path / "origa" / cls / f"o_{cls}{i:02d}.jpg")
+    refuge = labelled_set(tmp_path / "refuge", n=12, per_group=1)
+    args = ["--labels-csv", f"refuge={refuge}", "--class-folders", tmp_path / "origa", "--classes", "normal",
+            "glaucoma", "--subsample", "origa:normal:0.5", "--folds", "3"]
+
+    rc, dl = run_labels(tmp_path, *args, "--seed", "7")
+
+    out = capsys.readouterr().out
+    assert rc == 0
+    by_source = Counter((e["source"], e["label"]) for e in dl["training"])
+    assert by_source == {("origa", 0): 10, ("origa", 1): 6, ("refuge", 0): 8, ("refuge", 1): 4}
+    assert "subsampled out of origa:0 10" in out
+    assert [line.split() for line in out.splitlines() if line.split()[:1] in (["source"], ["origa"], ["refuge"])] == [
+        ["source", "count", "0", "1"], ["origa", "16", "10", "6"], ["refuge", "12", "8", "4"]]
+    again = run_labels(tmp_path, *args, "--seed", "7", out=tmp_path / "again.json")[1]
+    other = run_labels(tmp_path, *args, "--seed", "8", out=tmp_path / "other.json")[1]
+    assert again == dl
+    assert {e["image"] for e in other["training"]} != {e["image"] for e in dl["training"]}
+
+
+def test_subsample_naming_nothing_is_an_error(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path, n=6)
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--subsample", "origa:0:0.5", "--folds", "2")
+    assert rc == 2 and dl is None
+    assert "--subsample origa:0:0.5: no source 'origa' (sources: labels)" in capsys.readouterr().err
+
+
+def test_test_fraction_holds_out_a_stratified_grouped_split_with_labels(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path / "data", n=60, per_group=2)
+    make_image(tmp_path / "unlabelled" / "u1.jpg")
+
+    rc, dl = run_labels(
+        tmp_path, "--labels-csv", csv_path, "--test-fraction", "0.2", "--folds", "4",
+        "--test-images", tmp_path / "unlabelled",
+    )
+
+    assert rc == 0 and dl["test_fraction"] == 0.2
+    labelled = [e for e in dl["test"] if "label" in e]
+    assert [e for e in dl["test"] if "label" not in e] == [{"image": "unlabelled/u1.jpg"}]
+    assert len(labelled) == 12 and Counter(e["label"] for e in labelled) == {0: 8, 1: 4}
+    assert all("fold" not in e for e in dl["test"])
+    test_groups = {e["group"] for e in labelled}
+    assert not test_groups & {e["group"] for e in dl["training"]}
+    assert len(dl["training"]) == 48
+    assert_groups_whole(dl, 4)
+    assert any(line.split() == ["test", "12", "8", "4"] for line in capsys.readouterr().out.splitlines())
+    loaded = load_decathlon_datalist(tmp_path / "datalist.json", is_segmentation=True, data_list_key="test")
+    assert sorted(e.get("label", -1) for e in loaded) == [-1] + [0] * 8 + [1] * 4
+
+
+def test_test_fraction_with_masks_keeps_mask_labels(tmp_path, capsys):
+    fg = {f"e{i:02d}": 0 for i in range(10)} | {f"f{i:02d}": 5 + i for i in range(30)}
+    make_pairs(tmp_path, fg)
+
+    rc, dl = run(tmp_path, "--folds", "3", "--test-fraction", "0.25")
+
+    assert rc == 0
+    assert len(dl["test"]) == 10 and len(dl["training"]) == 30
+    assert sum(1 for e in dl["test"] if e["foreground"] == 0) in (2, 3)  # a quarter of the 10 empty masks
+    assert all(e["label"].startswith("masks/") and "fold" not in e for e in dl["test"])
+    assert "test" in capsys.readouterr().out
+
+
+def test_test_fraction_too_small_for_the_groups_is_an_error(tmp_path, capsys):
+    csv_path = labelled_set(tmp_path, n=20, per_group=5)
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--test-fraction", "0.05", "--folds", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and dl is None and len(err) == 1
+    assert "--test-fraction 0.05 leaves the inner test split empty" in err[0]
+
+
+def test_split_weighted_hits_uneven_targets():
+    strata = ["pos"] * 30 + ["neg"] * 70
+    parts = split_weighted(strata, [0.7, 0.3], seed=0)
+    assert Counter(zip(parts, strata, strict=True)) == {(0, "pos"): 21, (0, "neg"): 49, (1, "pos"): 9, (1, "neg"): 21}
+    groups = [i // 4 for i in range(100)]
+    parts = split_weighted(strata, [0.1, 0.9], seed=1, groups=groups)
+    assert sum(1 for p in parts if p == 0) in (8, 12)  # 2 or 3 of the 25 groups of 4
+    assert all(len({p for p, g in zip(parts, groups, strict=True) if g == gg}) == 1 for gg in set(groups))
+
+
+def test_assign_folds_ungrouped_output_is_pinned():
+    """The refined fold code gives, without groups, exactly the folds of the original greedy placement."""
+    strata = [(i * 7) % 3 + (i % 5 == 0) for i in range(23)]
+    assert assign_folds(strata, 4, seed=5) == [2, 0, 2, 0, 1, 2, 3, 1, 2, 0, 1, 1, 2, 0, 0, 3, 3, 3, 1, 0, 1, 3, 2]
+
+
+def _max_rate_deviation(strata: list, folds: list[int], k: int) -> float:
+    rate = sum(strata) / len(strata)
+    return max(
+        abs(sum(s for s, f in zip(strata, folds, strict=True) if f == fold) / folds.count(fold) - rate)
+        for fold in range(k)
+    )
+
+
+def test_grouped_folds_at_least_as_balanced_as_sklearn():
+    """What our fold code adds over scikit-learn's StratifiedGroupKFold (docs/folds.md has the full figures)."""
+    sklearn_model_selection = pytest.importorskip("sklearn.model_selection")
+    rng = random.Random(0)
+    strata, groups = [], []
+    for g in range(120):  # groups of 2..10 images, positive rate varying by group
+        p = rng.random()
+        for _ in range(rng.randint(2, 10)):
+            strata.append(int(rng.random() < p))
+            groups.append(g)
+    ours, theirs, our_spread, their_spread = [], [], [], []
+    for seed in range(5):
+        folds = assign_folds(strata, 5, seed, groups)
+        split = sklearn_model_selection.StratifiedGroupKFold(5, shuffle=True, random_state=seed)
+        sk = [0] * len(strata)
+        for f, (_, idx) in enumerate(split.split(strata, strata, groups)):
+            for i in idx:
+                sk[i] = f
+        ours.append(_max_rate_deviation(strata, folds, 5))
+        theirs.append(_max_rate_deviation(strata, sk, 5))
+        our_spread.append(max(Counter(folds).values()) - min(Counter(folds).values()))
+        their_spread.append(max(Counter(sk).values()) - min(Counter(sk).values()))
+    assert np.mean(ours) <= np.mean(theirs) and np.mean(our_spread) <= np.mean(their_spread)
+
+
+def test_same_bytes_across_processes(tmp_path):
+    csv_path = labelled_set(tmp_path, n=24, per_group=3)
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"dl{hash_seed}.json"
+        subprocess.run(
+            [sys.executable, "-m", "stas_pipeline.stages.make_datalist", "--labels-csv", str(csv_path), "--out",
+             str(out), "--folds", "3", "--test-fraction", "0.25"],
+            cwd=REPO, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--labels-csv", "a.csv", "--masks", "m"], "--masks is for segmentation"),
+        (["--images", "i"], "give --images and --masks"),
+        (["--images", "i", "--masks", "m", "--label-column", "stas"], "--label-column: only with --labels-csv"),
+        (["--labels-csv", "a.csv", "--test-fraction", "1"], "must be between 0 and 1"),
+        (["--labels-csv", "a.csv", "--subsample", "origa:0:2"], "fraction must be in (0, 1]"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "dl.json"), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "dl.json").exists()
+
+
+def test_help_explains_the_image_level_options():
+    text = build_parser("stas make-datalist").format_help()
+    for option in ("--labels-csv", "--class-folders", "--label-column", "--image-column", "--classes", "--subsample",
+                   "--test-fraction", "--images", "--masks", "--test-images", "--group-csv", "--bins"):
+        assert option in text
+
+
+def test_library_call_with_sources(tmp_path):
+    csv_path = labelled_set(tmp_path, n=10)
+    problems = Problems("test")
+    dl = make_label_datalist([Source(csv_path, name="mine")], tmp_path, folds=2, test_fraction=0.2,
+                             problems=problems)
+    assert {e["source"] for e in dl["training"] + dl["test"]} == {"mine"}
+    assert len(dl["test"]) == 2 and not problems.skipped
+    assert "fold" in fold_table(dl)
