@@ -15,6 +15,20 @@
 Images are read one at a time. The outputs go into a temporary folder beside ``DIR`` that replaces ``DIR``
 only when every image has been handled, so ``DIR`` is never half-written. The core functions :func:`vote` and
 :func:`mean_probability` work on arrays of any shape (masks, probability maps, class-probability vectors).
+
+Image-level members: ``stas ensemble A.csv B.csv ... --out C.csv`` (members recognised by their ``.csv`` suffix;
+mixing CSVs and folders is an error) joins prediction CSVs (``image,prob,<member>...`` as ``stas predict`` writes
+them) on ``image`` and writes ``C.csv`` as ``image,prob,<A>,<B>...``: one column per input CSV, named after its
+stem (with parent folders added where two stems are equal), holding that CSV's ``prob``. ``prob`` is
+
+- ``--method mean`` (the default for CSVs): the (weighted) mean of the members' ``prob``;
+- ``--method vote``: 1.0 or 0.0, the strict (weighted) majority of the members binarised with
+  ``prob >= --threshold`` (default 0.5, the rule of ``stas evaluate``), exact ties to ``--tie``. A 0/1 column
+  ranks images poorly: use ``mean`` where an AUC is to be measured.
+
+An image missing from some members (or whose row there is unusable) is reported as ``ERROR <image>: missing from
+<files>`` and left out (exit 1). ``C.csv`` is written atomically and an existing one is kept unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -230,6 +244,86 @@ def ensemble_folders(
     return problems
 
 
+# --- image-level members: prediction CSVs ------------------------------------------------------------------
+
+
+def is_csv_member(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".csv"
+
+
+def csv_member_names(paths: Sequence[str | Path]) -> list[str]:
+    """One column name per CSV: its stem, or its last folders and stem (``r0/test``) where stems repeat."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(Path(p).with_suffix("")) for p in paths]
+
+
+def ensemble_csvs(
+    members: Sequence[str | Path],
+    out: str | Path,
+    method: str = "mean",
+    weights: Sequence[float] | None = None,
+    tie: str = "background",
+    threshold: float = 0.5,
+    overwrite: bool = False,
+) -> Problems:
+    """Ensemble image-level prediction CSVs into the CSV ``out`` (see the module doc), joined on ``image``.
+
+    Raises :class:`InputFolderError` for unusable options or member CSVs, :class:`OutputExistsError` for an
+    existing ``out`` without ``overwrite`` and :class:`NothingWrittenError` when every image was skipped.
+    """
+    from stas_pipeline.tasks.classification.evaluation import PredictionsError, read_predictions_csv
+    from stas_pipeline.tasks.classification.inference import write_scores_csv
+
+    members, out = [Path(m) for m in members], Path(out)
+    if method not in METHODS:
+        raise InputFolderError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if not is_csv_member(out):
+        raise InputFolderError(f"{out}: the output of CSV members is a .csv file")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(out)
+    if len({m.resolve() for m in members}) < len(members):
+        raise InputFolderError("a member CSV is given twice; use --weights to count a member more")
+    try:
+        _check_weights(weights, len(members))
+    except ValueError as e:
+        raise InputFolderError(str(e)) from None
+
+    problems = Problems(STAGE)
+    tables = []
+    for member in members:
+        try:
+            tables.append(read_predictions_csv(member, problems)[1])
+        except PredictionsError as e:
+            raise InputFolderError(str(e)) from None
+    names = csv_member_names(members)
+    images = list(dict.fromkeys(key for table in tables for key in table))
+    kept = []
+    for image in images:
+        missing = [str(m) for m, table in zip(members, tables, strict=True) if image not in table]
+        if missing:
+            problems.skip(image, f"missing from {len(missing)} of {len(members)} member CSVs: {', '.join(missing)}")
+        else:
+            kept.append(image)
+    if not kept:
+        raise NothingWrittenError(f"{out}: no image is in every member CSV; nothing written")
+    probs = [np.array([table[image].prob for image in kept]) for table in tables]
+    if method == "vote":
+        result = vote([p >= threshold for p in probs], weights, tie).astype(np.float64)
+    else:
+        result = mean_probability(probs, weights)
+    rows = [
+        {"image": image, "prob": float(result[i]), **{n: float(p[i]) for n, p in zip(names, probs, strict=True)}}
+        for i, image in enumerate(kept)
+    ]
+    write_scores_csv(out, rows, names, overwrite)
+    problems.count("written", len(rows))
+    return problems
+
+
 # --- command line -----------------------------------------------------------------------------------------
 
 
@@ -239,11 +333,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Combine the predictions of several models/folds, image by image: strict majority vote "
         "of binarised masks, or mean of probabilities. Members are folders of <stem>.png (grey level = "
         "p * 255) or <stem>.npy (probabilities in [0, 1]); writes --out/<stem>.png, mode L, 0/255, "
-        "atomically.",
+        "atomically. Image-level members are prediction CSVs (image,prob,<member>...), joined on image; "
+        "writes the CSV --out (image,prob,<one column per input CSV>), atomically. Members are all folders "
+        "or all .csv files.",
     )
-    parser.add_argument("members", nargs="+", type=Path, help="prediction folders, one per model/fold")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (written only when complete)")
-    parser.add_argument("--method", choices=METHODS, default="vote", help="vote (default) or mean")
+    parser.add_argument(
+        "members", nargs="+", type=Path, help="prediction folders, or prediction CSVs, one per model/fold"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True,
+        help="output folder (written only when complete), or output .csv for CSV members",
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, default=None,
+        help="vote or mean (default: vote for folders, mean for CSVs)",
+    )
     parser.add_argument(
         "--weights",
         nargs="+",
@@ -261,23 +365,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--binarize-threshold",
         type=probability_threshold,
-        default=0.0,
+        default=None,
         metavar="T",
-        help="vote: a member pixel is foreground where its probability (PNG value / 255, .npy value) is > T "
-        "(default: 0, i.e. any PNG value > 0)",
+        help="folders, vote: a member pixel is foreground where its probability (PNG value / 255, .npy value) "
+        "is > T (default: 0, i.e. any PNG value > 0)",
     )
     parser.add_argument(
         "--threshold",
         type=probability_threshold,
-        default=0.5,
+        default=None,
         metavar="T",
-        help="mean: foreground where the mean probability is > T (default: 0.5)",
+        help="folders, mean: foreground where the mean probability is > T; CSVs, vote: a member votes positive "
+        "where its prob >= T (default: 0.5)",
     )
     parser.add_argument(
         "--save-probs",
         type=Path,
         metavar="DIR",
-        help="mean: also write the mean probability as PNG (p * 255)",
+        help="folders, mean: also write the mean probability as PNG (p * 255)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out (and --save-probs)"
@@ -288,18 +393,38 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the stage; 0 when every image was ensembled, 1 when any was skipped, 2 for unusable input."""
     args = build_parser(prog).parse_args(argv)
+    csv_members = [is_csv_member(m) for m in args.members]
+    threshold = 0.5 if args.threshold is None else args.threshold
     try:
-        problems = ensemble_folders(
-            args.members,
-            args.out,
-            method=args.method,
-            weights=args.weights,
-            tie=args.tie,
-            binarize_threshold=args.binarize_threshold,
-            threshold=args.threshold,
-            save_probs=args.save_probs,
-            overwrite=args.overwrite,
-        )
+        if any(csv_members) and not all(csv_members):
+            raise InputFolderError("members mix .csv files and folders; ensemble either prediction CSVs or folders")
+        if all(csv_members):
+            given = [o for o, v in (("--binarize-threshold", args.binarize_threshold),
+                                    ("--save-probs", args.save_probs)) if v is not None]
+            if given:
+                raise InputFolderError(f"{', '.join(given)}: for folder members only; CSV members are binarised "
+                                       "by --threshold")
+            problems = ensemble_csvs(
+                args.members,
+                args.out,
+                method=args.method or "mean",
+                weights=args.weights,
+                tie=args.tie,
+                threshold=threshold,
+                overwrite=args.overwrite,
+            )
+        else:
+            problems = ensemble_folders(
+                args.members,
+                args.out,
+                method=args.method or "vote",
+                weights=args.weights,
+                tie=args.tie,
+                binarize_threshold=0.0 if args.binarize_threshold is None else args.binarize_threshold,
+                threshold=threshold,
+                save_probs=args.save_probs,
+                overwrite=args.overwrite,
+            )
     except NothingWrittenError as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1

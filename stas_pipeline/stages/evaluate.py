@@ -1,4 +1,9 @@
-"""Score predicted masks against reference masks: per-image Dice, IoU, precision, recall, and their means.
+"""Score predictions: masks against reference masks (per-image Dice, IoU, precision, recall, and their means),
+or image-level probabilities against datalist labels.
+
+Two modes, chosen by ``--pred`` (masks, below) or ``--predictions`` (image-level: a predictions CSV against the
+0/1 labels of a datalist, AUC, sensitivity/specificity, ROC curve and worst images; see
+:mod:`stas_pipeline.tasks.classification.evaluation`, which holds that mode; this module only dispatches to it).
 
 ``stas evaluate --pred DIR --ref DIR [--csv FILE] [--overlays DIR --images DIR --worst N]`` scores every
 ``ref/<stem>.png`` against ``pred/<stem>.png``; both are binarised with ``value / 255 > --threshold``
@@ -31,6 +36,12 @@ from stas_pipeline.core.cli_types import non_negative_int, probability_threshold
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_png
 from stas_pipeline.core.mask_io import IMAGE_SUFFIXES, InputFolderError, prediction_files, read_grey_png, size_text
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.classification.evaluation import (
+    SECTIONS,
+    PredictionsError,
+    evaluate_predictions,
+    format_metrics,
+)
 
 STAGE = "evaluate"
 METRICS = ("dice", "iou", "precision", "recall")
@@ -219,43 +230,110 @@ def format_summary(summary: dict) -> str:
     return f"mean over {summary['count']} images: {means}"
 
 
+USAGE = """%(prog)s --pred DIR --ref DIR [--csv FILE] [--overlays DIR --images DIR] [options]
+       %(prog)s --predictions CSV --datalist JSON --out DIR [--section {test,training}] [options]"""
+MASK_ONLY = ("ref", "csv", "overlays", "images")
+IMAGE_LEVEL_ONLY = ("datalist", "section", "out")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Score predicted masks against reference masks (<stem>.png in both folders): mean "
-        "per-image Dice, IoU, precision and recall (both empty = 1), an optional per-image CSV and overlays "
-        "of the worst images by Dice.",
+        usage=USAGE,
+        description="Two modes, chosen by --pred or --predictions. Masks (--pred): score predicted masks against "
+        "reference masks (<stem>.png in both folders): mean per-image Dice, IoU, precision and recall (both empty "
+        "= 1), an optional per-image CSV and overlays of the worst images by Dice. Image-level (--predictions): "
+        "score a predictions CSV (image,prob,<member>...) against the 0/1 labels of a datalist section: AUC, "
+        "sensitivity, specificity, accuracy, each member's AUC; writes metrics.json, per_image.csv, roc.png, "
+        "worst.csv and worst.png into --out.",
     )
-    parser.add_argument("--pred", type=Path, required=True, help="folder of predicted masks")
-    parser.add_argument("--ref", type=Path, required=True, help="folder of reference masks")
-    parser.add_argument(
-        "--threshold",
-        type=probability_threshold,
-        default=0.0,
-        metavar="T",
-        help="foreground where value / 255 > T, in both folders (default: 0, any value > 0)",
+    mode = parser.add_argument_group("mode (exactly one)").add_mutually_exclusive_group(required=True)
+    mode.add_argument("--pred", type=Path, metavar="DIR", help="masks mode: folder of predicted masks")
+    mode.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="CSV",
+        help="image-level mode: predictions CSV of stas predict (image,prob,<member>...)",
     )
-    parser.add_argument(
-        "--csv", type=Path, help="write image,dice,iou,precision,recall,pred_pixels,ref_pixels per image"
+    masks = parser.add_argument_group("masks mode (--pred)")
+    masks.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference masks (required)")
+    masks.add_argument(
+        "--csv", type=Path, metavar="FILE",
+        help="write image,dice,iou,precision,recall,pred_pixels,ref_pixels per image",
     )
-    parser.add_argument(
+    masks.add_argument(
         "--overlays",
         type=Path,
         metavar="DIR",
         help="write <stem>_overlay.png for the worst images: reference contour green, prediction red",
     )
-    parser.add_argument("--images", type=Path, metavar="DIR", help="image folder, needed by --overlays")
-    parser.add_argument(
-        "--worst", type=non_negative_int, default=10, metavar="N", help="number of overlays (default: 10)"
+    masks.add_argument("--images", type=Path, metavar="DIR", help="image folder, needed by --overlays")
+    image_level = parser.add_argument_group("image-level mode (--predictions)")
+    image_level.add_argument(
+        "--datalist", type=Path, metavar="JSON",
+        help="datalist with 0/1 labels (required); pseudo-labelled entries (pseudo_round) are never scored",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing CSV and overlays")
+    image_level.add_argument(
+        "--section", choices=SECTIONS, default=None,
+        help="datalist section to score against: test (the inner test, default) or training (out-of-fold)",
+    )
+    image_level.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="output folder (required): metrics.json, per_image.csv, roc.png, worst.csv, worst.png",
+    )
+    both = parser.add_argument_group("both modes")
+    both.add_argument(
+        "--threshold",
+        type=probability_threshold,
+        default=None,
+        metavar="T",
+        help="masks: foreground where value / 255 > T, in both folders (default: 0, any value > 0); "
+        "image-level: positive where prob >= T (default: 0.5)",
+    )
+    both.add_argument(
+        "--worst", type=non_negative_int, default=None, metavar="N",
+        help="number of worst images shown: overlays (default: 10) or the contact sheet worst.png (default: 8)",
+    )
+    both.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
 
 
+def _main_image_level(args: argparse.Namespace) -> int:
+    try:
+        metrics, problems = evaluate_predictions(
+            args.predictions,
+            args.datalist,
+            args.out,
+            section=args.section or "test",
+            threshold=0.5 if args.threshold is None else args.threshold,
+            worst=8 if args.worst is None else args.worst,
+            overwrite=args.overwrite,
+        )
+    except (PredictionsError, OutputExistsError) as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 2
+    print(format_metrics(metrics))
+    return problems.finish()
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run the stage; 0 when every reference image was scored, 1 when any was skipped, 2 for bad input."""
+    """Run the stage; 0 when every image was scored, 1 when any was skipped, 2 for bad input (or, image-level,
+    nothing that can be scored)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    image_level = args.predictions is not None
+    own, other = (IMAGE_LEVEL_ONLY, MASK_ONLY) if image_level else (MASK_ONLY, IMAGE_LEVEL_ONLY)
+    given = [f"--{name}" for name in other if getattr(args, name) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} belong to the {'masks' if image_level else 'image-level'} mode, not "
+                     f"to {'--predictions' if image_level else '--pred'}")
+    if image_level:
+        missing = [f"--{name}" for name in ("datalist", "out") if getattr(args, name) is None]
+        if missing:
+            parser.error(f"--predictions needs {' and '.join(missing)}")
+        return _main_image_level(args)
+    if args.ref is None:
+        parser.error("--pred needs --ref")
     if args.overlays is not None and args.images is None:
         parser.error("--overlays needs --images")
     try:
@@ -265,8 +343,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             csv_path=args.csv,
             overlays=args.overlays,
             images=args.images,
-            worst=args.worst,
-            threshold=args.threshold,
+            worst=10 if args.worst is None else args.worst,
+            threshold=0.0 if args.threshold is None else args.threshold,
             overwrite=args.overwrite,
         )
     except (InputFolderError, OutputExistsError) as e:
