@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Number
@@ -118,7 +119,8 @@ def describe(obj: Any, depth: int = 0) -> Any:
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if isinstance(obj, np.random.RandomState) or depth >= 4 or not hasattr(obj, "__dict__"):
         return name
-    return {"_target_": name, **{k.lstrip("_"): describe(v, depth + 1) for k, v in sorted(vars(obj).items())}}
+    state = {k: v for k, v in sorted(vars(obj).items()) if not isinstance(v, threading.local)}  # MONAI's tracing
+    return {"_target_": name, **{k.lstrip("_"): describe(v, depth + 1) for k, v in state.items()}}
 
 
 def image_size_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -219,10 +221,11 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
     """Dataset over a cache built by :func:`build_cache` with ``preprocessing`` (a :class:`Preprocessing` or
     an image size); yields dicts ready for the random transforms.
 
-    Each item is the datalist entry (paths, fold, ...) with ``image`` (uint8 tensor, C x H x W), and for
-    segmentation ``label`` (uint8 0/1, 1 x H x W), plus ``orig_size`` (H0, W0); with ``original_label`` the
-    ``label`` is the mask at the original size (1 x H0 x W0), for scoring at the original resolution.
-    A numeric label is passed through. The environment is opened read-only and lazily in each process
+    Each item is ``image`` (uint8 tensor, C x H x W) and ``label``: for segmentation a mask (uint8 0/1,
+    1 x H x W), plus ``orig_size`` (H0, W0); with ``original_label`` the ``label`` is the mask at the original
+    size (1 x H0 x W0), for scoring at the original resolution. A numeric label is passed through. The entry's
+    other fields (fold, source, a pseudo-label's round) are left out: they differ between entries, and a batch
+    needs the same keys in every item. The environment is opened read-only and lazily in each process
     (DataLoader worker, DDP rank), so any number of readers can share one cache.
 
     On construction the cache is checked against the requested preprocessing and against every source
@@ -297,7 +300,8 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
             value = txn.get(sample_key(item, self.image_key))
         header, arrays = decode_record(value, self.arrays)
         tensors = {self.arrays[k]: torch.from_numpy(a) for k, a in arrays.items()}
-        sample = {**item, **tensors, "orig_size": tuple(header["orig_size"])}
+        fields = {k: item[k] for k in (self.image_key, self.label_key) if k in item}
+        sample = {**fields, **tensors, "orig_size": tuple(header["orig_size"])}
         return self.transform(sample) if self.transform is not None else sample
 
 

@@ -90,8 +90,9 @@ def build_classifier(
     image_size: int | tuple[int, int] | None = None,
 ) -> nn.Module:
     """A timm classifier with ``num_classes`` logits; ``encoder_weights`` (as for the segmentation encoders) load
-    every tensor but the
-    classification head, which stays freshly initialised. ``image_size`` is only recorded (timm models pool
+    every tensor but the classification head. The head starts near zero (normal, std 0.01; bias 0): timm's own
+    init for EfficientNets draws U(-1/sqrt(num_classes), ...), U(-1, 1) for one logit, which starts training at
+    logits of about +-10 and a loss of several nats. ``image_size`` is only recorded (timm models pool
     globally), except for ViT-style models with a fixed input size, where it must match."""
     check_encoder_name(model_name)
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
@@ -102,6 +103,10 @@ def build_classifier(
         head = model.pretrained_cfg.get("classifier", "classifier")
         heads = (head,) if isinstance(head, str) else tuple(head)
         load_encoder_weights(model, model_name, str(encoder_weights), skip=heads)
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
     return model
 
 

@@ -108,6 +108,10 @@ def _multiple_of_16(text: str) -> int:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("segmentation", "classification"), default="segmentation",
+                        help="segmentation (default): the STAS recipe; classification: the glaucoma fundus recipe "
+                        "on a synthetic fundus-like set (folds, fold mean, a pseudo-label round, experiments "
+                        "table; see stas_pipeline/tasks/classification/demo.py)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="a folder in the challenge's layout (Train_Images/*.jpg, Train_Annotations/*.json), "
                         "e.g. ../shared/data/stas_public; default: draw a synthetic dataset into OUT/data")
@@ -117,8 +121,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="reuse a non-empty --out: the demo's own earlier outputs in it are removed first "
                         "(other files are left alone)")
-    parser.add_argument("--n-images", type=_positive_int, default=40, metavar="N",
-                        help="number of synthetic images to draw (default: 40; ignored with --data)")
+    parser.add_argument("--n-images", type=_positive_int, metavar="N",
+                        help="number of synthetic images to draw (default: 40, 96 for classification; ignored "
+                        "with --data)")
     parser.add_argument("--image-size", type=_multiple_of_16, metavar="PX",
                         help="training size, a multiple of 16 (default: "
                         f"{SYNTHETIC_DEFAULTS['image_size']} synthetic, {REAL_DEFAULTS['image_size']} with --data)")
@@ -185,8 +190,11 @@ def _check_problems(problems: Problems, what: str) -> None:
 class Demo:
     """The demo's state: settings, the paths of every output, timings and scores."""
 
+    STAGE_NAMES = STAGE_NAMES
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.n_images = args.n_images or 40
         self.out = args.out.resolve()
         self.synthetic = args.data is None
         defaults = SYNTHETIC_DEFAULTS if self.synthetic else REAL_DEFAULTS
@@ -221,8 +229,8 @@ class Demo:
             from stas_pipeline.core.synthetic import make_challenge_dataset
 
             height, width = SYNTHETIC_SHAPE
-            make_challenge_dataset(self.data, n=self.args.n_images, height=height, width=width, seed=self.args.seed)
-            print(f"drew {self.args.n_images} synthetic {width}x{height} images into {self.data}")
+            make_challenge_dataset(self.data, n=self.n_images, height=height, width=width, seed=self.args.seed)
+            print(f"drew {self.n_images} synthetic {width}x{height} images into {self.data}")
         elif not self.data.is_dir():
             raise StageError(f"{self.data}: --data folder not found")
 
@@ -404,7 +412,7 @@ class Demo:
         }
 
     def summary(self) -> dict:
-        source = (f"synthetic ({self.args.n_images} images of {SYNTHETIC_SHAPE[1]}x{SYNTHETIC_SHAPE[0]})"
+        source = (f"synthetic ({self.n_images} images of {SYNTHETIC_SHAPE[1]}x{SYNTHETIC_SHAPE[0]})"
                   if self.synthetic else str(self.data))
         return {
             "data": source,
@@ -458,7 +466,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise StageError(f"{out}: exists and is not empty; pass --overwrite or another --out")
-        for entry in [*(out / name for name in OUTPUTS), *out.glob("cache_*")]:
+        from stas_pipeline.tasks.classification.demo import OUTPUTS as CLASSIFICATION_OUTPUTS
+
+        for entry in [*(out / name for name in {*OUTPUTS, *CLASSIFICATION_OUTPUTS}), *out.glob("cache_*")]:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             elif entry.exists() or entry.is_symlink():
@@ -477,7 +487,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (StageError, OSError) as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2
-    demo = Demo(args)
+    from stas_pipeline.tasks.classification.demo import ClassificationDemo
+
+    try:
+        demo = ClassificationDemo(args) if args.task == "classification" else Demo(args)
+    except StageError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     import monai.bundle  # noqa: F401 - the imports take seconds; counted apart from the stages
     import torch  # noqa: F401
@@ -485,8 +501,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     import stas_pipeline.stages.labelme_to_masks  # noqa: F401
 
     demo.seconds["startup"] = time.perf_counter() - start
-    for i, name in enumerate(STAGE_NAMES, start=1):
-        print(f"\n[demo {i}/{len(STAGE_NAMES)}] {name}", file=sys.stderr, flush=True)
+    for i, name in enumerate(demo.STAGE_NAMES, start=1):
+        print(f"\n[demo {i}/{len(demo.STAGE_NAMES)}] {name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             getattr(demo, f"stage_{name}")()

@@ -32,6 +32,7 @@ from stas_pipeline.core.models import build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
 
+RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
 
 
@@ -59,7 +60,7 @@ def load_image_level_run(checkpoint: str | Path, info: dict, device: str | torch
     and the chain of its bundle with the run's recorded knobs (image size, crop, ...)."""
     model = build_network(**{**info["network"], "encoder_weights": None})
     load_model_weights(model, checkpoint)
-    knobs = {k: v for k, v in info.items() if not isinstance(v, (dict, list))}
+    knobs = {k: v for k, v in info.items() if k not in RECORDED_NOT_KNOBS and not isinstance(v, (dict, list))}
     preprocessing, transform = parsed_content(info["bundle"], ["task#preprocessing", "task#val_transforms"],
                                               {**knobs, "encoder_weights": "none"})
     name = f"{info['bundle']}/fold{info.get('fold')}"

@@ -1,0 +1,187 @@
+"""``stas demo --task classification``: the glaucoma recipe end to end, each step the stage a user would run.
+
+On an embedded synthetic fundus-like set (:func:`stas_pipeline.core.synthetic.make_fundus_dataset`: black
+borders, vessels, an optic disc whose cup is larger in the positive class, two images per patient):
+
+labels CSV -> ``stas make-datalist`` (inner test split + k folds grouped by patient) -> ``stas build-lmdb``
+(the bundle's declared fundus chain) -> training of every fold of ``fundus_lite0`` through MONAI's entry point
+-> ``stas predict`` (fold mean with flip TTA on the inner test; out-of-fold on the training pool) ->
+``stas evaluate`` (AUC, sensitivity/specificity, ROC curve, worst images) -> ``stas pseudo-label`` (one round:
+confident test predictions join every fold's training part) -> the folds trained again on round 1 ->
+``stas experiments`` (one row per run). Everything lands in ``OUT`` (default ``demo_output``)::
+
+    data/images, data/labels.csv      the synthetic set          datalist.json, datalist_round1.json
+    cache_fundus_lite0_<size>/        LMDB cache                 runs/round<r>/fundus_lite0/fold<k>/
+    predictions/round<r>_{test,oof}.csv                          runs/round<r>/fundus_lite0/eval_{test,oof}/
+    experiments.md, experiments.csv, summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+BUNDLE = "fundus_lite0"
+STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "pseudo_label", "train_round1",
+               "predict_round1", "evaluate_round1", "experiments")
+OUTPUTS = ("data", "datalist.json", "datalist_round1.json", "runs", "predictions", "experiments.md",
+           "experiments.csv")
+DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3, "n_images": 96}
+
+
+class ClassificationDemo:
+    """The classification demo's state: settings, output paths, timings and scores."""
+
+    STAGE_NAMES = STAGE_NAMES
+
+    def __init__(self, args: argparse.Namespace):
+        from stas_pipeline.stages.demo import StageError, lite0_weights_installed
+
+        if args.data is not None:
+            raise StageError("--data is for the segmentation demo; the classification demo draws its own set")
+        self.args, self.out = args, args.out.resolve()
+        self.image_size = args.image_size or DEFAULTS["image_size"]
+        self.epochs = args.epochs or DEFAULTS["epochs"]
+        self.batch_size = args.batch_size or DEFAULTS["batch_size"]
+        self.lr = args.lr or DEFAULTS["lr"]
+        self.folds = args.folds or DEFAULTS["folds"]
+        self.n_images = args.n_images or DEFAULTS["n_images"]
+        self.weights = args.weights or ("imagenet" if lite0_weights_installed() else "none")
+        self.device = args.device
+        self.data = self.out / "data"
+        self.cache = self.out / f"cache_{BUNDLE}_{self.image_size}"
+        self.predictions = self.out / "predictions"
+        self.seconds: dict[str, float] = {}
+        self.scores: dict[str, dict] = {}
+
+    def datalist(self, round_: int) -> Path:
+        return self.out / ("datalist.json" if round_ == 0 else f"datalist_round{round_}.json")
+
+    def run_root(self, round_: int) -> Path:
+        return self.out / "runs" / f"round{round_}" / BUNDLE
+
+    @staticmethod
+    def stage(name: str, argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
+        """Run ``stas <name> argv`` as a user would; a failing stage stops the demo."""
+        from stas_pipeline import cli
+        from stas_pipeline.stages.demo import StageError
+
+        print("$ stas " + " ".join([name, *argv]), flush=True)
+        code = cli.main([name, *argv])
+        if code not in ok:
+            raise StageError(f"stas {name} exited with {code}")
+
+    # --- stages --------------------------------------------------------------------------------------------
+
+    def stage_data(self) -> None:
+        from stas_pipeline.core.synthetic import make_fundus_dataset
+
+        make_fundus_dataset(self.data, n=self.n_images, size=128, seed=self.args.seed)
+        print(f"drew {self.n_images} synthetic fundus-like 128x128 images into {self.data}")
+
+    def stage_datalist(self) -> None:
+        self.stage("make-datalist", ["--labels-csv", str(self.data / "labels.csv"), "--out", str(self.datalist(0)),
+                                     "--folds", str(self.folds), "--test-fraction", str(self.args.test_fraction),
+                                     "--seed", str(self.args.seed)])
+
+    def stage_cache(self) -> None:
+        self.stage("build-lmdb", ["--datalist", str(self.datalist(0)), "--out", str(self.cache), "--bundle", BUNDLE,
+                                  "--image-size", str(self.image_size), "--lists", "training", "test"])
+
+    def _train(self, round_: int) -> None:
+        import torch
+        from monai.bundle import run
+
+        from stas_pipeline.core.bundles import repository_root
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cwd = os.getcwd()
+        for fold in range(self.folds):
+            print(f"training {BUNDLE} round {round_} fold {fold} of {self.folds} ({self.epochs} epochs, "
+                  f"{self.image_size} px, {self.weights} weights, {device})", flush=True)
+            os.chdir(repository_root())  # the bundles' macros are relative to the repository root
+            try:
+                run(run_id="training", config_file=f"bundles/{BUNDLE}.json", dataset_dir=str(self.out),
+                    datalist=str(self.datalist(round_)), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
+                    image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
+                    encoder_weights=self.weights, device=device, amp=False, num_workers=0,
+                    output_dir=str(self.run_root(round_).parent), seed=self.args.seed)
+            finally:
+                os.chdir(cwd)
+            metrics = json.loads((self.run_root(round_) / f"fold{fold}" / "metrics.json").read_text())
+            print(f"round {round_} fold {fold}: best validation AUC {metrics['best_val_auc']:.4f} at epoch "
+                  f"{metrics['best_epoch']}", flush=True)
+
+    def _predict(self, round_: int) -> None:
+        checkpoints = [str(self.run_root(round_) / f"fold{k}" / "best.pt") for k in range(self.folds)]
+        common = ["--checkpoint", *checkpoints, "--datalist", str(self.datalist(round_)), "--tta", "hv",
+                  "--batch-size", "16", "--workers", "0"]
+        self.stage("predict", [*common, "--out", str(self.predictions / f"round{round_}_test.csv")])
+        self.stage("predict", [*common, "--out-of-fold", "--out", str(self.predictions / f"round{round_}_oof.csv")])
+
+    def _evaluate(self, round_: int) -> None:
+        for split, section in (("test", "test"), ("oof", "training")):
+            out = self.run_root(round_) / f"eval_{split}"
+            self.stage("evaluate", ["--predictions", str(self.predictions / f"round{round_}_{split}.csv"),
+                                    "--datalist", str(self.datalist(round_)), "--section", section,
+                                    "--out", str(out), "--worst", "6"])
+            self.scores[f"round{round_}_{split}"] = json.loads((out / "metrics.json").read_text())
+
+    def stage_train(self) -> None:
+        self._train(0)
+
+    def stage_predict(self) -> None:
+        self._predict(0)
+
+    def stage_evaluate(self) -> None:
+        self._evaluate(0)
+
+    def stage_pseudo_label(self) -> None:
+        self.stage("pseudo-label", ["--datalist", str(self.datalist(0)), "--predictions",
+                                    str(self.predictions / "round0_test.csv"), "--out", str(self.datalist(1)),
+                                    "--runs", str(self.run_root(0))])
+
+    def stage_train_round1(self) -> None:
+        self._train(1)
+
+    def stage_predict_round1(self) -> None:
+        self._predict(1)
+
+    def stage_evaluate_round1(self) -> None:
+        self._evaluate(1)
+
+    def stage_experiments(self) -> None:
+        self.stage("experiments", [str(self.out / "runs"), "--out", str(self.out / "experiments.md"),
+                                   "--csv", str(self.out / "experiments.csv")])
+
+    # --- summary -------------------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        return {
+            "task": "classification",
+            "settings": {"bundle": BUNDLE, "image_size": self.image_size, "epochs": self.epochs,
+                         "batch_size": self.batch_size, "lr": self.lr, "folds": self.folds,
+                         "images": self.n_images, "encoder_weights": self.weights, "seed": self.args.seed},
+            "auc": {name: scores.get("auc") for name, scores in self.scores.items()},
+            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "outputs": {"experiments": str(self.out / "experiments.md"), "runs": str(self.out / "runs"),
+                        "predictions": str(self.predictions)},
+        }
+
+    def print_summary(self, summary: dict) -> None:
+        lines = ["", "=" * 78, f"stas demo --task classification: {BUNDLE}, {self.image_size} px, {self.epochs} "
+                 f"epochs, {self.folds} folds, {self.n_images} synthetic images", "-" * 78,
+                 f"{'round':<8}{'out-of-fold AUC':>18}{'inner-test AUC (fold mean)':>30}"]
+        for round_ in (0, 1):
+            oof, test = (summary["auc"].get(f"round{round_}_{s}") for s in ("oof", "test"))
+            lines.append(f"{round_:<8}{_num(oof):>18}{_num(test):>30}")
+        lines += ["-" * 78, "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
+                  f"experiments table: {self.out / 'experiments.md'}", "=" * 78]
+        print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
