@@ -13,17 +13,17 @@ STAGES: dict[str, tuple[str, str]] = {
     "labelme-to-masks": (
         "stas_pipeline.stages.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
     "make-datalist": (
-        "stas_pipeline.stages.make_datalist", "pair images and masks, assign k folds, write datalist.json"),
+        "stas_pipeline.stages.make_datalist", "images with masks or numeric labels -> k folds, test split"),
     "build-lmdb": (
-        "stas_pipeline.stages.build_lmdb", "decode and resize every sample once into an LMDB cache"),
+        "stas_pipeline.stages.build_lmdb", "run the bundle's declared preprocessing chain once into an LMDB cache"),
     "predict": (
-        "stas_pipeline.stages.predict", "checkpoints -> masks and probabilities at the original size (TTA, windows)"),
+        "stas_pipeline.stages.predict", "checkpoints -> masks at the original size, or a CSV of image probabilities"),
     "ensemble": (
-        "stas_pipeline.stages.ensemble", "majority vote or mean probability of several prediction folders"),
+        "stas_pipeline.stages.ensemble", "vote or mean of prediction folders, or of prediction CSVs"),
     "postprocess": (
         "stas_pipeline.stages.postprocess", "remove small components, fill holes in predicted masks"),
     "evaluate": (
-        "stas_pipeline.stages.evaluate", "per-image Dice/IoU/precision/recall against reference masks"),
+        "stas_pipeline.stages.evaluate", "Dice/IoU against masks, or AUC/ROC/sensitivity of a predictions CSV"),
     "pseudo-label": (
         "stas_pipeline.stages.pseudo_label", "confident image-level predictions -> next round's datalist"),
     "export": (
@@ -40,13 +40,14 @@ def _usage() -> str:
     lines = [
         "usage: stas <stage> [options]    (stas <stage> --help for a stage's options)",
         "",
-        "STAS segmentation pipeline. Stages, in pipeline order:",
+        "Challenge pipeline (STAS segmentation, image-level classification). Stages, in pipeline order:",
     ]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
     lines += [
         "",
         "Training and validation run as MONAI bundles, between build-lmdb and predict:",
         "  python -m monai.bundle run training --config_file bundles/deeplab_effb6.json --dataset_dir DATA",
+        "  python -m monai.bundle run training --config_file bundles/fundus_b0.json --dataset_dir DATA",
     ]
     return "\n".join(lines)
 

@@ -151,12 +151,13 @@ def test_missing_cache_names_the_command_to_build_it(synthetic_dataset, tmp_path
     assert "no complete LMDB cache here; build it with: stas build-lmdb" in error_chain(err.value)
 
 
-def test_metadata_passes_monai_schema():
+@pytest.mark.parametrize("meta", ["metadata.json", "metadata_classification.json"])
+def test_metadata_passes_monai_schema(meta):
     schema = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
     if not schema.exists():
         pytest.skip("MONAI's metadata schema is not available offline here")
     out = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                          "bundles/metadata.json", "--filepath", str(schema)], cwd=REPO, capture_output=True,
+                          f"bundles/{meta}", "--filepath", str(schema)], cwd=REPO, capture_output=True,
                          text=True, check=True)
     assert "metadata is verified with no error" in out.stdout + out.stderr
 

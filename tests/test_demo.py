@@ -140,3 +140,34 @@ def test_demo_is_a_stas_stage_with_help():
     for option in ("--data", "--out", "--overwrite", "--n-images", "--image-size", "--epochs", "--folds-to-train",
                    "--test-fraction", "--seed", "--device", "--weights"):
         assert option in result.stdout
+
+
+def test_classification_demo_runs_the_recipe_end_to_end(tmp_path):
+    """``stas demo --task classification``: folds, fold mean, out-of-fold, a pseudo-label round trained again,
+    the experiments table, every file where the docstring says."""
+    out = tmp_path / "out"
+    code = main(["--task", "classification", "--n-images", "40", "--image-size", "32", "--epochs", "1",
+                 "--folds", "2", "--batch-size", "8", "--weights", "none", "--device", "cpu", "--out", str(out)],
+                prog="stas demo")
+    assert code == 0
+    assert len(list((out / "data" / "images").glob("*.jpg"))) == 40
+    for round_ in (0, 1):
+        run_dir = out / "runs" / f"round{round_}" / "fundus_lite0"
+        for fold in (0, 1):
+            assert (run_dir / f"fold{fold}" / "best.pt").is_file()
+        for split in ("test", "oof"):
+            header = (out / "predictions" / f"round{round_}_{split}.csv").read_text().splitlines()[0]
+            assert header == "image,prob,fundus_lite0/fold0,fundus_lite0/fold1"
+            assert (run_dir / f"eval_{split}" / "roc.png").stat().st_size > 0
+    assert (out / "datalist_round1.json").is_file()
+    table = (out / "experiments.md").read_text()
+    assert "round0/fundus_lite0" in table and "round1/fundus_lite0" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "classification" and set(summary["auc"]) == {
+        "round0_test", "round0_oof", "round1_test", "round1_oof"}
+    assert all(0.0 <= auc <= 1.0 for auc in summary["auc"].values())
+
+
+def test_classification_demo_refuses_data(tmp_path, capsys):
+    assert main(["--task", "classification", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--data is for the segmentation demo" in capsys.readouterr().err

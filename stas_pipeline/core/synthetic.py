@@ -182,7 +182,7 @@ def draw_fundus(size: int, rng: np.random.Generator, cup_to_disc: float) -> np.n
             x, y = points[-1]
             points.append((x + np.cos(angle) * r * 0.18, y + np.sin(angle) * r * 0.18))
         draw.line(points, fill=(120, 30, 20), width=max(1, int(size / 90)))
-    disc = r * rng.uniform(0.16, 0.2)
+    disc = r * rng.uniform(0.26, 0.32)
     draw.ellipse((dx - disc, dy - disc, dx + disc, dy + disc), fill=(245, 190, 120))
     cup = disc * cup_to_disc
     draw.ellipse((dx - cup, dy - cup, dx + cup, dy + cup), fill=(252, 240, 205))
@@ -194,8 +194,8 @@ def draw_fundus(size: int, rng: np.random.Generator, cup_to_disc: float) -> np.n
 def make_fundus_dataset(out: str | Path, n: int = 80, size: int = 128, positive_fraction: float = 0.4,
                         seed: int = 0) -> Path:
     """Write ``n`` fundus-like JPEGs into ``out/images`` and ``out/labels.csv`` (``image,label,group``: label 1
-    = glaucoma-like, a cup-to-disc ratio drawn from 0.55-0.85 against 0.25-0.6 for label 0, so the classes
-    overlap a little; group = a made-up patient id shared by two images). Returns the CSV's path."""
+    = glaucoma-like, a cup-to-disc ratio drawn from 0.55-0.85 against 0.25-0.55 for label 0; group = a made-up
+    patient id shared by two images). Returns the CSV's path."""
     rng = np.random.default_rng(seed)
     images = Path(out) / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def make_fundus_dataset(out: str | Path, n: int = 80, size: int = 128, positive_
     for i in range(n):
         if i % 2 == 0:  # the two images of a patient share the label
             label = int(rng.random() < positive_fraction)
-        ratio = rng.uniform(0.55, 0.85) if label else rng.uniform(0.25, 0.6)
+        ratio = rng.uniform(0.55, 0.85) if label else rng.uniform(0.25, 0.55)
         Image.fromarray(draw_fundus(size, rng, ratio)).save(images / f"fundus_{i:03d}.jpg", quality=92)
         rows.append(f"images/fundus_{i:03d}.jpg,{label},patient{i // 2:03d}")
     csv_path = Path(out) / "labels.csv"

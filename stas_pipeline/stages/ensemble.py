@@ -275,8 +275,7 @@ def ensemble_csvs(
     Raises :class:`InputFolderError` for unusable options or member CSVs, :class:`OutputExistsError` for an
     existing ``out`` without ``overwrite`` and :class:`NothingWrittenError` when every image was skipped.
     """
-    from stas_pipeline.tasks.classification.evaluation import PredictionsError, read_predictions_csv
-    from stas_pipeline.tasks.classification.inference import write_scores_csv
+    from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv, write_scores_csv
 
     members, out = [Path(m) for m in members], Path(out)
     if method not in METHODS:

@@ -47,9 +47,7 @@ bad thresholds, an unusable ``--runs``, an existing ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +57,7 @@ from typing import Any
 from stas_pipeline.core.fileio import OutputExistsError, write_json
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.stages.experiments import find_runs, read_run
+from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
 
 STAGE = "pseudo-label"
 PATH_KEYS = ("image", "label")
@@ -103,44 +102,13 @@ def read_predictions(path: str | Path, problems: Problems) -> list[tuple[Path, f
     """``(image, prob)`` of every usable row of a predictions CSV, in file order; bad rows are reported to
     ``problems`` and left out. PseudoLabelError for a CSV that cannot be read, lacks ``image``/``prob`` or has
     no usable row."""
-    path = Path(path)
-    rows, seen = [], {}
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in ("image", "prob") if c not in header]
-            if missing:
-                raise PseudoLabelError(
-                    f"{path}: no {' or '.join(repr(c) for c in missing)} column (header: {', '.join(header) or 'none'}"
-                    "); a predictions CSV of stas predict starts image,prob,...")
-            for row in reader:
-                line = reader.line_num
-                image_text, prob_text = (row.get("image") or "").strip(), row.get("prob")
-                if not image_text:
-                    problems.skip(f"{path}:{line}", "empty image")
-                    continue
-                image = Path(image_text)
-                image = Path(os.path.abspath(image if image.is_absolute() else path.parent / image))
-                try:
-                    prob = float(prob_text)
-                except (TypeError, ValueError):
-                    problems.skip(image, f"prob {prob_text!r} is not a number ({path} line {line})")
-                    continue
-                if not (math.isfinite(prob) and 0 <= prob <= 1):
-                    problems.skip(image, f"prob {prob_text} is outside [0, 1] ({path} line {line})")
-                    continue
-                key = image.resolve()
-                if key in seen:
-                    problems.skip(image, f"listed again on line {line} of {path}; the row of line {seen[key]} is used")
-                    continue
-                seen[key] = line
-                rows.append((image, prob))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise PseudoLabelError(f"{path}: cannot read the predictions CSV: {err}") from None
+        _, rows = read_predictions_csv(path, problems)
+    except PredictionsError as err:
+        raise PseudoLabelError(str(err)) from None
     if not rows:
         raise PseudoLabelError(f"{path}: no usable prediction row")
-    return rows
+    return [(Path(row.image), row.prob) for row in rows.values()]
 
 
 def run_aucs(run_dir: str | Path, problems: Problems) -> tuple[float | None, str | None, float | None]:

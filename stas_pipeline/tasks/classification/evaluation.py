@@ -45,7 +45,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
 
 STAGE = "evaluate"
 SECTIONS = ("test", "training")
@@ -63,85 +64,6 @@ THUMB = 160  # thumbnail side of the contact sheet, pixels
 CAPTION_LINES = 2
 LINE = 12  # caption line height, pixels
 GAP = 4  # between tiles, pixels
-
-
-class PredictionsError(ValueError):
-    """A predictions CSV or datalist that cannot be used at all, or nothing left that can be scored."""
-
-
-@dataclass
-class Prediction:
-    """One row of a predictions CSV."""
-
-    image: str  # the resolved absolute path: the key predictions and datalists are joined on
-    prob: float
-    members: dict[str, float] = field(default_factory=dict)  # member column -> probability, non-empty cells only
-    line: int = 0
-
-
-def image_key(text: str | Path, base: str | Path) -> str:
-    """The join key of an image path: resolved, a relative path taken relative to ``base``."""
-    path = Path(text)
-    return str((path if path.is_absolute() else Path(base) / path).resolve())
-
-
-def _probability(text: str | None) -> float:
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise ValueError(f"{text} is outside [0, 1]")
-    return value
-
-
-def read_predictions_csv(path: str | Path, problems: Problems) -> tuple[list[str], dict[str, Prediction]]:
-    """The member column names and the usable rows (image key -> :class:`Prediction`, file order) of ``path``.
-
-    A row with an empty image, a ``prob`` that is not a number in [0, 1] or an image seen before is reported to
-    ``problems`` and left out; a bad member cell is a warning and counts as empty. Raises :class:`PredictionsError`
-    for a file that cannot be read or lacks the ``image``/``prob`` columns.
-    """
-    path = Path(path)
-    rows: dict[str, Prediction] = {}
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in ("image", "prob") if c not in header]
-            if missing:
-                raise PredictionsError(
-                    f"{path}: no {' or '.join(repr(c) for c in missing)} column (header: {', '.join(header) or 'none'}"
-                    "); a predictions CSV of stas predict starts image,prob,...")
-            members = [c for c in header if c and c not in ("image", "prob")]
-            for row in reader:
-                line = reader.line_num
-                text = (row.get("image") or "").strip()
-                if not text:
-                    problems.skip(f"{path}:{line}", "empty image")
-                    continue
-                key = image_key(text, path.parent)
-                try:
-                    prob = _probability(row.get("prob"))
-                except ValueError as e:
-                    problems.skip(key, f"prob {e} ({path} line {line})")
-                    continue
-                if key in rows:
-                    problems.skip(key, f"listed again on line {line} of {path}; the row of line {rows[key].line} "
-                                       "is used")
-                    continue
-                values = {}
-                for name in members:
-                    cell = (row.get(name) or "").strip()
-                    if cell:
-                        try:
-                            values[name] = _probability(cell)
-                        except ValueError as e:
-                            problems.warn(key, f"member {name}: {e} ({path} line {line}); taken as empty")
-                rows[key] = Prediction(key, prob, values, line)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise PredictionsError(f"{path}: cannot read the predictions CSV: {e}") from None
-    return members, rows
 
 
 @dataclass

@@ -13,8 +13,6 @@ predictions: every training image by the model that did not train on it).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,11 +24,11 @@ from torch import nn
 from tqdm import tqdm
 
 from stas_pipeline.core.bundles import parsed_content
-from stas_pipeline.core.fileio import write_bytes
 from stas_pipeline.core.lmdb_cache import Preprocessing, to_uint8
 from stas_pipeline.core.models import build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
+from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
 
 RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
@@ -137,14 +135,17 @@ def predict_scores(
                 problems.skip(path, f"cannot read image: {error}")
         if not readable:
             continue
-        probs = {}
-        for k, run in enumerate(runs):
-            device = next(run.model.parameters()).device
-            x = torch.stack([inputs[k] for _, inputs in readable]).to(device)
-            probs[run.name] = flip_mean_probability(run.model, x, tta, amp).cpu().numpy()
+        members = [assignments.get(str(path), []) if assignments is not None else [r.name for r in runs]
+                   for path, _ in readable]
+        probs: dict[tuple[int, str], float] = {}
+        for k, run in enumerate(runs):  # each run on the images it is assigned to only
+            chosen = [i for i, names in enumerate(members) if run.name in names]
+            if chosen:
+                x = torch.stack([readable[i][1][k] for i in chosen]).to(next(run.model.parameters()).device)
+                values = flip_mean_probability(run.model, x, tta, amp).cpu().tolist()
+                probs.update({(i, run.name): v for i, v in zip(chosen, values, strict=True)})
         for i, (path, _) in enumerate(readable):
-            members = assignments.get(str(path), []) if assignments is not None else list(probs)
-            values = {name: float(probs[name][i]) for name in members}
+            values = {name: probs[i, name] for name in members[i]}
             if not values:
                 problems.skip(path, "no run assigned to this image")
                 continue
@@ -153,14 +154,3 @@ def predict_scores(
     if out is not None:
         write_scores_csv(out, rows, [r.name for r in runs], overwrite)
     return problems, rows
-
-
-def write_scores_csv(path: str | Path, rows: Sequence[dict], members: Sequence[str], overwrite: bool = False) -> None:
-    """The predictions CSV (``image,prob,<members>``), written atomically; probabilities with 6 decimals."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, ["image", "prob", *dict.fromkeys(members)], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, text.getvalue().encode(), overwrite=overwrite)
