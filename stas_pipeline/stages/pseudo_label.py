@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     r = new["pseudo_rounds"][-1]
     if not r["added"]:
         problems.warn(args.predictions, f"no new image is at or beyond the thresholds ({args.low}, {args.high}); "
-                                        "the training data is unchanged")
+                                        "the training data is unchanged (a model trained with label smoothing a "
+                                        "predicts about 1 - a and a / 2 at its most confident: set --high and "
+                                        "--low inside those)")
     for name in ("added", "positives", "negatives", "uncertain", "already_labelled", "already_pseudo"):
         problems.count(name.replace("_", " "), r[name])
     earlier = sum(1 for e in new["training"] if _is_pseudo(e)) - r["added"]

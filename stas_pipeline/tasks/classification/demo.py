@@ -7,10 +7,13 @@ labels CSV -> ``stas make-datalist`` (inner test split + k folds grouped by pati
 (the bundle's declared fundus chain) -> training of every fold of ``fundus_lite0`` through MONAI's entry point
 -> ``stas predict`` (fold mean with flip TTA on the inner test; out-of-fold on the training pool) ->
 ``stas evaluate`` (AUC, sensitivity/specificity, ROC curve, worst images) -> ``stas pseudo-label`` (one round:
-confident test predictions join every fold's training part) -> the folds trained again on round 1 ->
-``stas experiments`` (one row per run). Everything lands in ``OUT`` (default ``demo_output``)::
+confident fold-mean predictions on a set of unlabelled images join every fold's training part) -> the cache
+refreshed and the folds trained again on round 1 -> ``stas experiments`` (one row per run). The inner test is
+never pseudo-labelled, so both rounds' inner-test AUCs are clean. Everything lands in ``OUT`` (default
+``demo_output``)::
 
     data/images, data/labels.csv      the synthetic set          datalist.json, datalist_round1.json
+    data/unlabelled/images/           images without labels     predictions/round0_unlabelled.csv
     cache_fundus_lite0_<size>/        LMDB cache                 runs/round<r>/fundus_lite0/fold<k>/
     predictions/round<r>_{test,oof}.csv                          runs/round<r>/fundus_lite0/eval_{test,oof}/
     experiments.md, experiments.csv, summary.json
@@ -29,6 +32,7 @@ STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "pse
                "predict_round1", "evaluate_round1", "experiments")
 OUTPUTS = ("data", "datalist.json", "datalist_round1.json", "runs", "predictions", "experiments.md",
            "experiments.csv")
+PSEUDO_HIGH, PSEUDO_LOW = 0.85, 0.08
 DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3, "n_images": 96}
 
 
@@ -52,6 +56,8 @@ class ClassificationDemo:
         self.weights = args.weights or ("imagenet" if lite0_weights_installed() else "none")
         self.device = args.device
         self.data = self.out / "data"
+        self.unlabelled = self.data / "unlabelled"
+        self.n_unlabelled = max(8, self.n_images // 3)
         self.cache = self.out / f"cache_{BUNDLE}_{self.image_size}"
         self.predictions = self.out / "predictions"
         self.seconds: dict[str, float] = {}
@@ -80,7 +86,10 @@ class ClassificationDemo:
         from stas_pipeline.core.synthetic import make_fundus_dataset
 
         make_fundus_dataset(self.data, n=self.n_images, size=128, seed=self.args.seed)
-        print(f"drew {self.n_images} synthetic fundus-like 128x128 images into {self.data}")
+        make_fundus_dataset(self.unlabelled, n=self.n_unlabelled, size=128, seed=self.args.seed + 1)
+        (self.unlabelled / "labels.csv").unlink()  # these stay unlabelled: only pseudo labels will name them
+        print(f"drew {self.n_images} labelled and {self.n_unlabelled} unlabelled synthetic fundus-like 128x128 "
+              f"images into {self.data}")
 
     def stage_datalist(self) -> None:
         self.stage("make-datalist", ["--labels-csv", str(self.data / "labels.csv"), "--out", str(self.datalist(0)),
@@ -135,16 +144,25 @@ class ClassificationDemo:
 
     def stage_predict(self) -> None:
         self._predict(0)
+        checkpoints = [str(self.run_root(0) / f"fold{k}" / "best.pt") for k in range(self.folds)]
+        self.stage("predict", ["--checkpoint", *checkpoints, "--images", str(self.unlabelled / "images"),
+                               "--tta", "hv", "--batch-size", "16", "--workers", "0",
+                               "--out", str(self.predictions / "round0_unlabelled.csv")])
 
     def stage_evaluate(self) -> None:
         self._evaluate(0)
 
     def stage_pseudo_label(self) -> None:
+        # the bundle's label smoothing (0.1) trains towards 0.9 and 0.05, so its most confident predictions sit
+        # near those, never past the recipe's 0.98 / 0.02: the thresholds are set inside them
         self.stage("pseudo-label", ["--datalist", str(self.datalist(0)), "--predictions",
-                                    str(self.predictions / "round0_test.csv"), "--out", str(self.datalist(1)),
-                                    "--runs", str(self.run_root(0))])
+                                    str(self.predictions / "round0_unlabelled.csv"), "--out", str(self.datalist(1)),
+                                    "--runs", str(self.run_root(0)), "--high", str(PSEUDO_HIGH),
+                                    "--low", str(PSEUDO_LOW)])
 
     def stage_train_round1(self) -> None:
+        self.stage("build-lmdb", ["--datalist", str(self.datalist(1)), "--out", str(self.cache), "--bundle", BUNDLE,
+                                  "--image-size", str(self.image_size), "--lists", "training", "test"])
         self._train(1)
 
     def stage_predict_round1(self) -> None:
@@ -160,12 +178,15 @@ class ClassificationDemo:
     # --- summary -------------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
+        rounds = json.loads(self.datalist(1).read_text()).get("pseudo_rounds", []) if self.datalist(1).is_file() else []
         return {
             "task": "classification",
             "settings": {"bundle": BUNDLE, "image_size": self.image_size, "epochs": self.epochs,
                          "batch_size": self.batch_size, "lr": self.lr, "folds": self.folds,
                          "images": self.n_images, "encoder_weights": self.weights, "seed": self.args.seed},
             "auc": {name: scores.get("auc") for name, scores in self.scores.items()},
+            "pseudo_labels": {k: rounds[-1][k] for k in ("added", "positives", "negatives", "uncertain")}
+            if rounds else None,
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "outputs": {"experiments": str(self.out / "experiments.md"), "runs": str(self.out / "runs"),
                         "predictions": str(self.predictions)},
@@ -178,6 +199,11 @@ class ClassificationDemo:
         for round_ in (0, 1):
             oof, test = (summary["auc"].get(f"round{round_}_{s}") for s in ("oof", "test"))
             lines.append(f"{round_:<8}{_num(oof):>18}{_num(test):>30}")
+        pseudo = summary["pseudo_labels"]
+        if pseudo:
+            lines.append(f"round 1 pseudo labels from {self.n_unlabelled} unlabelled images: {pseudo['added']} added "
+                         f"({pseudo['positives']} positive, {pseudo['negatives']} negative), {pseudo['uncertain']} "
+                         f"left out as uncertain (p between {PSEUDO_LOW} and {PSEUDO_HIGH})")
         lines += ["-" * 78, "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
                   f"experiments table: {self.out / 'experiments.md'}", "=" * 78]
         print("\n".join(lines), file=sys.stdout, flush=True)
