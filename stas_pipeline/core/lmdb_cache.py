@@ -453,7 +453,7 @@ def build_cache(
     return stats
 
 
-def _decode_error(path: str) -> str | None:
+def decode_error(path: str | Path) -> str | None:
     """Why PIL cannot decode ``path`` (MONAI's loader only says it found no reader), or None."""
     from PIL import Image
 
@@ -461,7 +461,7 @@ def _decode_error(path: str) -> str | None:
         with Image.open(path) as img:
             img.load()
     except Exception as err:  # noqa: BLE001 - the reason is reported, whatever it is
-        return f"cannot decode image: {type(err).__name__}: {err}".splitlines()[0]
+        return f"{type(err).__name__}: {err}".splitlines()[0]
     return None
 
 
@@ -501,7 +501,9 @@ def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env
                 try:
                     value = _load_sample(item, pre, image_key, label_key)
                 except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
-                    reason = _decode_error(item[image_key]) or f"{type(err).__name__}: {err}".splitlines()[0]
+                    cause = decode_error(item[image_key])
+                    reason = (f"cannot decode image: {cause}" if cause
+                              else f"{type(err).__name__}: {err}".splitlines()[0])
                     problems.skip(item[image_key], reason)
                     left_out[key.decode()] = reason
                     stats.skipped += 1

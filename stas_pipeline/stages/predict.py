@@ -4,11 +4,14 @@
 ``DIR/<image stem>.png`` (the binary mask, 0/255, at the image's original size) and with ``--save-probs PDIR``
 the probability map ``PDIR/<image stem>.png`` (uint8, p * 255) or ``.npy`` (float32). Several checkpoints
 (models x folds) are averaged in probability space, as is flip TTA. Each checkpoint's model is rebuilt from the
-``best.json``/``metrics.json`` written beside it by training (encoder, image size, auxiliary head).
+``best.json``/``metrics.json`` written beside it by training (network, image size), and each image goes through
+the run's declared chain as validation saw it: the bundle's ``task#preprocessing`` (with the run's recorded
+knobs), rounded to uint8 as the cache stores it, then ``task#val_transforms``. Each image is decoded once.
 
-Modes: ``resize`` (the reference recipe: resize to the training size, predict, resize the probabilities back)
-and ``sliding_window`` (MONAI's SlidingWindowInferer at the original resolution, Gaussian-weighted overlapping
-windows of the training size, for images larger than it). Memory does not grow with the number of images.
+Modes: ``resize`` (the reference recipe: the whole chain, which resizes to the training size, predict, resize
+the probabilities back, bilinear) and ``sliding_window`` (the chain without its resizing, then MONAI's
+SlidingWindowInferer at the original resolution, Gaussian-weighted overlapping windows of the training size, for
+images larger than it). Memory does not grow with the number of images.
 
 Image-level runs (a classification bundle; the task is read from ``best.json``) write ``--out`` as a CSV
 ``image,prob,<run>...`` instead (fold mean in ``prob``), each image through the run's own declared chain; with
@@ -21,59 +24,76 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
-from PIL import Image
+from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityd
 from torch import nn
 from tqdm import tqdm
 
 from stas_pipeline.core.bundles import BundleError
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
+from stas_pipeline.core.lmdb_cache import Preprocessing, decode_error, describe, image_size_pair, to_uint8
 from stas_pipeline.core.mask_io import InputFolderError
 from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
+from stas_pipeline.tasks.classification.inference import load_image_level_run, run_info_of
 
 STAGE = "predict"
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
 MODES = ("resize", "sliding_window")
+RESIZING = (Resized,)  # the chain's steps left out in sliding_window mode
 
 
-def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, int]:
-    """The model of a training run's checkpoint, in eval mode, and its training image size.
+@dataclass
+class SegmentationRun:
+    """A trained segmentation model, its training image size and the chain its images go through: the declared
+    ``task#preprocessing`` (rounded to uint8, as the cache stores it), then ``task#val_transforms``."""
 
-    The architecture comes from ``best.json`` (or ``metrics.json``) beside the checkpoint."""
-    checkpoint = Path(checkpoint)
-    info_file = next((checkpoint.with_name(n) for n in ("best.json", "metrics.json")
-                      if checkpoint.with_name(n).is_file()), None)
-    if info_file is None:
-        raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")
-    info = json.loads(info_file.read_text())
+    model: nn.Module
+    image_size: int | tuple[int, int]
+    preprocessing: Preprocessing
+    transform: Callable
+
+    @classmethod
+    def of(cls, spec: SegmentationRun | Sequence) -> SegmentationRun:
+        """A run; ``(model, image_size)`` with the segmentation bundle's chain at that size; or
+        ``[model, image_size, preprocessing, transform]`` as a bundle declares them."""
+        if isinstance(spec, SegmentationRun):
+            return spec
+        if len(spec) == 2:
+            model, size = spec
+            return cls(model, size, Preprocessing.resize(size), default_val_transform())
+        model, size, preprocessing, transform = spec
+        return cls(model, size, Preprocessing.of(preprocessing), transform)
+
+
+def default_val_transform() -> Compose:
+    """The segmentation bundle's ``task#val_transforms`` on the image: min-max scaling to [0, 1], a tensor."""
+    return Compose([ScaleIntensityd("image"), EnsureTyped("image", track_meta=False)])
+
+
+def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SegmentationRun:
+    """The run of a training checkpoint, its model in eval mode, rebuilt from the ``best.json`` (or
+    ``metrics.json``) beside it: with the chain of the recorded bundle and knobs, or for runs recorded without a
+    bundle the segmentation bundle's chain at the recorded image size."""
+    info = run_info_of(checkpoint)
+    if "bundle" in info:
+        run = load_image_level_run(checkpoint, info, device)  # any task's recorded network and declared chain
+        return SegmentationRun(run.model, info["image_size"], run.preprocessing, run.transform)
     if "network" in info:
         model = build_network(**{**info["network"], "encoder_weights": None})
     else:  # runs recorded before the network definition was
         model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
     load_model_weights(model, checkpoint)
-    return model.to(device).eval(), int(info["image_size"])
-
-
-def scale_intensity(image: torch.Tensor) -> torch.Tensor:
-    """Min-max scaling to [0, 1] per image, as ``ScaleIntensityd`` does in training."""
-    lo, hi = image.amin(), image.amax()
-    return (image - lo) / (hi - lo) if hi > lo else torch.zeros_like(image)
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """An RGB image as a float (3, H, W) tensor of its 0-255 values."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+    return SegmentationRun.of((model.to(device).eval(), int(info["image_size"])))
 
 
 def flip_tta(model: nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
@@ -87,58 +107,108 @@ def flip_tta(model: nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]
     return total / len(flips)
 
 
+@dataclass
+class _Prepared:
+    """One image's original (H, W) and its model input through each distinct chain of the runs."""
+
+    size: tuple[int, int]
+    inputs: list[torch.Tensor]
+
+
+class _Chains:
+    """The runs' chains after loading (without the resizing in ``sliding_window`` mode), each distinct one once:
+    ``index[k]`` is the chain of run ``k``. Every run must load images with the same ``LoadImaged``."""
+
+    def __init__(self, runs: Sequence[SegmentationRun], mode: str):
+        if len({json.dumps(r.preprocessing.spec[0], default=str) for r in runs}) > 1:
+            raise ValueError("the runs' chains load images differently (LoadImaged); predict them separately")
+        self.load = runs[0].preprocessing.load
+        self.chains: list[tuple[list[Callable], Callable]] = []
+        self.index: list[int] = []
+        keys: list[str] = []
+        for run in runs:
+            steps = [t for t in run.preprocessing.transforms[1:] if mode == "resize" or not isinstance(t, RESIZING)]
+            key = json.dumps([describe(steps), describe(run.transform)], default=str)
+            if key not in keys:
+                keys.append(key)
+                self.chains.append((steps, run.transform))
+            self.index.append(keys.index(key))
+
+    def __call__(self, path: str | Path) -> _Prepared:
+        """Decode the image once, then every chain: the steps, uint8 rounding, the val transform."""
+        loaded = self.load({"image": str(path)})
+        if loaded["image"].ndim != 3:
+            raise ValueError("expected a colour image, got a single-channel one")
+        inputs = []
+        for steps, transform in self.chains:
+            data = dict(loaded)
+            for step in steps:
+                data = step(data)
+            image = torch.from_numpy(to_uint8(data["image"]))
+            inputs.append(torch.as_tensor(transform({"image": image})["image"]).float())
+        return _Prepared(tuple(loaded["image"].shape[:2]), inputs)
+
+
 @torch.no_grad()
+def _probabilities(runs: Sequence[SegmentationRun], index: Sequence[int], images: Sequence[_Prepared], mode: str,
+                   tta: str, overlap: float, sw_batch_size: int, amp: bool) -> list[torch.Tensor]:
+    """Mean probability maps (1, H, W) of ``runs`` at each image's original size."""
+    device = next(runs[0].model.parameters()).device
+    totals = [torch.zeros((1, 1, *image.size), device=device) for image in images]
+    for run, k in zip(runs, index, strict=True):
+        run.model.eval()
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            if mode == "resize":
+                x = torch.stack([image.inputs[k] for image in images]).to(device)
+                probs = flip_tta(run.model, x, TTA_FLIPS[tta]).float()
+                for total, p in zip(totals, probs, strict=True):
+                    total += F.interpolate(p[None], size=total.shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                inferer = SlidingWindowInferer(roi_size=image_size_pair(run.image_size), sw_batch_size=sw_batch_size,
+                                               overlap=overlap, mode="gaussian", padding_mode="reflect")
+                for total, image in zip(totals, images, strict=True):
+                    x = image.inputs[k][None].to(device)
+                    total += inferer(x, lambda xi, m=run.model: flip_tta(m, xi, TTA_FLIPS[tta])).float()
+    return [(total / len(runs))[0] for total in totals]
+
+
 def predict_probabilities(
-    models: Sequence[tuple[nn.Module, int]],
-    images: Sequence[torch.Tensor],
+    models: Sequence[SegmentationRun | Sequence],
+    images: Sequence[str | Path],
     mode: str = "resize",
     tta: str = "none",
     overlap: float = 0.25,
     sw_batch_size: int = 4,
     amp: bool = False,
 ) -> list[torch.Tensor]:
-    """Mean probability maps (1, H, W) of ``models`` (each with its training size) for (3, H, W) images.
+    """Mean probability maps (1, H, W) of ``models`` (runs, see :meth:`SegmentationRun.of`) for image files.
 
-    In ``resize`` mode the images go through each model as one batch; in ``sliding_window`` mode one image at a
-    time, ``sw_batch_size`` windows per forward pass."""
-    for model, _ in models:
-        model.eval()
-    device = next(models[0][0].parameters()).device
-    xs = [scale_intensity(image.to(device))[None] for image in images]
-    totals = [torch.zeros((1, 1, *image.shape[-2:]), device=device) for image in images]
-    for model, size in models:
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            if mode == "resize":
-                small = torch.cat([F.interpolate(x, size=(size, size), mode="area") for x in xs])
-                probs = flip_tta(model, small, TTA_FLIPS[tta]).float()
-                for total, p in zip(totals, probs, strict=True):
-                    total += F.interpolate(p[None], size=total.shape[-2:], mode="bilinear", align_corners=False)
-            else:
-                inferer = SlidingWindowInferer(roi_size=(size, size), sw_batch_size=sw_batch_size, overlap=overlap,
-                                               mode="gaussian", padding_mode="reflect")
-                for total, x in zip(totals, xs, strict=True):
-                    total += inferer(x, lambda xi, m=model: flip_tta(m, xi, TTA_FLIPS[tta])).float()
-    return [(total / len(models))[0] for total in totals]
+    ``resize``: each run's whole chain, the model (all images as one batch), the probabilities resized back
+    (bilinear) to the original size. ``sliding_window``: the chain without its resizing, then windows of the
+    training size, ``sw_batch_size`` per forward pass."""
+    runs = [SegmentationRun.of(m) for m in models]
+    chains = _Chains(runs, mode)
+    return _probabilities(runs, chains.index, [chains(p) for p in images], mode, tta, overlap, sw_batch_size, amp)
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; an unreadable file yields its error instead of a tensor."""
+    """Images through the runs' chains in DataLoader workers; an unreadable file yields its error instead."""
 
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[Path], chains: _Chains):
+        self.paths, self.chains = list(paths), chains
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Path, torch.Tensor | str]:
+    def __getitem__(self, i: int) -> tuple[Path, _Prepared | str]:
         try:
-            return self.paths[i], read_image(self.paths[i])
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            return self.paths[i], f"{type(err).__name__}: {err}"
+            return self.paths[i], self.chains(self.paths[i])
+        except Exception as err:  # noqa: BLE001 - an unreadable image is reported, the rest go on
+            return self.paths[i], decode_error(self.paths[i]) or f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def predict_images(
-    models: Sequence[tuple[nn.Module, int]],
+    models: Sequence[SegmentationRun | Sequence],
     images: Sequence[str | Path],
     out: str | Path,
     save_probs: str | Path | None = None,
@@ -153,12 +223,15 @@ def predict_images(
     overwrite: bool = False,
     problems: Problems | None = None,
 ) -> Problems:
-    """Predict every image into ``out`` (and ``save_probs``), ``batch_size`` images at a time, decoded by
-    ``num_workers`` processes; each output folder appears only when complete."""
+    """Predict every image with ``models`` (runs, see :meth:`SegmentationRun.of`) into ``out`` (and
+    ``save_probs``), ``batch_size`` images at a time, decoded and put through the runs' chains by ``num_workers``
+    processes; each output folder appears only when complete."""
     problems = problems or Problems(STAGE)
     if mode not in MODES or tta not in TTA_FLIPS:
         raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
-    loader = torch.utils.data.DataLoader(_ImageFiles([Path(p) for p in images]), batch_size=batch_size,
+    runs = [SegmentationRun.of(m) for m in models]
+    chains = _Chains(runs, mode)
+    loader = torch.utils.data.DataLoader(_ImageFiles([Path(p) for p in images], chains), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
     with atomic_folder(out, overwrite) as masks_dir, \
             (atomic_folder(save_probs, overwrite) if save_probs else nullcontext()) as probs_dir:
@@ -168,8 +241,8 @@ def predict_images(
             for path, error in batch:
                 if isinstance(error, str):
                     problems.skip(path, f"cannot read image: {error}")
-            probs = predict_probabilities(models, [image for _, image in readable], mode, tta, overlap,
-                                          sw_batch_size=batch_size, amp=amp) if readable else []
+            probs = _probabilities(runs, chains.index, [inputs for _, inputs in readable], mode, tta, overlap,
+                                   batch_size, amp) if readable else []
             for (path, _), prob in zip(readable, probs, strict=True):
                 prob = prob[0].cpu().numpy()
                 write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))
@@ -242,7 +315,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
     from stas_pipeline.tasks import get_task
-    from stas_pipeline.tasks.classification.inference import run_info_of
 
     try:
         infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
