@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stas_pipeline.core.models import build_model
-from stas_pipeline.stages.predict import predict_images
+from stas_pipeline.tasks.segmentation.inference import predict_images
 
 REPO = Path(__file__).resolve().parents[1]
 

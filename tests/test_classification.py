@@ -19,7 +19,7 @@ from stas_pipeline.core.bundles import parsed_content
 from stas_pipeline.core.datalist import load_fold
 from stas_pipeline.core.lmdb_cache import CacheError, LMDBCacheDataset, Preprocessing
 from stas_pipeline.core.synthetic import make_fundus_dataset
-from stas_pipeline.tasks.classification.inference import load_image_level_run, run_info_of
+from stas_pipeline.core.trained_runs import load_trained_run, run_info_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE, SIZE = "fundus_lite0", 32
@@ -108,7 +108,7 @@ def test_predict_sees_exactly_what_validation_saw(trained, tmp_path):
                      "--out-of-fold", "--workers", "0", "--out", str(out)]) == 0
     predicted = {row["image"]: float(row["prob"]) for row in read_csv(out)}
     info = run_info_of(checkpoint)
-    run_ = load_image_level_run(checkpoint, info)
+    run_ = load_trained_run(checkpoint, info)
     validation = load_fold(str(trained / "datalist.json"), 0)[1]
     dataset = LMDBCacheDataset(validation, trained / "cache", run_.preprocessing, run_.transform)
     with torch.no_grad():

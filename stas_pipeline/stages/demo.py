@@ -340,7 +340,7 @@ class Demo:
         import torch
 
         from stas_pipeline.stages.export import test_images_from_datalist
-        from stas_pipeline.stages.predict import load_run_model, predict_images
+        from stas_pipeline.tasks.segmentation.inference import load_run_model, predict_images
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         images = test_images_from_datalist(self.datalist)

@@ -22,238 +22,18 @@ predictions, for the CV AUC). See stas_pipeline/tasks/classification/inference.p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.inferers import SlidingWindowInferer
-from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityd
-from torch import nn
-from tqdm import tqdm
 
 from stas_pipeline.core.bundles import BundleError
-from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
-from stas_pipeline.core.lmdb_cache import Preprocessing, decode_error, describe, image_size_pair, to_uint8
+from stas_pipeline.core.fileio import OutputExistsError
 from stas_pipeline.core.mask_io import InputFolderError
-from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
-from stas_pipeline.tasks.classification.inference import load_image_level_run, run_info_of
-
-STAGE = "predict"
-TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
-MODES = ("resize", "sliding_window")
-RESIZING = (Resized,)  # the chain's steps left out in sliding_window mode
-
-
-@dataclass
-class SegmentationRun:
-    """A trained segmentation model, its training image size and the chain its images go through: the declared
-    ``task#preprocessing`` (rounded to uint8, as the cache stores it), then ``task#val_transforms``."""
-
-    model: nn.Module
-    image_size: int | tuple[int, int]
-    preprocessing: Preprocessing
-    transform: Callable
-
-    @classmethod
-    def of(cls, spec: SegmentationRun | Sequence) -> SegmentationRun:
-        """A run; ``(model, image_size)`` with the segmentation bundle's chain at that size; or
-        ``[model, image_size, preprocessing, transform]`` as a bundle declares them."""
-        if isinstance(spec, SegmentationRun):
-            return spec
-        if len(spec) == 2:
-            model, size = spec
-            return cls(model, size, Preprocessing.resize(size), default_val_transform())
-        model, size, preprocessing, transform = spec
-        return cls(model, size, Preprocessing.of(preprocessing), transform)
-
-
-def default_val_transform() -> Compose:
-    """The segmentation bundle's ``task#val_transforms`` on the image: min-max scaling to [0, 1], a tensor."""
-    return Compose([ScaleIntensityd("image"), EnsureTyped("image", track_meta=False)])
-
-
-def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SegmentationRun:
-    """The run of a training checkpoint, its model in eval mode, rebuilt from the ``best.json`` (or
-    ``metrics.json``) beside it: with the chain of the recorded bundle and knobs, or for runs recorded without a
-    bundle the segmentation bundle's chain at the recorded image size."""
-    info = run_info_of(checkpoint)
-    if "bundle" in info:
-        run = load_image_level_run(checkpoint, info, device)  # any task's recorded network and declared chain
-        return SegmentationRun(run.model, info["image_size"], run.preprocessing, run.transform)
-    if "network" in info:
-        model = build_network(**{**info["network"], "encoder_weights": None})
-    else:  # runs recorded before the network definition was
-        model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
-    load_model_weights(model, checkpoint)
-    return SegmentationRun.of((model.to(device).eval(), int(info["image_size"])))
-
-
-def flip_tta(model: nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
-    """Mean sigmoid probability over flipped copies of ``x`` (N, C, H, W), each flipped back."""
-    total = None
-    for dims in flips:
-        xi = torch.flip(x, dims) if dims else x
-        p = torch.sigmoid(model(xi).float())
-        p = torch.flip(p, dims) if dims else p
-        total = p if total is None else total + p
-    return total / len(flips)
-
-
-@dataclass
-class _Prepared:
-    """One image's original (H, W) and its model input through each distinct chain of the runs."""
-
-    size: tuple[int, int]
-    inputs: list[torch.Tensor]
-
-
-class _Chains:
-    """The runs' chains after loading (without the resizing in ``sliding_window`` mode), each distinct one once:
-    ``index[k]`` is the chain of run ``k``. Every run must load images with the same ``LoadImaged``."""
-
-    def __init__(self, runs: Sequence[SegmentationRun], mode: str):
-        if len({json.dumps(r.preprocessing.spec[0], default=str) for r in runs}) > 1:
-            raise ValueError("the runs' chains load images differently (LoadImaged); predict them separately")
-        self.load = runs[0].preprocessing.load
-        self.chains: list[tuple[list[Callable], Callable]] = []
-        self.index: list[int] = []
-        keys: list[str] = []
-        for run in runs:
-            steps = [t for t in run.preprocessing.transforms[1:] if mode == "resize" or not isinstance(t, RESIZING)]
-            key = json.dumps([describe(steps), describe(run.transform)], default=str)
-            if key not in keys:
-                keys.append(key)
-                self.chains.append((steps, run.transform))
-            self.index.append(keys.index(key))
-
-    def __call__(self, path: str | Path) -> _Prepared:
-        """Decode the image once, then every chain: the steps, uint8 rounding, the val transform."""
-        loaded = self.load({"image": str(path)})
-        if loaded["image"].ndim != 3:
-            raise ValueError("expected a colour image, got a single-channel one")
-        inputs = []
-        for steps, transform in self.chains:
-            data = dict(loaded)
-            for step in steps:
-                data = step(data)
-            image = torch.from_numpy(to_uint8(data["image"]))
-            inputs.append(torch.as_tensor(transform({"image": image})["image"]).float())
-        return _Prepared(tuple(loaded["image"].shape[:2]), inputs)
-
-
-@torch.no_grad()
-def _probabilities(runs: Sequence[SegmentationRun], index: Sequence[int], images: Sequence[_Prepared], mode: str,
-                   tta: str, overlap: float, sw_batch_size: int, amp: bool) -> list[torch.Tensor]:
-    """Mean probability maps (1, H, W) of ``runs`` at each image's original size."""
-    device = next(runs[0].model.parameters()).device
-    totals = [torch.zeros((1, 1, *image.size), device=device) for image in images]
-    for run, k in zip(runs, index, strict=True):
-        run.model.eval()
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            if mode == "resize":
-                x = torch.stack([image.inputs[k] for image in images]).to(device)
-                probs = flip_tta(run.model, x, TTA_FLIPS[tta]).float()
-                for total, p in zip(totals, probs, strict=True):
-                    total += F.interpolate(p[None], size=total.shape[-2:], mode="bilinear", align_corners=False)
-            else:
-                inferer = SlidingWindowInferer(roi_size=image_size_pair(run.image_size), sw_batch_size=sw_batch_size,
-                                               overlap=overlap, mode="gaussian", padding_mode="reflect")
-                for total, image in zip(totals, images, strict=True):
-                    x = image.inputs[k][None].to(device)
-                    total += inferer(x, lambda xi, m=run.model: flip_tta(m, xi, TTA_FLIPS[tta])).float()
-    return [(total / len(runs))[0] for total in totals]
-
-
-def predict_probabilities(
-    models: Sequence[SegmentationRun | Sequence],
-    images: Sequence[str | Path],
-    mode: str = "resize",
-    tta: str = "none",
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
-    amp: bool = False,
-) -> list[torch.Tensor]:
-    """Mean probability maps (1, H, W) of ``models`` (runs, see :meth:`SegmentationRun.of`) for image files.
-
-    ``resize``: each run's whole chain, the model (all images as one batch), the probabilities resized back
-    (bilinear) to the original size. ``sliding_window``: the chain without its resizing, then windows of the
-    training size, ``sw_batch_size`` per forward pass."""
-    runs = [SegmentationRun.of(m) for m in models]
-    chains = _Chains(runs, mode)
-    return _probabilities(runs, chains.index, [chains(p) for p in images], mode, tta, overlap, sw_batch_size, amp)
-
-
-class _ImageFiles(torch.utils.data.Dataset):
-    """Images through the runs' chains in DataLoader workers; an unreadable file yields its error instead."""
-
-    def __init__(self, paths: Sequence[Path], chains: _Chains):
-        self.paths, self.chains = list(paths), chains
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Path, _Prepared | str]:
-        try:
-            return self.paths[i], self.chains(self.paths[i])
-        except Exception as err:  # noqa: BLE001 - an unreadable image is reported, the rest go on
-            return self.paths[i], decode_error(self.paths[i]) or f"{type(err).__name__}: {err}".splitlines()[0]
-
-
-def predict_images(
-    models: Sequence[SegmentationRun | Sequence],
-    images: Sequence[str | Path],
-    out: str | Path,
-    save_probs: str | Path | None = None,
-    probs_format: str = "png",
-    threshold: float = 0.5,
-    mode: str = "resize",
-    tta: str = "none",
-    overlap: float = 0.25,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    amp: bool = False,
-    overwrite: bool = False,
-    problems: Problems | None = None,
-) -> Problems:
-    """Predict every image with ``models`` (runs, see :meth:`SegmentationRun.of`) into ``out`` (and
-    ``save_probs``), ``batch_size`` images at a time, decoded and put through the runs' chains by ``num_workers``
-    processes; each output folder appears only when complete."""
-    problems = problems or Problems(STAGE)
-    if mode not in MODES or tta not in TTA_FLIPS:
-        raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
-    runs = [SegmentationRun.of(m) for m in models]
-    chains = _Chains(runs, mode)
-    loader = torch.utils.data.DataLoader(_ImageFiles([Path(p) for p in images], chains), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=list)
-    with atomic_folder(out, overwrite) as masks_dir, \
-            (atomic_folder(save_probs, overwrite) if save_probs else nullcontext()) as probs_dir:
-        progress = tqdm(total=len(images), desc=STAGE, unit="img")
-        for batch in loader:
-            readable = [(path, image) for path, image in batch if not isinstance(image, str)]
-            for path, error in batch:
-                if isinstance(error, str):
-                    problems.skip(path, f"cannot read image: {error}")
-            probs = _probabilities(runs, chains.index, [inputs for _, inputs in readable], mode, tta, overlap,
-                                   batch_size, amp) if readable else []
-            for (path, _), prob in zip(readable, probs, strict=True):
-                prob = prob[0].cpu().numpy()
-                write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))
-                if probs_dir is not None and probs_format == "npy":
-                    np.save(probs_dir / f"{path.stem}.npy", prob.astype(np.float32))
-                elif probs_dir is not None:
-                    write_png(probs_dir / f"{path.stem}.png", np.rint(prob * 255).astype(np.uint8))
-                problems.count("written")
-            progress.update(len(batch))
-        progress.close()
-    return problems
+from stas_pipeline.core.run_recorder import CheckpointError
+from stas_pipeline.core.trained_runs import TTA_FLIPS, load_trained_run, run_info_of
+from stas_pipeline.tasks.segmentation.inference import MODES, load_run_model, predict_images
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -294,9 +74,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def _predict_image_level(args: argparse.Namespace, infos: list[dict]) -> Problems:
     from stas_pipeline.core.datalist import load_fold
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
-    from stas_pipeline.tasks.classification.inference import load_image_level_run, predict_scores
+    from stas_pipeline.tasks.classification.inference import predict_scores
 
-    runs = [load_image_level_run(ckpt, info, args.device) for ckpt, info in zip(args.checkpoint, infos, strict=True)]
+    runs = [load_trained_run(ckpt, info, args.device) for ckpt, info in zip(args.checkpoint, infos, strict=True)]
     assignments = None
     if args.out_of_fold:
         assignments = {}

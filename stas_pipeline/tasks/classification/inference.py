@@ -13,9 +13,7 @@ predictions: every training image by the model that did not train on it).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,61 +21,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stas_pipeline.core.bundles import parsed_content
-from stas_pipeline.core.lmdb_cache import Preprocessing, to_uint8
-from stas_pipeline.core.models import build_network
+from stas_pipeline.core.lmdb_cache import to_uint8
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
+from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun
 from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
-
-RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
-TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
-
-
-@dataclass
-class ImageLevelRun:
-    """A trained image-level model with the chain its images go through."""
-
-    name: str
-    model: nn.Module
-    preprocessing: Preprocessing
-    transform: Callable
-    fold: int | None = None
-
-    @classmethod
-    def of(cls, spec: ImageLevelRun | Sequence) -> ImageLevelRun:
-        """A run, or ``[name, model, preprocessing, transform]`` as a bundle declares it."""
-        if isinstance(spec, ImageLevelRun):
-            return spec
-        name, model, preprocessing, transform = spec
-        return cls(name, model, Preprocessing.of(preprocessing), transform)
-
-
-def load_image_level_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu") -> ImageLevelRun:
-    """The run of ``checkpoint`` (``info`` is its best.json): the recorded network with the checkpoint's weights,
-    and the chain of its bundle with the run's recorded knobs (image size, crop, ...)."""
-    model = build_network(**{**info["network"], "encoder_weights": None})
-    load_model_weights(model, checkpoint)
-    knobs = {k: v for k, v in info.items() if k not in RECORDED_NOT_KNOBS and not isinstance(v, (dict, list))}
-    preprocessing, transform = parsed_content(info["bundle"], ["task#preprocessing", "task#val_transforms"],
-                                              {**knobs, "encoder_weights": "none"})
-    name = f"{info['bundle']}/fold{info.get('fold')}"
-    return ImageLevelRun(name, model.to(device).eval(), Preprocessing.of(preprocessing), transform, info.get("fold"))
-
-
-def run_info_of(checkpoint: str | Path) -> dict:
-    """The ``best.json`` (or ``metrics.json``) written beside a checkpoint by training."""
-    checkpoint = Path(checkpoint)
-    for name in ("best.json", "metrics.json"):
-        if checkpoint.with_name(name).is_file():
-            return json.loads(checkpoint.with_name(name).read_text())
-    raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")
 
 
 class _Inputs(torch.utils.data.Dataset):
     """Each image through every run's chain, in DataLoader workers; an unreadable file yields its error."""
 
-    def __init__(self, paths: Sequence[Path], runs: Sequence[ImageLevelRun]):
+    def __init__(self, paths: Sequence[Path], runs: Sequence[TrainedRun]):
         self.paths, self.chains = list(paths), [(r.preprocessing, r.transform) for r in runs]
 
     def __len__(self) -> int:
@@ -106,7 +59,7 @@ def flip_mean_probability(model: nn.Module, x: torch.Tensor, tta: str = "none", 
 
 
 def predict_scores(
-    runs: Sequence[ImageLevelRun | Sequence],
+    runs: Sequence[TrainedRun | Sequence],
     images: Sequence[str | Path],
     out: str | Path | None = None,
     tta: str = "none",
@@ -121,7 +74,7 @@ def predict_scores(
     problems = problems or Problems("predict")
     if tta not in TTA_FLIPS:
         raise ValueError(f"tta must be one of {list(TTA_FLIPS)}, got {tta!r}")
-    runs = [ImageLevelRun.of(r) for r in runs]
+    runs = [TrainedRun.of(r) for r in runs]
     for run in runs:
         run.model.eval()
     paths = [Path(p).resolve() for p in images]

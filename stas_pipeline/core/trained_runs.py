@@ -1,0 +1,61 @@
+"""Trained runs rebuilt for inference from a checkpoint and the ``best.json`` beside it: the recorded network with
+the checkpoint's weights, and the chain the run's bundle declares (``task#preprocessing``, ``task#val_transforms``)
+with the run's recorded knobs, so inference sees what validation saw. For every task."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stas_pipeline.core.bundles import parsed_content
+from stas_pipeline.core.lmdb_cache import Preprocessing
+from stas_pipeline.core.models import build_network
+from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
+
+RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
+TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
+
+
+@dataclass
+class TrainedRun:
+    """A trained model with the chain its images go through (``fold`` as recorded)."""
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    transform: Callable
+    fold: int | None = None
+
+    @classmethod
+    def of(cls, spec: TrainedRun | Sequence) -> TrainedRun:
+        """A run, or ``[name, model, preprocessing, transform]`` as a bundle declares it."""
+        if isinstance(spec, TrainedRun):
+            return spec
+        name, model, preprocessing, transform = spec
+        return cls(name, model, Preprocessing.of(preprocessing), transform)
+
+
+def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu") -> TrainedRun:
+    """The run of ``checkpoint`` (``info`` is its best.json): the recorded network with the checkpoint's weights,
+    and the chain of its bundle with the run's recorded knobs (image size, crop, ...)."""
+    model = build_network(**{**info["network"], "encoder_weights": None})
+    load_model_weights(model, checkpoint)
+    knobs = {k: v for k, v in info.items() if k not in RECORDED_NOT_KNOBS and not isinstance(v, (dict, list))}
+    preprocessing, transform = parsed_content(info["bundle"], ["task#preprocessing", "task#val_transforms"],
+                                              {**knobs, "encoder_weights": "none"})
+    name = f"{info['bundle']}/fold{info.get('fold')}"
+    return TrainedRun(name, model.to(device).eval(), Preprocessing.of(preprocessing), transform, info.get("fold"))
+
+
+def run_info_of(checkpoint: str | Path) -> dict:
+    """The ``best.json`` (or ``metrics.json``) written beside a checkpoint by training."""
+    checkpoint = Path(checkpoint)
+    for name in ("best.json", "metrics.json"):
+        if checkpoint.with_name(name).is_file():
+            return json.loads(checkpoint.with_name(name).read_text())
+    raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")
