@@ -1,18 +1,22 @@
-"""Model factory: encoders, stride check, offline encoder weights in every supported form."""
+"""Model factory: encoders and classifiers, stride and fixed-size checks, offline weights in every supported
+form, every fundus bundle's classifier."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from stas_pipeline.core.models import OFFLINE_WEIGHTS, WeightsError, build_model
+from stas_pipeline.core.bundles import parsed_content
+from stas_pipeline.core.models import OFFLINE_WEIGHTS, WeightsError, build_classifier, build_model, build_network
 
+REPO = Path(__file__).resolve().parents[1]
 ENCODER = "tf_efficientnet_lite0"
 
 
@@ -91,3 +95,39 @@ def test_hub_weights_offline_say_how_to_pass_a_file():
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "pass the file: --encoder_weights /path/to/weights.pth" in out.stderr
+
+
+def test_classifier_takes_local_weights_for_all_but_its_head(tmp_path):
+    """A timm ImageNet checkpoint (1000-class head) loads into a one-logit classifier: every tensor but the
+    head, which starts near zero so training does not begin at large logits."""
+    weights = reference_weights(seed=2)
+    torch.save(weights, tmp_path / "lite0.pth")
+    model = build_classifier(ENCODER, encoder_weights=str(tmp_path / "lite0.pth"), num_classes=1)
+    state = model.state_dict()
+    body = [k for k in state if not k.startswith("classifier.")]
+    assert body and all(torch.equal(state[k], weights[k]) for k in body)
+    assert state["classifier.weight"].shape == (1, 1280) and state["classifier.weight"].abs().max() < 0.1
+    assert torch.equal(state["classifier.bias"], torch.zeros(1))
+    model.eval()
+    assert model(torch.randn(2, 3, 64, 64)).abs().max() < 1.0
+
+
+def test_shipped_lite0_imagenet_weights_load_into_the_classifier():
+    pytest.importorskip(OFFLINE_WEIGHTS[ENCODER][0])
+    shipped = torch.load(OFFLINE_WEIGHTS[ENCODER][1](), weights_only=True)
+    model = build_classifier(ENCODER, encoder_weights="imagenet")
+    assert torch.equal(model.state_dict()["conv_stem.weight"], shipped["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("bundle", sorted(p.stem for p in (REPO / "bundles").glob("fundus_*.json")))
+def test_every_fundus_bundle_builds_its_classifier(bundle):
+    network, = parsed_content(bundle, ["task#network"], {"encoder_weights": "none"})
+    model = build_network(**network, encoder_weights=None).eval()
+    size = network["image_size"] if bundle == "fundus_deit_base" else 64
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 1)
+
+
+def test_fixed_size_classifier_refuses_another_size():
+    with pytest.raises(ValueError, match="deit_base_patch16_224 takes 224x224 images, not image_size 512"):
+        build_classifier("deit_base_patch16_224", image_size=512)
