@@ -141,3 +141,18 @@ def test_a_pseudo_label_round_trains(trained, tmp_path):
     assert len(pseudo) == 2 and all("fold" not in e for e in pseudo)
     run_dir = train(trained, round1, 0, tmp_path / "runs", epochs=1)
     assert len(json.loads((run_dir / "metrics.json").read_text())["history"]) == 1
+
+
+def test_an_unreadable_image_is_reported_and_the_rest_predicted(trained, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = sorted((trained / "data" / "images").glob("*.jpg"))[:3]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a JPEG")
+    out = tmp_path / "preds.csv"
+    code = cli.main(["predict", "--checkpoint", str(trained / "runs" / BUNDLE / "fold0" / "best.pt"),
+                     "--images", str(folder), "--workers", "0", "--out", str(out)])
+    assert code == 1
+    assert f"ERROR {(folder / 'broken.jpg').resolve()}: cannot read image" in capsys.readouterr().err
+    assert sorted(Path(row["image"]).name for row in read_csv(out)) == sorted(p.name for p in good)
