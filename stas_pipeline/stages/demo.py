@@ -41,6 +41,7 @@ import time
 import traceback
 from pathlib import Path
 
+from stas_pipeline.core.cli_types import open_fraction, positive_int
 from stas_pipeline.core.problems import Problems
 
 BUNDLE = "deeplab_lite0"
@@ -77,12 +78,6 @@ def repository_root() -> Path:
     return root
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def _folds(text: str) -> int:
     value = int(text)
@@ -91,15 +86,9 @@ def _folds(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
-    return value
-
 
 def _multiple_of_16(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value % 16:
         raise argparse.ArgumentTypeError(f"must be a multiple of 16 (DeepLabV3+'s output stride), got {value}")
     return value
@@ -121,16 +110,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="reuse a non-empty --out: the demo's own earlier outputs in it are removed first "
                         "(other files are left alone)")
-    parser.add_argument("--n-images", type=_positive_int, metavar="N",
+    parser.add_argument("--n-images", type=positive_int, metavar="N",
                         help="number of synthetic images to draw (default: 40, 96 for classification; ignored "
                         "with --data)")
     parser.add_argument("--image-size", type=_multiple_of_16, metavar="PX",
                         help="training size, a multiple of 16 (default: "
                         f"{SYNTHETIC_DEFAULTS['image_size']} synthetic, {REAL_DEFAULTS['image_size']} with --data)")
-    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, metavar="N",
                         help=f"training epochs per fold (default: {SYNTHETIC_DEFAULTS['epochs']} synthetic, "
                         f"{REAL_DEFAULTS['epochs']} with --data)")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help=f"training batch size (default: {SYNTHETIC_DEFAULTS['batch_size']} synthetic, "
                         f"{REAL_DEFAULTS['batch_size']} with --data)")
     parser.add_argument("--lr", type=float,
@@ -139,9 +128,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=_folds, default=0, metavar="K",
                         help="folds of the training pool (default 0: 5, fewer for small data; "
                         "at least --folds-to-train and 2)")
-    parser.add_argument("--folds-to-train", type=_positive_int, default=2, metavar="N",
+    parser.add_argument("--folds-to-train", type=positive_int, default=2, metavar="N",
                         help="train folds 0..N-1 and ensemble their models (default: 2)")
-    parser.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
+    parser.add_argument("--test-fraction", type=open_fraction, default=0.2, metavar="F",
                         help="part of the images held out as the test split, scored against their masks at the "
                         "end (default: 0.2)")
     parser.add_argument("--ensemble", choices=("auto", "mean", "vote"), default="auto",

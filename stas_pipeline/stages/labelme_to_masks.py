@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from stas_pipeline.core.cli_types import positive_int
 from stas_pipeline.core.fileio import OutputExistsError, write_png
 from stas_pipeline.core.problems import Problems
 
@@ -269,12 +270,6 @@ def convert_folder(
     return problems
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -299,12 +294,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--line-width",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         help="width in pixels of line and linestrip shapes (default: 10)",
     )
     parser.add_argument(
-        "--point-radius", type=_positive_int, default=5, help="radius in pixels of point shapes (default: 5)"
+        "--point-radius", type=positive_int, default=5, help="radius in pixels of point shapes (default: 5)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace masks that already exist in --out")
     return parser

@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from stas_pipeline.core.cli_types import int_at_least, open_fraction
 from stas_pipeline.core.fileio import OutputExistsError, write_json
 from stas_pipeline.core.problems import Problems
 
@@ -955,21 +956,6 @@ def _label_table(
 # --- command line -----------------------------------------------------------------------------------------
 
 
-def _positive_int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
 
 
 def _regex(text: str) -> re.Pattern[str]:
@@ -1117,12 +1103,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--test-fraction",
-        type=_fraction,
+        type=open_fraction,
         metavar="F",
         help="hold out about F (0 < F < 1) of the labelled images as an inner test split, stratified like the "
         "folds and keeping groups whole; listed under 'test' with their labels, the rest gets the folds",
     )
-    common.add_argument("--folds", type=_positive_int(2), default=5, metavar="K", help="number of folds (default: 5)")
+    common.add_argument("--folds", type=int_at_least(2), default=5, metavar="K", help="number of folds (default: 5)")
     common.add_argument(
         "--seed", type=int, default=0, metavar="N", help="seed of the test split, folds and --subsample (default: 0)"
     )
@@ -1144,7 +1130,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--bins",
-        type=_positive_int(1),
+        type=int_at_least(1),
         default=4,
         metavar="N",
         help="quantile bins for the strata: of the foreground fraction of non-empty masks (empty masks are a "
