@@ -1,0 +1,1 @@
+"""The ordinal grading task (the diabetic-retinopathy recipe): grades 0-4 from a continuous score."""
