@@ -697,3 +697,178 @@ def test_library_call_with_sources(tmp_path):
     assert {e["source"] for e in dl["training"] + dl["test"]} == {"mine"}
     assert len(dl["test"]) == 2 and not problems.skipped
     assert "fold" in fold_table(dl)
+
+
+# --- grading (APTOS layout): image-size groups, label counts, bad grades ----------------------------------
+
+APTOS_SIZES = {(40, 30): 12, (24, 24): 9, (32, 20): 6, (20, 14): 6, (18, 18): 3}  # pixel size -> images
+
+
+def aptos_set(root: Path, sizes: dict[tuple[int, int], int] = APTOS_SIZES) -> tuple[Path, dict[str, tuple]]:
+    """``root/train.csv`` (id_code,diagnosis) and ``root/train_images/<id_code>.png``, real PNGs of several
+    sizes; a size's images have different grades. Returns the CSV and id_code -> (grade, size)."""
+    truth, rows, i = {}, [], 0
+    for size, n in sizes.items():
+        for _ in range(n):
+            code = f"{i * 7919:06x}{i:02d}"  # hex ids without extension, like APTOS's
+            make_image(root / "train_images" / f"{code}.png", size)
+            truth[code] = (i % 5, size)
+            rows.append(f"{code},{i % 5}")
+            i += 1
+    return write_csv(root / "train.csv", "id_code,diagnosis", rows), truth
+
+
+def aptos_args(root: Path, csv_path: Path, *more: str | Path) -> list[str | Path]:
+    return ["--labels-csv", csv_path, "--label-column", "diagnosis", "--image-column", "id_code",
+            "--images", root / "train_images", "--classes", "0", "1", "2", "3", "4", *more]
+
+
+def test_aptos_layout_grouped_by_image_size_with_label_counts(tmp_path, capsys):
+    csv_path, truth = aptos_set(tmp_path / "aptos")
+    out = tmp_path / "lists" / "datalist.json"
+
+    rc, dl = run_labels(tmp_path, *aptos_args(tmp_path / "aptos", csv_path, "--group-by", "image-size",
+                                              "--folds", "3", "--test-fraction", "0.2"), out=out)
+
+    assert rc == 0
+    entries = dl["training"] + dl["test"]
+    assert len(entries) == len(truth) == 36
+    for e in entries:
+        code = Path(e["image"]).stem
+        grade, (w, h) = truth[code]
+        assert e["image"] == f"../aptos/train_images/{code}.png"
+        assert e["label"] == grade and e["group"] == f"{w}x{h}"
+    assert "grouped by image size" in dl["description"] and dl["classes"] == ["0", "1", "2", "3", "4"]
+    part_of_size: dict[str, set] = {}
+    for e in entries:
+        part_of_size.setdefault(e["group"], set()).add(e.get("fold", "test"))
+    assert all(len(parts) == 1 for parts in part_of_size.values())  # a size is never split
+    assert {e["fold"] for e in dl["training"]} == {0, 1, 2} and dl["test"]
+    # the counts per part, stored beside the file's other keys
+    assert list(dl) == ["description", "folds", "seed", "classes", "test_fraction", "label_counts", "training",
+                        "test"]
+    expected = {f"fold{f}": Counter(str(e["label"]) for e in dl["training"] if e["fold"] == f) for f in range(3)}
+    expected["test"] = Counter(str(e["label"]) for e in dl["test"])
+    assert dl["label_counts"] == {part: {str(g): c[str(g)] for g in range(5)} for part, c in expected.items()}
+    assert all(list(c) == ["0", "1", "2", "3", "4"] for c in dl["label_counts"].values())
+    # the printed tables: per fold and test, then per size, largest first, with the fold each size is in
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == ["fold", "count", "0", "1", "2", "3", "4"]
+    test_row = next(line for line in lines if line[:1] == ["test"])
+    assert test_row[1:] == [str(len(dl["test"]))] + [str(dl["label_counts"]["test"][str(g)]) for g in range(5)]
+    start = lines.index(["group", "count", "fold", "0", "1", "2", "3", "4"])
+    table = lines[start + 1: start + 6]
+    assert [row[0] for row in table] == ["40x30", "24x24", "20x14", "32x20", "18x18"]  # ties by name
+    for row in table:
+        members = [e for e in entries if e["group"] == row[0]]
+        assert row[1] == str(len(members)) and row[2] == str(members[0].get("fold", "test"))
+        assert row[3:] == [str(sum(1 for e in members if e["label"] == g)) for g in range(5)]
+    assert load_decathlon_datalist(out, is_segmentation=True, data_list_key="training")
+
+
+def test_group_by_image_size_replaces_a_group_column(tmp_path, capsys):
+    rows = []
+    for i in range(8):
+        make_image(tmp_path / f"i{i}.png", (20 + i % 4, 10))
+        rows.append(f"i{i}.png,{i % 2},everyone")
+    csv_path = write_csv(tmp_path / "labels.csv", "image,label,group", rows)
+
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--group-by", "image-size", "--folds", "2")
+
+    assert rc == 0
+    assert [e["group"] for e in dl["training"]] == [f"{20 + i % 4}x10" for i in range(8)]
+    assert_groups_whole(dl, 2)
+    assert "group" in capsys.readouterr().out
+
+
+def test_group_by_image_size_with_masks(tmp_path, capsys):
+    for i in range(6):
+        size = (W, H) if i < 3 else (W + 2, H)
+        make_image(tmp_path / "images" / f"m{i}.jpg", size)
+        make_mask(tmp_path / "masks" / f"m{i}.png", i, size)
+
+    rc, dl = run(tmp_path, "--folds", "2", "--group-by", "image-size")
+
+    assert rc == 0
+    assert [e["group"] for e in dl["training"]] == [f"{W}x{H}"] * 3 + [f"{W + 2}x{H}"] * 3
+    assert_groups_whole(dl, 2)
+    assert "label_counts" not in dl  # masks are no numeric label
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["group", "count", "fold", "empty", "mean", "fg"] in lines
+
+
+def test_group_table_sums_the_groups_beyond_15_as_other():
+    training = []
+    for g in range(18):  # group "<g + 1>x9" has 20 - g images, in fold g % 3, all of label g % 2
+        training += [{"image": f"s{g}_{i}.png", "label": g % 2, "fold": g % 3, "group": f"{g + 1}x9"}
+                     for i in range(20 - g)]
+    datalist = {"folds": 3, "training": training, "test": []}
+
+    lines = [line.split() for line in fold_table(datalist, by_group=True).splitlines()]
+
+    start = lines.index(["group", "count", "fold", "0", "1"])
+    rows = lines[start + 1:]
+    assert len(rows) == 16
+    assert rows[0] == ["1x9", "20", "0", "20", "0"] and rows[14] == ["15x9", "6", "2", "6", "0"]
+    assert rows[15] == ["other", str(5 + 4 + 3), "-", "4", str(5 + 3)]  # 16x9 (label 1), 17x9 (0), 18x9 (1)
+    assert not any(line[:1] == ["group"] for line in lines[:start])
+    assert "group" not in fold_table(datalist)  # the group table only when asked for
+
+
+def test_label_counts_only_for_integer_labels(tmp_path):
+    for i in range(6):
+        make_image(tmp_path / f"r{i}.png")
+    scores = write_csv(tmp_path / "scores.csv", "image,label", [f"r{i}.png,{i / 4}" for i in range(6)])
+    assert "label_counts" not in make_label_datalist([scores], tmp_path, folds=2, problems=Problems("test"))
+    grades = write_csv(tmp_path / "grades.csv", "image,label", [f"r{i}.png,{i % 3 * 2}" for i in range(6)])
+    dl = make_label_datalist([grades], tmp_path, folds=2, problems=Problems("test"))
+    assert dl["label_counts"] == {"fold0": {"0": 1, "2": 1, "4": 1}, "fold1": {"0": 1, "2": 1, "4": 1}}
+
+
+def test_aptos_bad_grades_ids_and_unnamed_images_are_each_reported(tmp_path, capsys):
+    root = tmp_path / "aptos"
+    csv_path, truth = aptos_set(root)
+    for code in ("badgrade5", "negative", "halfway", "wordy"):
+        make_image(root / "train_images" / f"{code}.png")
+    make_image(root / "train_images" / "nobody.png")  # no row names it
+    with csv_path.open("a") as f:
+        f.write("badgrade5,5\nnegative,-1\nhalfway,2.5\nwordy,two\nmissing00,3\n")
+
+    rc, dl = run_labels(tmp_path, *aptos_args(root, csv_path, "--folds", "3"))
+
+    err = capsys.readouterr().err
+    first = len(truth) + 2  # the first appended row's line
+    assert rc == 1
+    assert f"ERROR {csv_path}: line {first} (badgrade5): label '5' is not a class index 0..4" in err
+    assert f"ERROR {csv_path}: line {first + 1} (negative): label '-1' is not a class index 0..4" in err
+    assert f"ERROR {csv_path}: line {first + 2} (halfway): label '2.5' is not a class index 0..4" in err
+    assert f"ERROR {csv_path}: line {first + 3} (wordy): label 'two' in column 'diagnosis' is not a number" in err
+    assert f"ERROR {csv_path}: line {first + 4} (missing00): image 'missing00' not found in" in err
+    unnamed = [line for line in err.splitlines() if "named by no row" in line]
+    assert unnamed == [f"ERROR {root / 'train_images' / 'nobody.png'}: in --images but named by no row of "
+                       "train.csv; left out"]  # the images of rejected rows are named by their rows
+    assert len(err.strip().splitlines()) == 6
+    assert sorted(Path(e["image"]).stem for e in dl["training"]) == sorted(truth)  # the rest goes on
+
+
+def test_without_classes_any_integer_grade_is_kept(tmp_path, capsys):
+    root = tmp_path / "aptos"
+    csv_path, _ = aptos_set(root, {(20, 20): 6})
+    with csv_path.open("a") as f:
+        f.write("extra00,7\n")
+    make_image(root / "train_images" / "extra00.png")
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--label-column", "diagnosis", "--image-column",
+                        "id_code", "--images", root / "train_images", "--folds", "2")
+    assert rc == 0 and 7 in {e["label"] for e in dl["training"]}  # --classes is what bounds the grades
+
+
+def test_group_by_goes_with_no_other_group_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "dl.json"), "--labels-csv", "a.csv", "--group-by", "image-size",
+              "--group-regex", "x"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="one of group_regex, group_csv and group_by"):
+        make_label_datalist(["a.csv"], tmp_path, group_by="image-size", group_csv="g.csv")
+    with pytest.raises(ValueError, match="group_by must be one of image-size"):
+        make_label_datalist(["a.csv"], tmp_path, group_by="clinic")
+    assert "--group-by" in build_parser("stas make-datalist").format_help()

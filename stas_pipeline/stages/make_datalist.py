@@ -8,14 +8,19 @@ repeatable and merged; the label is a number: an int when integral, else a float
 
 Output (paths relative to the datalist's folder, entries sorted by image path)::
 
-    {"description": ..., "folds": k, "seed": s[, "classes": [name, ...]][, "test_fraction": f],
+    {"description": ..., "folds": k, "seed": s[, "classes": [name, ...]][, "test_fraction": f]
+     [, "label_counts": {"fold0": {"0": n, ...}, ..., "fold<k-1>": {...}[, "test": {...}]}],
      "training": [{"image": rel, "label": rel-or-number, "fold": f[, "foreground": fraction]
                    [, "group": id][, "source": name]}, ...],
      "test": [{"image": rel[, "label": ..., ...]}, ...]}
 
 ``foreground`` (fraction of mask pixels > 0) is written for masks only. ``classes`` lists the class names of
 ``--class-folders`` (or ``--classes``): the label of a class is its position in that list, or the class name
-itself when every class name is an integer. ``group`` is written for entries that have one; ``source`` when
+itself when every class name is an integer (``--classes 0 1 2 3 4`` makes a CSV label outside 0-4 an error, the
+way to say the grades of a grading task). ``label_counts`` (integer labels only: classes, grades) counts each
+label per fold and in the inner test split, every part with the same keys (the labels as strings, in numeric
+order); it describes the split as written here (a later pseudo-label round adds entries it does not count).
+``group`` is written for entries that have one; ``source`` when
 sources are named, several are merged, a CSV has a ``source`` column, or ``--subsample`` is used.
 ``test`` holds the ``--test-fraction`` inner test split (entries keep their label, so they can be scored) and
 the unlabelled ``--test-images`` (image only). Read it with
@@ -23,21 +28,26 @@ the unlabelled ``--test-images`` (image only). Read it with
 pass through unchanged (MONAI turns any other string value that names an existing path beside the datalist
 into that path, so avoid group or source names that are also file names there).
 
-Folds (and the inner test split) are stratified, by the label (ints as they are, floats in ``--bins``
-quantile bins) or by the mask's foreground area (empty + ``--bins`` quantile bins), and grouped when groups
-exist (``--group-regex``, ``--group-csv``, else a labels CSV's ``group`` column): a group never spans two
-folds nor the test split. :func:`split_weighted` is a seeded greedy placement followed by a local search
-(moves and swaps of groups) on the squared deviation of per-fold stratum counts and fold sizes from their
-targets; docs/folds.md measures it against scikit-learn's StratifiedGroupKFold.
+Folds (and the inner test split) are stratified, by the label (ints as they are, floats in ``--bins`` quantile
+bins) or by the mask's foreground area (empty + ``--bins`` quantile bins), and grouped when groups exist
+(``--group-regex``, ``--group-csv``, ``--group-by image-size``, else a labels CSV's ``group`` column): a group
+never spans two folds nor the test split. ``--group-by image-size`` makes the pixel size ``"WxH"`` of each image
+its group (the grading recipe's stand-in for the clinic a fundus photograph came from, whose class mix differs
+widely); the command then also prints the label counts per size group, largest first. :func:`split_weighted` is a
+seeded greedy placement followed by a local search (moves and swaps of groups) on the squared deviation of per-fold
+stratum counts and fold sizes from their targets; docs/folds.md measures it against scikit-learn's
+StratifiedGroupKFold.
 
 Edge cases: every image is decoded in full (a truncated JPEG, or a non-image named ``.jpg``, is reported as
-``ERROR <file>: cannot decode image: <reason>`` and left out); a CSV row with an empty cell, a label that is
-not a finite number, or an image that cannot be found is reported with the CSV's name and line and left out;
-an image listed twice (in one source or across sources) and a stem held by two files are left out, each file
-named; any file left out makes the exit status 1. A missing column, an unreadable CSV, a source or
-``--subsample`` that names nothing, no usable entry or too few groups for the folds stop the whole run with a
-one-line error and exit status 2, and nothing is written. Folders are listed flat (no recursion); hidden
-files and other extensions are ignored. The same inputs and seed give the same bytes.
+``ERROR <file>: cannot decode image: <reason>`` and left out); a CSV row with an empty cell, a label that is not a
+finite number (with ``--classes``: not a class index), or an image that cannot be found is reported with the CSV's
+name and line and left out; an image in ``--images`` that no CSV row names (a row rejected for its label still
+names its image) is reported as ``ERROR <image>: in --images but named by no row of <csv>``; an image listed twice
+(in one source or across sources) and a stem held by two files are left out, each file named; any file left out
+makes the exit status 1. A missing column, an unreadable CSV, a source or ``--subsample`` that names nothing, no
+usable entry or too few groups for the folds stop the whole run with a one-line error and exit status 2, and
+nothing is written. Folders are listed flat (no recursion); hidden files and other extensions are ignored. The
+same inputs and seed give the same bytes.
 """
 
 from __future__ import annotations
@@ -146,17 +156,31 @@ def _map_threads(fn: Callable[[_T], _R], items: Sequence[_T], desc: str, unit: s
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=None))
 
 
-def decode_errors(paths: Sequence[Path], desc: str = "decoding images") -> list[str | None]:
-    """Per path: None when the image decodes in full, else the reason it does not."""
+def decode_sizes(paths: Sequence[Path], desc: str = "decoding images") -> list[tuple[int, int] | str]:
+    """Per path: its (width, height) when the image decodes in full, else the reason (a str) it does not."""
 
-    def check(path: Path) -> str | None:
+    def check(path: Path) -> tuple[int, int] | str:
         try:
-            decode_image(path)
+            return decode_image(path)
         except Exception as exc:  # noqa: BLE001 - any failure to decode means the image cannot be used
             return _reason(exc)
-        return None
 
     return _map_threads(check, paths, desc, "image")
+
+
+def decode_errors(paths: Sequence[Path], desc: str = "decoding images") -> list[str | None]:
+    """Per path: None when the image decodes in full, else the reason it does not."""
+    return [r if isinstance(r, str) else None for r in decode_sizes(paths, desc)]
+
+
+def size_group(size: tuple[int, int]) -> str:
+    """The ``--group-by image-size`` group of an image of ``size`` (width, height): ``"WIDTHxHEIGHT"``."""
+    return f"{size[0]}x{size[1]}"
+
+
+def _key(path: Path) -> str:
+    """A path as a key for "the same file": normalised and absolute."""
+    return os.path.normcase(os.path.abspath(path))
 
 
 def _relpath(path: Path, base_dir: Path) -> str:
@@ -285,6 +309,10 @@ class _ImageFinder:
 
     def __init__(self) -> None:
         self._stems: dict[Path, dict[str, list[Path]]] = {}
+        self.named: set[str] = set()  # normalised absolute paths of every file a cell resolved to or matched
+
+    def _name(self, *paths: Path) -> None:
+        self.named.update(_key(p) for p in paths)
 
     def _by_stem(self, folder: Path) -> dict[str, list[Path]]:
         if folder not in self._stems:
@@ -299,10 +327,12 @@ class _ImageFinder:
         rel = Path(value)
         for base in bases:
             if (base / rel).is_file():
+                self._name(base / rel)
                 return base / rel
         if rel.suffix.lower() not in IMAGE_EXTENSIONS:  # an id without extension (APTOS id_code)
             for base in bases:
                 matches = self._by_stem((base / rel).parent).get(rel.name, [])
+                self._name(*matches)
                 if len(matches) > 1:
                     raise LookupError(f"image {value!r} is ambiguous: {', '.join(p.name for p in matches)}")
                 if matches:
@@ -352,6 +382,10 @@ def read_labels_csv(
             problems.skip(path, f"{where}: empty {image_column!r}")
             continue
         where += f" ({value})"
+        try:  # looked up first: the image of a row rejected for its label is still named by a row
+            image: Path | LookupError = finder.find(value, bases)
+        except LookupError as exc:
+            image = exc
         try:
             label = parse_label(label_text)
         except ValueError:
@@ -360,10 +394,8 @@ def read_labels_csv(
         if n_classes is not None and not (isinstance(label, int) and 0 <= label < n_classes):
             problems.skip(path, f"{where}: label {label_text!r} is not a class index 0..{n_classes - 1}")
             continue
-        try:
-            image = finder.find(value, bases)
-        except LookupError as exc:
-            problems.skip(path, f"{where}: {exc}")
+        if isinstance(image, LookupError):
+            problems.skip(path, f"{where}: {image}")
             continue
         group = (record.get(GROUP_COLUMN) or "").strip() or None
         name = (record.get(SOURCE_COLUMN) or "").strip() or source.label
@@ -600,9 +632,16 @@ def group_of(image: Path, regex: re.Pattern[str] | None, table: dict[str, str] |
     return None
 
 
-def _grouping(group_regex: str | re.Pattern[str] | None, group_csv: str | Path | None):
-    if group_regex is not None and group_csv is not None:
-        raise ValueError("give group_regex or group_csv, not both")
+GROUP_BY = ("image-size",)
+
+
+def _grouping(
+    group_regex: str | re.Pattern[str] | None, group_csv: str | Path | None, group_by: str | None = None
+):
+    if group_by is not None and group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
+    if sum(x is not None for x in (group_regex, group_csv, group_by)) > 1:
+        raise ValueError("give one of group_regex, group_csv and group_by")
     regex = re.compile(group_regex) if isinstance(group_regex, str) else group_regex
     table = read_group_csv(group_csv) if group_csv is not None else None
     return regex, table
@@ -645,41 +684,45 @@ def make_datalist(
     seed: int = 0,
     group_regex: str | re.Pattern[str] | None = None,
     group_csv: str | Path | None = None,
+    group_by: str | None = None,
     n_bins: int = 4,
     problems: Problems | None = None,
 ) -> dict:
     """Build the segmentation datalist dict (paths relative to ``base_dir``, the datalist's folder).
 
-    Problem files are reported to ``problems`` and left out; raises :class:`DatalistError` when no usable
-    pair is left or the folds cannot be made.
+    ``group_by="image-size"`` groups the images by their pixel size (``"WxH"``). Problem files are reported to
+    ``problems`` and left out; raises :class:`DatalistError` when no usable pair is left or the folds cannot be
+    made.
     """
     problems = problems if problems is not None else Problems(STAGE)
-    regex, table = _grouping(group_regex, group_csv)
+    regex, table = _grouping(group_regex, group_csv, group_by)
     base_dir = Path(base_dir)
 
-    grouped = regex is not None or table is not None
+    grouped = regex is not None or table is not None or group_by is not None
     image_files, mask_files = list_files(images, IMAGE_EXTENSIONS), list_files(masks, MASK_EXTENSIONS)
     pairs = pair_by_stem(image_files, mask_files, problems)
 
-    def read_pair(pair: tuple[Path, Path]) -> tuple[float | None, Path, str]:
+    def read_pair(pair: tuple[Path, Path]) -> tuple[float, tuple[int, int]] | tuple[Path, str]:
+        """(foreground fraction, image size), or (the file at fault, the reason) when the pair is unusable."""
         image, mask = pair
         try:
             size = decode_image(image)
         except Exception as exc:  # noqa: BLE001 - any failure to decode means the image cannot be used
-            return None, image, f"cannot decode image: {_reason(exc)}"
+            return image, f"cannot decode image: {_reason(exc)}"
         try:
-            return foreground_fraction(mask, size), mask, ""
+            return foreground_fraction(mask, size), size
         except (OSError, SyntaxError, ValueError) as exc:
-            return None, mask, f"cannot use mask: {exc}"
+            return mask, f"cannot use mask: {exc}"
 
     found: list[tuple[str, str, float, str | None]] = []  # image, label, foreground fraction, group
-    for (image, mask), (fraction, bad, reason) in zip(
+    for (image, mask), result in zip(
         pairs, _map_threads(read_pair, pairs, "reading images and masks", "pair"), strict=True
     ):
-        if fraction is None:
-            problems.skip(bad, reason)
+        if isinstance(result[1], str):
+            problems.skip(*result)
             continue
-        group = group_of(image, regex, table)
+        fraction, size = result
+        group = size_group(size) if group_by is not None else group_of(image, regex, table)
         if grouped and group is None:
             problems.skip(image, _no_group(regex, group_csv))
             continue
@@ -710,6 +753,7 @@ def make_datalist(
 
     grouping = f", grouped by regex {regex.pattern!r}" if regex is not None else ""
     grouping = f", grouped by {Path(group_csv).name}" if table is not None else grouping
+    grouping = ", grouped by image size" if group_by is not None else grouping
     datalist = {
         "description": f"STAS image/mask pairs in {folds} folds stratified by foreground area "
         f"(empty + {n_bins} quantile bins){_describe_split(test_fraction, grouping, seed)}",
@@ -736,21 +780,24 @@ def make_label_datalist(
     seed: int = 0,
     group_regex: str | re.Pattern[str] | None = None,
     group_csv: str | Path | None = None,
+    group_by: str | None = None,
     n_bins: int = 4,
     problems: Problems | None = None,
 ) -> dict:
     """Build an image-level datalist dict (numeric labels) from labels CSVs and class-folder trees.
 
-    ``sources``: :class:`Source` objects (a plain path is a labels CSV). ``images``: a folder where a CSV's
-    image cells are also looked up (after the CSV's own folder), by name or, for cells without an image
-    extension, by stem. Groups come from ``group_regex``/``group_csv`` (an image they do not cover is left
-    out), else from a CSV's ``group`` column (an empty cell: a group of its own). ``subsample``: keep a seeded
-    fraction of one source's entries of one label (before decoding, so a broken file elsewhere does not
-    change the sample). Problem rows and files are reported to ``problems`` and left out; raises
-    :class:`DatalistError` for what stops the whole run.
+    ``sources``: :class:`Source` objects (a plain path is a labels CSV). ``images``: a folder where a CSV's image
+    cells are also looked up (after the CSV's own folder), by name or, for cells without an image extension, by
+    stem; an image there that no CSV row names is reported as skipped. ``classes``: with CSVs alone, the labels
+    must be indices 0..len(classes)-1 (``["0", "1", "2", "3", "4"]`` for grades 0-4). Groups come from
+    ``group_regex``/``group_csv`` (an image they do not cover is left out) or ``group_by="image-size"`` (the
+    decoded pixel size, ``"WxH"``), else from a CSV's ``group`` column (an empty cell: a group of its own).
+    ``subsample``: keep a seeded fraction of one source's entries of one label (before decoding, so a broken
+    file elsewhere does not change the sample). Problem rows and files are reported to ``problems`` and left
+    out; raises :class:`DatalistError` for what stops the whole run.
     """
     problems = problems if problems is not None else Problems(STAGE)
-    regex, table = _grouping(group_regex, group_csv)
+    regex, table = _grouping(group_regex, group_csv, group_by)
     base_dir = Path(base_dir)
     sources = [s if isinstance(s, Source) else Source(Path(s)) for s in sources]
     specs = [s if isinstance(s, Subsample) else Subsample.parse(s) for s in subsample]
@@ -791,6 +838,8 @@ def make_label_datalist(
             if not files:
                 problems.warn(folder, "no images in this class folder")
             rows += [_Row(p, class_map[name], source.label, None, str(folder)) for p in files]
+    if images is not None:
+        _report_unnamed(Path(images), finder, [s for s in sources if s.kind == "csv"], problems)
 
     # groups from the options (replacing a CSV's group column)
     if regex is not None or table is not None:
@@ -814,13 +863,15 @@ def make_label_datalist(
 
     rows = _subsample(rows, specs, class_map, seed, problems)
 
-    # decode every image
+    # decode every image (its size is its group with group_by="image-size")
     decodable = []
-    for row, reason in zip(rows, decode_errors([r.image for r in rows]), strict=True):
-        if reason is None:
-            decodable.append(row)
-        else:
-            problems.skip(row.image, f"cannot decode image: {reason}")
+    for row, size in zip(rows, decode_sizes([r.image for r in rows]), strict=True):
+        if isinstance(size, str):
+            problems.skip(row.image, f"cannot decode image: {size}")
+            continue
+        if group_by is not None:
+            row.group = size_group(size)
+        decodable.append(row)
     rows = decodable
     if not rows:
         raise DatalistError(f"no usable labelled image in {', '.join(str(s.path) for s in sources)}")
@@ -848,6 +899,8 @@ def make_label_datalist(
         grouping = f", grouped by regex {regex.pattern!r}"
     elif table is not None:
         grouping = f", grouped by {Path(group_csv).name}"
+    elif group_by is not None:
+        grouping = ", grouped by image size"
     else:
         grouping = f", grouped by the {GROUP_COLUMN!r} column" if grouped else ""
     by = "the label" if all(isinstance(r.label, int) for r in rows) else f"the label in {n_bins} quantile bins"
@@ -862,7 +915,37 @@ def make_label_datalist(
         datalist["classes"] = class_list
     if test_fraction is not None:
         datalist["test_fraction"] = test_fraction
+    counts = label_counts(training, [e for e in test if "label" in e], folds)
+    if counts is not None:
+        datalist["label_counts"] = counts
     return datalist | {"training": training, "test": test}
+
+
+def _report_unnamed(images: Path, finder: _ImageFinder, csvs: Sequence[Source], problems: Problems) -> None:
+    """Report each image directly in ``images`` that no CSV row resolved to (it is in no entry)."""
+    if not images.is_dir():
+        return  # nothing to compare with; every cell looked up there was reported as not found
+    where = ", ".join(Path(s.path).name for s in csvs)
+    for path in list_files(images, IMAGE_EXTENSIONS):
+        if _key(path) not in finder.named:
+            problems.skip(path, f"in --images but named by no row of {where}; left out")
+
+
+def label_counts(training: Sequence[dict], test: Sequence[dict], folds: int) -> dict[str, dict[str, int]] | None:
+    """``{"fold0": {"0": n, ...}, ..., "test": {...}}``: how many entries of each label every part holds.
+
+    Only for integer labels (classes, grades; None otherwise); every part lists every label seen (0 when
+    absent), in numeric order; ``test`` (the labelled inner test entries) only when there are any.
+    """
+    labels = [e["label"] for e in [*training, *test]]
+    if not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        return None
+    values = sorted(set(labels))
+    parts = {f"fold{f}": [e for e in training if e["fold"] == f] for f in range(folds)}
+    if test:
+        parts["test"] = list(test)
+    counts = {name: Counter(e["label"] for e in entries) for name, entries in parts.items()}
+    return {name: {str(v): c[v] for v in values} for name, c in counts.items()}
 
 
 def _subsample(
@@ -902,48 +985,92 @@ def write_datalist(path: str | Path, datalist: dict, overwrite: bool = False) ->
 # --- tables -----------------------------------------------------------------------------------------------
 
 
-def fold_table(datalist: dict) -> str:
+GROUP_ROWS = 15  # the group table shows this many groups, largest first, and sums the rest as "other"
+
+
+def fold_table(datalist: dict, by_group: bool = False) -> str:
     """Per-fold table of a datalist: for masks, count, empty-mask count and mean foreground fraction; for
     numeric labels, the count per label (or the mean of non-integer labels). A labelled inner test split adds
-    a ``test`` row; entries with a ``source`` add a table per source."""
+    a ``test`` row; entries with a ``source`` add a table per source. ``by_group`` (for ``--group-by
+    image-size``) adds the same table per group with the fold each group is in (``test``: the inner test
+    split), largest groups first, the groups beyond the first ``GROUP_ROWS`` summed as ``other``."""
     training = datalist["training"]
     labelled_test = [e for e in datalist.get("test", []) if "label" in e]
     rows = [(str(f), [e for e in training if e["fold"] == f]) for f in range(datalist["folds"])]
     rows.append(("all", training))
     if labelled_test:
         rows.append(("test", labelled_test))
-    if training and "foreground" in training[0]:
-        lines = [f"{'fold':>5} {'count':>6} {'empty':>6} {'mean fg':>8}"]
-        for name, entries in rows:
-            fg = [e["foreground"] for e in entries]
-            empty = sum(1 for v in fg if v == 0)
-            lines.append(f"{name:>5} {len(fg):>6} {empty:>6} {np.mean(fg) if fg else 0.0:>8.4f}")
-        return "\n".join(lines)
     everything = training + labelled_test
-    lines = _label_table("fold", rows, everything)
+    masks = bool(training) and "foreground" in training[0]
+    lines = _mask_table("fold", rows) if masks else _label_table("fold", rows, everything)
     sources = sorted({e["source"] for e in everything if "source" in e})
-    if sources:
+    if sources and not masks:
         lines.append("")
         by_source = [(s, [e for e in everything if e.get("source") == s]) for s in sources]
         test_counts = {s: sum(1 for e in labelled_test if e.get("source") == s) for s in sources}
-        lines += _label_table("source", by_source, everything, test_counts if labelled_test else None)
+        lines += _label_table("source", by_source, everything, ("test", test_counts) if labelled_test else None)
+    if by_group and any("group" in e for e in everything):
+        group_rows, part = _group_rows(everything)
+        lines.append("")
+        lines += (
+            _mask_table("group", group_rows, ("fold", part))
+            if masks
+            else _label_table("group", group_rows, everything, ("fold", part))
+        )
     if datalist.get("classes"):
         lines.append("classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(datalist["classes"])))
     return "\n".join(lines)
 
 
-def _label_table(
-    title: str, rows: list[tuple[str, list[dict]]], everything: list[dict], test: dict[str, int] | None = None
+def _group_rows(entries: list[dict]) -> tuple[list[tuple[str, list[dict]]], dict[str, str]]:
+    """Rows of the group table (largest first, then by name; beyond ``GROUP_ROWS`` one ``other`` row) and
+    the part each row is in (a fold number or ``test``; ``-`` when its entries are in several)."""
+    members: dict[str, list[dict]] = {}
+    for e in entries:
+        if "group" in e:
+            members.setdefault(str(e["group"]), []).append(e)
+    ordered = sorted(members.items(), key=lambda item: (-len(item[1]), item[0]))
+    rows = ordered[:GROUP_ROWS]
+    if len(ordered) > GROUP_ROWS:
+        rows.append(("other", [e for _, group in ordered[GROUP_ROWS:] for e in group]))
+    part = {}
+    for name, group in rows:
+        places = {str(e["fold"]) if "fold" in e else "test" for e in group}
+        part[name] = places.pop() if len(places) == 1 else "-"
+    return rows, part
+
+
+def _mask_table(
+    title: str, rows: list[tuple[str, list[dict]]], extra: tuple[str, dict[str, object]] | None = None
 ) -> list[str]:
+    """Count, empty-mask count and mean foreground fraction per row; ``extra`` as in :func:`_label_table`."""
+    width = max([len(title), 5] + [len(name) for name, _ in rows])
+    lines = [f"{title:>{width}} {'count':>6}" + (f" {extra[0]:>6}" if extra else "") + f" {'empty':>6} {'mean fg':>8}"]
+    for name, entries in rows:
+        fg = [e["foreground"] for e in entries]
+        empty = sum(1 for v in fg if v == 0)
+        line = f"{name:>{width}} {len(fg):>6}" + (f" {extra[1][name]!s:>6}" if extra else "")
+        lines.append(line + f" {empty:>6} {np.mean(fg) if fg else 0.0:>8.4f}")
+    return lines
+
+
+def _label_table(
+    title: str,
+    rows: list[tuple[str, list[dict]]],
+    everything: list[dict],
+    extra: tuple[str, dict[str, object]] | None = None,
+) -> list[str]:
+    """Count and per-label counts (or the mean label) per row; ``extra``: (heading, value per row name), a
+    column after the count."""
     labels = [e["label"] for e in everything]
     discrete = all(isinstance(v, int) for v in labels) and len(set(labels)) <= 20
     values = sorted(set(labels)) if discrete else []
     width = max([len(title), 5] + [len(name) for name, _ in rows])
-    head = f"{title:>{width}} {'count':>6}" + (f" {'test':>6}" if test is not None else "")
+    head = f"{title:>{width}} {'count':>6}" + (f" {extra[0]:>6}" if extra else "")
     head += "".join(f" {v:>6}" for v in values) if discrete else f" {'mean':>8}"
     lines = [head]
     for name, entries in rows:
-        line = f"{name:>{width}} {len(entries):>6}" + (f" {test[name]:>6}" if test is not None else "")
+        line = f"{name:>{width}} {len(entries):>6}" + (f" {extra[1][name]!s:>6}" if extra else "")
         if discrete:
             counts = Counter(e["label"] for e in entries)
             line += "".join(f" {counts[v]:>6}" for v in values)
@@ -1006,7 +1133,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "  %(prog)s --images Train_Images --masks masks --out datalist.json --folds 5\n"
         "  %(prog)s --labels-csv tiles/labels.csv --label-column stas --test-fraction 0.2 --out datalist.json\n"
         "  %(prog)s --labels-csv train.csv --image-column id_code --label-column diagnosis "
-        "--images train_images --out datalist.json\n"
+        "--images train_images \\\n      --classes 0 1 2 3 4 --group-by image-size --out datalist.json\n"
         "  %(prog)s --class-folders refuge=REFUGE --class-folders origa=ORIGA --classes normal glaucoma \\\n"
         "      --subsample origa:normal:0.5 --test-fraction 0.3 --folds 4 --out datalist.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1025,7 +1152,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"folder of training images ({' '.join(IMAGE_EXTENSIONS)}, any case); with --labels-csv: a folder "
         "where the CSV's image cells are also looked up (after the CSV's own folder), by file name or, for a "
-        "cell without an image extension (APTOS id_code), by stem",
+        "cell without an image extension (APTOS id_code), by stem; an image there that no CSV row names is "
+        "reported (ERROR, exit status 1) and left out",
     )
     seg.add_argument(
         "--masks",
@@ -1081,7 +1209,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help="class names in label order (label = position): fixes the labels of --class-folders (a folder "
-        "not named here stops the run) and requires the labels of --labels-csv to be indices 0..n-1",
+        "not named here stops the run) and requires the labels of --labels-csv to be indices 0..n-1 (a row "
+        "with another label is reported and left out); for grading 0-4 give --classes 0 1 2 3 4",
     )
     num.add_argument(
         "--subsample",
@@ -1127,6 +1256,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="FILE",
         help="CSV with columns image,group (image: file name or stem); a group never spans two folds (an "
         "image not in it is left out); replaces a labels CSV's group column",
+    )
+    group.add_argument(
+        "--group-by",
+        choices=GROUP_BY,
+        help="image-size: the group of an image is its pixel size WIDTHxHEIGHT (e.g. 1050x1050; the grading "
+        "recipe's stand-in for the clinic a photograph came from), so a size never spans two folds; also "
+        "prints the label counts per size, largest first; replaces a labels CSV's group column",
     )
     common.add_argument(
         "--bins",
@@ -1182,6 +1318,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "seed": args.seed,
         "group_regex": args.group_regex,
         "group_csv": args.group_csv,
+        "group_by": args.group_by,
         "n_bins": args.bins,
         "problems": problems,
     }
@@ -1203,7 +1340,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (DatalistError, OutputExistsError) as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2
-    print(fold_table(datalist))
+    print(fold_table(datalist, by_group=args.group_by is not None))
     print(f"wrote {args.out}")
     return problems.finish()
 
