@@ -119,13 +119,14 @@ def test_shipped_lite0_imagenet_weights_load_into_the_classifier():
     assert torch.equal(model.state_dict()["conv_stem.weight"], shipped["_conv_stem.weight"])
 
 
-@pytest.mark.parametrize("bundle", sorted(p.stem for p in (REPO / "bundles").glob("fundus_*.json")))
-def test_every_fundus_bundle_builds_its_classifier(bundle):
+@pytest.mark.parametrize("bundle", sorted(p.stem for pattern in ("fundus_*.json", "grading_*.json")
+                                           for p in (REPO / "bundles").glob(pattern)))
+def test_every_image_level_bundle_builds_its_classifier(bundle):
     network, = parsed_content(bundle, ["task#network"], {"encoder_weights": "none"})
     model = build_network(**network, encoder_weights=None).eval()
     size = network["image_size"] if bundle == "fundus_deit_base" else 64
     with torch.no_grad():
-        assert model(torch.randn(1, 3, size, size)).shape == (1, 1)
+        assert model(torch.randn(1, 3, size, size)).shape == (1, network["num_classes"])
 
 
 def test_fixed_size_classifier_refuses_another_size():

@@ -21,15 +21,22 @@ RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names 
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
 
 
+def first_logit_probability(logits: torch.Tensor) -> torch.Tensor:
+    """One score per image: the sigmoid of its first logit (a binary classifier's probability)."""
+    return torch.sigmoid(logits.float().reshape(logits.shape[0], -1)[:, 0])
+
+
 @dataclass
 class TrainedRun:
-    """A trained model with the chain its images go through (``fold`` as recorded)."""
+    """A trained model with the chain its images go through (``fold`` as recorded) and how its logits become one
+    score per image (``score``: the task's, set by the stage that knows it)."""
 
     name: str
     model: nn.Module
     preprocessing: Preprocessing
     transform: Callable
     fold: int | None = None
+    score: Callable[[torch.Tensor], torch.Tensor] = first_logit_probability
 
     @classmethod
     def of(cls, spec: TrainedRun | Sequence) -> TrainedRun:

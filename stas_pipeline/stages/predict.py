@@ -33,6 +33,7 @@ from stas_pipeline.core.mask_io import InputFolderError
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError
 from stas_pipeline.core.trained_runs import TTA_FLIPS, load_trained_run, run_info_of
+from stas_pipeline.tasks import Task, get_task
 from stas_pipeline.tasks.segmentation.inference import MODES, load_run_model, predict_images
 
 
@@ -71,12 +72,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _predict_image_level(args: argparse.Namespace, infos: list[dict]) -> Problems:
+def _predict_image_level(args: argparse.Namespace, infos: list[dict], task: Task) -> Problems:
     from stas_pipeline.core.datalist import load_fold
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
     from stas_pipeline.tasks.classification.inference import predict_scores
 
-    runs = [load_trained_run(ckpt, info, args.device) for ckpt, info in zip(args.checkpoint, infos, strict=True)]
+    runs = []
+    for checkpoint, info in zip(args.checkpoint, infos, strict=True):
+        run = load_trained_run(checkpoint, info, args.device)
+        run.score = task.scorer_for(info) or run.score
+        runs.append(run)
     assignments = None
     if args.out_of_fold:
         assignments = {}
@@ -86,15 +91,22 @@ def _predict_image_level(args: argparse.Namespace, infos: list[dict]) -> Problem
         images = list(assignments)
     else:
         images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
+    grade_of = None
+    if "grade" in task.csv_columns:
+        from stas_pipeline.tasks.grading.metrics import cut
+
+        def grade_of(score: float) -> int:
+            return int(cut([score])[0])
+
     problems, _ = predict_scores(runs, images, args.out, args.tta, args.batch_size, args.workers, args.amp,
-                                 args.overwrite, assignments=assignments)
+                                 args.overwrite, assignments=assignments, value=task.csv_columns[0],
+                                 grade_of=grade_of)
     return problems
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
-    from stas_pipeline.tasks import get_task
 
     try:
         infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.out_of_fold and (args.datalist is None or not next(iter(tasks)).image_level):
             raise ValueError("--out-of-fold needs --datalist and image-level runs")
         if next(iter(tasks)).image_level:
-            problems = _predict_image_level(args, infos)
+            problems = _predict_image_level(args, infos, next(iter(tasks)))
         else:
             images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
             models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]

@@ -1,24 +1,26 @@
-"""Image-level inference: trained runs over a list of images -> a CSV of per-image probabilities.
+"""Image-level inference (classification, and grading with its own scores): trained runs over a list of images
+-> a CSV of one score per image.
 
 Each image goes through the run's own declared chain (the bundle's ``task#preprocessing``, rounded to uint8 as
-the cache stores it, then ``task#val_transforms``), so inference sees exactly what validation saw. Flip TTA
-averages the sigmoid over flipped copies. The CSV has one row per image::
+the cache stores it, then ``task#val_transforms``), so inference sees exactly what validation saw. Each run's
+``score`` turns logits into one number per image (classification: the sigmoid of the logit; grading: the head's
+grade score); flip TTA averages it over flipped copies. The CSV has one row per image::
 
-    image,prob,<run>,<run>...
+    image,prob,<run>,<run>...            (classification)
+    image,score,grade,<run>,<run>...     (grading: ``value="score"`` and ``grade_of``)
 
-``image`` is the resolved path, ``prob`` the mean over the runs (the fold mean), and one column per run
+``image`` is the resolved path, ``prob``/``score`` the mean over the runs (the fold mean), and one column per run
 (``<bundle>/fold<k>``). With ``assignments`` each image is predicted only by the runs named for it (out-of-fold
 predictions: every training image by the model that did not train on it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from stas_pipeline.core.lmdb_cache import to_uint8
@@ -48,13 +50,13 @@ class _Inputs(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def flip_mean_probability(model: nn.Module, x: torch.Tensor, tta: str = "none", amp: bool = False) -> torch.Tensor:
-    """Mean sigmoid of the first logit over flipped copies of ``x`` (N, C, H, W): one probability per image."""
+def flip_mean_score(run: TrainedRun, x: torch.Tensor, tta: str = "none", amp: bool = False) -> torch.Tensor:
+    """Mean of ``run.score`` over flipped copies of ``x`` (N, C, H, W): one score per image."""
     total = torch.zeros(x.shape[0], device=x.device)
     for dims in TTA_FLIPS[tta]:
         with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
-            logits = model(torch.flip(x, dims) if dims else x)
-        total += torch.sigmoid(logits.float().reshape(x.shape[0], -1)[:, 0])
+            logits = run.model(torch.flip(x, dims) if dims else x)
+        total += run.score(logits.float())
     return total / len(TTA_FLIPS[tta])
 
 
@@ -69,8 +71,11 @@ def predict_scores(
     overwrite: bool = False,
     problems: Problems | None = None,
     assignments: Mapping[str, Sequence[str]] | None = None,
+    value: str = "prob",
+    grade_of: Callable[[float], int] | None = None,
 ) -> tuple[Problems, list[dict]]:
-    """Predict ``images`` with ``runs`` into the CSV ``out`` (see module doc); returns the problems and rows."""
+    """Predict ``images`` with ``runs`` into the CSV ``out`` (see module doc); returns the problems and rows.
+    ``value`` names the mean's column; ``grade_of`` adds a ``grade`` column from the mean."""
     problems = problems or Problems("predict")
     if tta not in TTA_FLIPS:
         raise ValueError(f"tta must be one of {list(TTA_FLIPS)}, got {tta!r}")
@@ -95,15 +100,18 @@ def predict_scores(
             chosen = [i for i, names in enumerate(members) if run.name in names]
             if chosen:
                 x = torch.stack([readable[i][1][k] for i in chosen]).to(next(run.model.parameters()).device)
-                values = flip_mean_probability(run.model, x, tta, amp).cpu().tolist()
+                values = flip_mean_score(run, x, tta, amp).cpu().tolist()
                 probs.update({(i, run.name): v for i, v in zip(chosen, values, strict=True)})
         for i, (path, _) in enumerate(readable):
             values = {name: probs[i, name] for name in members[i]}
             if not values:
                 problems.skip(path, "no run assigned to this image")
                 continue
-            rows.append({"image": str(path), "prob": float(np.mean(list(values.values()))), **values})
+            mean = float(np.mean(list(values.values())))
+            grade = {"grade": grade_of(mean)} if grade_of is not None else {}
+            rows.append({"image": str(path), value: mean, **grade, **values})
             problems.count("predicted")
     if out is not None:
-        write_scores_csv(out, rows, [r.name for r in runs], overwrite)
+        columns = [value, *(["grade"] if grade_of is not None else [])]
+        write_scores_csv(out, rows, [r.name for r in runs], overwrite, columns)
     return problems, rows

@@ -99,10 +99,12 @@ def read_predictions_csv(path: str | Path, problems: Problems) -> tuple[list[str
     return members, rows
 
 
-def write_scores_csv(path: str | Path, rows: Sequence[dict], members: Sequence[str], overwrite: bool = False) -> None:
-    """The predictions CSV (``image,prob,<members>``), written atomically; probabilities with 6 decimals."""
+def write_scores_csv(path: str | Path, rows: Sequence[dict], members: Sequence[str], overwrite: bool = False,
+                     columns: Sequence[str] = ("prob",)) -> None:
+    """The predictions CSV (``image,<columns>,<members>``; columns ``prob`` for classification, ``score,grade``
+    for grading), written atomically; numbers with 6 decimals."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, ["image", "prob", *dict.fromkeys(members)], lineterminator="\n")
+    writer = csv.DictWriter(text, ["image", *columns, *dict.fromkeys(members)], lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -1,0 +1,125 @@
+"""The grading task: the three heads (outputs, scores, losses), the kappa key metric, and each head trained by
+the shared MONAI workflow from a grading bundle (real timm Lite0, real cache, real PNGs)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import run
+from sklearn.metrics import cohen_kappa_score
+
+from stas_pipeline import cli
+from stas_pipeline.core.synthetic import make_fundus_dataset
+from stas_pipeline.tasks.grading.heads import GradeScored, OrdinalLoss, grade_score, head_outputs
+from stas_pipeline.tasks.grading.kappa_metric import QuadraticKappa
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_head_turns_logits_into_a_grade_score():
+    assert [head_outputs(h) for h in ("regression", "cumulative", "expectation")] == [1, 4, 5]
+    assert torch.allclose(grade_score(torch.tensor([[2.7], [-0.2]]), "regression"), torch.tensor([2.7, -0.2]))
+    big = 20.0  # sigmoid ~ 1 or 0: "grade > k" true for k = 0, 1 -> grade 2
+    assert torch.allclose(grade_score(torch.tensor([[big, big, -big, -big]]), "cumulative"), torch.tensor([2.0]))
+    one_hot = torch.full((1, 5), -big)
+    one_hot[0, 3] = big
+    assert torch.allclose(grade_score(one_hot, "expectation"), torch.tensor([3.0]), atol=1e-4)
+    assert grade_score(torch.zeros(5), "expectation").shape == (1,)  # one decollated item
+    with pytest.raises(ValueError, match="unknown grading head 'softmax'"):
+        head_outputs("softmax")
+
+
+def test_losses_of_the_three_heads():
+    grades = torch.tensor([0, 2, 4])
+    assert OrdinalLoss("regression")(grades[:, None].float(), grades).item() == 0.0
+    logits = torch.randn(3, 4)
+    expected = F.binary_cross_entropy_with_logits(logits, torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1.0]]))
+    assert torch.isclose(OrdinalLoss("cumulative")(logits, grades), expected)
+    logits = torch.randn(3, 5)
+    probs = torch.softmax(logits, 1)
+    mse = F.mse_loss((probs * torch.arange(5)).sum(1), grades.float())
+    assert torch.isclose(OrdinalLoss("expectation", 0.5)(logits, grades), F.cross_entropy(logits, grades) + 0.5 * mse)
+
+
+def test_grade_scored_replaces_the_prediction():
+    out = GradeScored("pred", "cumulative")({"pred": torch.tensor([9.0, 9.0, 9.0, -9.0]), "label": 3})
+    assert out["pred"].shape == (1,) and abs(out["pred"].item() - 3.0) < 1e-3 and out["label"] == 3
+
+
+def test_kappa_metric_matches_scikit_learn_over_decollated_batches():
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, 60)
+    scores = grades + rng.normal(0, 0.8, 60)
+    metric = QuadraticKappa()
+    metric.reset()
+    for start in range(0, 60, 16):  # lists of per-image tensors, as the evaluator's from_engine gives them
+        metric.update(([torch.tensor([s]) for s in scores[start:start + 16]],
+                       [torch.tensor(g) for g in grades[start:start + 16]]))
+    predicted = np.clip(np.searchsorted([0.5, 1.5, 2.5, 3.5], scores, side="right"), 0, 4)
+    assert metric.compute() == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 fundus-like images with grades 0-4 (two images per patient share a grade) in 2 folds, cached at 32 px."""
+    root = tmp_path_factory.mktemp("grading")
+    csv_path = make_fundus_dataset(root / "data", n=30, size=64, seed=0)
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0]] + [f"{row.rsplit(',', 2)[0]},{(i // 2) % 5},{row.rsplit(',', 1)[1]}"
+                                                for i, row in enumerate(lines[1:])]) + "\n")
+    assert cli.main(["make-datalist", "--labels-csv", str(csv_path), "--folds", "2", "--out",
+                     str(root / "datalist.json")]) == 0
+    assert cli.main(["build-lmdb", "--datalist", str(root / "datalist.json"), "--out", str(root / "cache"),
+                     "--bundle", "grading_lite0", "--image-size", "32", "--no-progress"]) == 0
+    return root
+
+
+def train(graded: Path, out: Path, head: str, fold: int = 0) -> Path:
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        run(run_id="training", config_file="bundles/grading_lite0.json", dataset_dir=str(graded),
+            datalist=str(graded / "datalist.json"), cache_dir=str(graded / "cache"), image_size=32, epochs=2,
+            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0, head=head, fold=fold,
+            output_dir=str(out))
+    finally:
+        os.chdir(cwd)
+    return out / "grading_lite0" / f"fold{fold}"
+
+
+@pytest.mark.parametrize("head", ["regression", "cumulative", "expectation"])
+def test_each_head_trains_with_kappa_as_the_key_metric(graded, tmp_path, head):
+    run_dir = train(graded, tmp_path, head)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert all(-1.0 <= row["val_kappa"] <= 1.0 and row["loss"] > 0 for row in metrics["history"])
+    info = json.loads((run_dir / "best.json").read_text())
+    assert info["task"] == "grading" and info["head"] == head
+    assert info["network"]["num_classes"] == head_outputs(head)
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    assert state["classifier.weight"].shape[0] == head_outputs(head)
+
+
+def test_predict_writes_scores_and_grades_of_runs_with_different_heads(graded, tmp_path):
+    """Two heads in one prediction: each run's own score (regression output, sum of cumulative sigmoids), their
+    mean as the score, the grade cut from it at the default cut points."""
+    fold0 = train(graded, tmp_path / "a", "regression", fold=0)
+    fold1 = train(graded, tmp_path / "b", "cumulative", fold=1)
+    out = tmp_path / "oof.csv"
+    assert cli.main(["predict", "--checkpoint", str(fold0 / "best.pt"), str(fold1 / "best.pt"), "--datalist",
+                     str(graded / "datalist.json"), "--out-of-fold", "--workers", "0", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "image,score,grade,grading_lite0/fold0,grading_lite0/fold1"
+    assert len(lines) == 1 + 30
+    for line in lines[1:]:
+        _, score, grade, *members = line.split(",")
+        assert int(grade) == int(np.searchsorted([0.5, 1.5, 2.5, 3.5], float(score), side="right"))
+        assert float(score) == pytest.approx(float(next(m for m in members if m)), abs=1e-6)
+    cumulative = [float(line.split(",")[4]) for line in lines[1:] if line.split(",")[4]]
+    assert cumulative and all(0.0 <= s <= 4.0 for s in cumulative)  # a sum of four sigmoids
