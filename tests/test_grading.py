@@ -123,3 +123,63 @@ def test_predict_writes_scores_and_grades_of_runs_with_different_heads(graded, t
         assert float(score) == pytest.approx(float(next(m for m in members if m)), abs=1e-6)
     cumulative = [float(line.split(",")[4]) for line in lines[1:] if line.split(",")[4]]
     assert cumulative and all(0.0 <= s <= 4.0 for s in cumulative)  # a sum of four sigmoids
+
+
+def test_evaluate_scores_a_grading_csv_and_guards_its_cut_points(graded, tmp_path, capsys):
+    """Out-of-fold scores whose true boundaries are shifted by +0.45: kappa with the default cuts, the searched
+    cuts adopted because they win on held-out folds, the confusion PNG; checked against scikit-learn."""
+    datalist = json.loads((graded / "datalist.json").read_text())
+    rng = np.random.default_rng(1)
+    rows, grades, scores = [], [], []
+    for entry in datalist["training"]:
+        score = entry["label"] + 0.45 + rng.normal(0, 0.1)
+        grades.append(entry["label"])
+        scores.append(score)
+        rows.append(f"{(graded / entry['image']).resolve()},{score:.6f},0,{score:.6f}")
+    csv_path = tmp_path / "oof.csv"
+    csv_path.write_text("image,score,grade,m/fold0\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--predictions", str(csv_path), "--datalist", str(graded / "datalist.json"),
+                     "--section", "training", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    default = np.searchsorted([0.5, 1.5, 2.5, 3.5], scores, side="right")
+    assert metrics["kappa"] == pytest.approx(cohen_kappa_score(grades, default, weights="quadratic",
+                                                               labels=range(5)))
+    assert metrics["cut_points"]["adopted"] and metrics["with_cut_points"]["kappa"] >= metrics["kappa"]
+    assert metrics["with_cut_points"]["accuracy"] == 1.0 and metrics["members"]["m/fold0"] == metrics["kappa"]
+    assert (out / "confusion.png").stat().st_size > 0 and (out / "cut_points.json").is_file()
+    assert "searched cuts" in capsys.readouterr().out
+
+
+def test_ensemble_of_grading_csvs_three_ways(tmp_path):
+    """Two members' scores on three images: the mean of scores, the label average (each member's own cuts),
+    the scaled average, worked by hand; unknown methods and mixed CSVs are refused."""
+    images = [str(tmp_path / f"i{k}.png") for k in range(3)]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for path, member, scores in ((a, "x", (0.4, 1.6, 3.0)), (b, "y", (1.0, 1.2, 3.8))):
+        path.write_text(f"image,score,grade,{member}\n"
+                        + "".join(f"{i},{s},0,{s}\n" for i, s in zip(images, scores, strict=True)))
+    cuts_b = tmp_path / "cuts_b.json"
+    cuts_b.write_text(json.dumps({"cuts": [0.7, 1.7, 2.7, 3.7]}))
+    cuts_a = tmp_path / "cuts_a.json"
+    cuts_a.write_text(json.dumps({"cuts": [0.5, 1.5, 2.5, 3.5]}))
+
+    def ensemble(method: str, *extra: str) -> list[list[str]]:
+        out = tmp_path / f"{method}.csv"
+        assert cli.main(["ensemble", str(a), str(b), "--method", method, "--out", str(out), *extra]) == 0
+        return [line.split(",") for line in out.read_text().splitlines()]
+
+    mean = ensemble("mean")
+    assert mean[0] == ["image", "score", "grade", "a", "b"]
+    assert [(float(r[1]), int(r[2])) for r in mean[1:]] == [(0.7, 1), (1.4, 1), (3.4, 3)]
+    labels = ensemble("label-average", "--member-cuts", str(cuts_a), str(cuts_b))
+    # grades a: 0, 2, 3; b (cuts 0.7..3.7): 1, 1, 4 -> means 0.5, 1.5, 3.5 -> rounded half up 1, 2, 4
+    assert [(float(r[1]), int(r[2])) for r in labels[1:]] == [(0.5, 1), (1.5, 2), (3.5, 4)]
+    scaled = ensemble("scaled-average", "--member-cuts", str(cuts_a), str(cuts_b))
+    # b on the common scale: 1.0 -> 0.8, 1.2 -> 1.0, 3.8 -> 3.6; means 0.6, 1.3, 3.3
+    assert [round(float(r[1]), 6) for r in scaled[1:]] == [0.6, 1.3, 3.3]
+    assert [int(r[2]) for r in scaled[1:]] == [1, 1, 3]
+    assert cli.main(["ensemble", str(a), str(b), "--method", "vote", "--out", str(tmp_path / "v.csv")]) == 2
+    probs = tmp_path / "p.csv"
+    probs.write_text(f"image,prob\n{images[0]},0.5\n")
+    assert cli.main(["ensemble", str(a), str(probs), "--out", str(tmp_path / "m.csv")]) == 2

@@ -26,6 +26,12 @@ stem (with parent folders added where two stems are equal), holding that CSV's `
   ``prob >= --threshold`` (default 0.5, the rule of ``stas evaluate``), exact ties to ``--tie``. A 0/1 column
   ranks images poorly: use ``mean`` where an AUC is to be measured.
 
+Grading CSVs (``image,score,grade,<member>...``) are joined the same way into ``image,score,grade,<A>,<B>...``
+with ``--method mean`` (the mean score, cut at [0.5, 1.5, 2.5, 3.5]), ``label-average`` (each member's grade,
+cut at its own cut points, averaged, then rounded half up) or ``scaled-average`` (each member's score mapped
+through its own cut points onto the common scale, averaged, then cut); a member's cut points come from
+``--member-cuts``, one ``cut_points.json`` of ``stas evaluate`` per member (default: [0.5, 1.5, 2.5, 3.5]).
+
 An image missing from some members (or whose row there is unusable) is reported as ``ERROR <image>: missing from
 <files>`` and left out (exit 1). ``C.csv`` is written atomically and an existing one is kept unless
 ``--overwrite``.
@@ -50,6 +56,7 @@ from stas_pipeline.core.problems import Problems
 
 STAGE = "ensemble"
 METHODS = ("vote", "mean")
+GRADING_METHODS = ("mean", "label-average", "scaled-average")
 TIES = ("background", "foreground")
 MEMBER_SUFFIXES = (".png", ".npy")
 
@@ -269,6 +276,7 @@ def ensemble_csvs(
     tie: str = "background",
     threshold: float = 0.5,
     overwrite: bool = False,
+    member_cuts: Sequence[str | Path] | None = None,
 ) -> Problems:
     """Ensemble image-level prediction CSVs into the CSV ``out`` (see the module doc), joined on ``image``.
 
@@ -276,10 +284,21 @@ def ensemble_csvs(
     existing ``out`` without ``overwrite`` and :class:`NothingWrittenError` when every image was skipped.
     """
     from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv, write_scores_csv
+    from stas_pipeline.tasks.grading.evaluation import is_grading_csv
 
     members, out = [Path(m) for m in members], Path(out)
-    if method not in METHODS:
-        raise InputFolderError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    grading = {is_grading_csv(m) for m in members}
+    if len(grading) > 1:
+        raise InputFolderError("members mix grading CSVs (image,score,grade,...) and probability CSVs")
+    grading = grading.pop()
+    known = GRADING_METHODS if grading else METHODS
+    if method not in known:
+        raise InputFolderError(f"unknown method {method!r} for {'grading' if grading else 'probability'} CSVs "
+                               f"(known: {', '.join(known)})")
+    if grading and weights is not None:
+        raise InputFolderError("--weights: not for grading CSVs")
+    if member_cuts is not None and (not grading or len(member_cuts) != len(members)):
+        raise InputFolderError("--member-cuts: one cut_points.json per grading member CSV")
     if not is_csv_member(out):
         raise InputFolderError(f"{out}: the output of CSV members is a .csv file")
     if out.exists() and not overwrite:
@@ -295,7 +314,7 @@ def ensemble_csvs(
     tables = []
     for member in members:
         try:
-            tables.append(read_predictions_csv(member, problems)[1])
+            tables.append(read_predictions_csv(member, problems, "score" if grading else "prob")[1])
         except PredictionsError as e:
             raise InputFolderError(str(e)) from None
     names = csv_member_names(members)
@@ -310,6 +329,11 @@ def ensemble_csvs(
     if not kept:
         raise NothingWrittenError(f"{out}: no image is in every member CSV; nothing written")
     probs = [np.array([table[image].prob for image in kept]) for table in tables]
+    if grading:
+        rows = _grading_rows(kept, dict(zip(names, probs, strict=True)), method, member_cuts)
+        write_scores_csv(out, rows, names, overwrite, columns=("score", "grade"))
+        problems.count("written", len(rows))
+        return problems
     if method == "vote":
         result = vote([p >= threshold for p in probs], weights, tie).astype(np.float64)
     else:
@@ -321,6 +345,30 @@ def ensemble_csvs(
     write_scores_csv(out, rows, names, overwrite)
     problems.count("written", len(rows))
     return problems
+
+
+def _grading_rows(images: Sequence[str], scores: dict[str, np.ndarray], method: str,
+                  member_cuts: Sequence[str | Path] | None) -> list[dict]:
+    """The rows of a grading ensemble: image, score, grade and each member's score."""
+    import json
+
+    from stas_pipeline.tasks.grading.ensembles import label_average, mean_of_scores, scaled_average
+
+    cuts = None
+    if member_cuts is not None:
+        try:
+            cuts = {name: json.loads(Path(f).read_text())["cuts"] for name, f in zip(scores, member_cuts, strict=True)}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputFolderError(f"--member-cuts: not a cut_points.json of stas evaluate: {e}") from None
+    try:
+        if method == "mean":
+            score, grade = mean_of_scores(scores)
+        else:
+            score, grade = (label_average if method == "label-average" else scaled_average)(scores, cuts)
+    except ValueError as e:
+        raise InputFolderError(str(e)) from None
+    return [{"image": image, "score": float(score[i]), "grade": int(grade[i]),
+             **{n: float(v[i]) for n, v in scores.items()}} for i, image in enumerate(images)]
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -344,8 +392,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="output folder (written only when complete), or output .csv for CSV members",
     )
     parser.add_argument(
-        "--method", choices=METHODS, default=None,
-        help="vote or mean (default: vote for folders, mean for CSVs)",
+        "--method", choices=list(dict.fromkeys(METHODS + GRADING_METHODS)), default=None,
+        help="vote or mean (default: vote for folders, mean for CSVs); grading CSVs: mean, label-average or "
+        "scaled-average",
+    )
+    parser.add_argument(
+        "--member-cuts", nargs="+", type=Path, metavar="JSON",
+        help="grading CSVs: one cut_points.json (from stas evaluate on that member's out-of-fold predictions) per "
+        "member, in member order, for label-average and scaled-average (default: 0.5/1.5/2.5/3.5 for each)",
     )
     parser.add_argument(
         "--weights",
@@ -411,6 +465,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 tie=args.tie,
                 threshold=threshold,
                 overwrite=args.overwrite,
+                member_cuts=args.member_cuts,
             )
         else:
             problems = ensemble_folders(

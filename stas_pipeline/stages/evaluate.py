@@ -2,8 +2,10 @@
 or image-level probabilities against datalist labels.
 
 Two modes, chosen by ``--pred`` (masks, below) or ``--predictions`` (image-level: a predictions CSV against the
-0/1 labels of a datalist, AUC, sensitivity/specificity, ROC curve and worst images; see
-:mod:`stas_pipeline.tasks.classification.evaluation`, which holds that mode; this module only dispatches to it).
+labels of a datalist: for classification, AUC, sensitivity/specificity, ROC curve and worst images, see
+:mod:`stas_pipeline.tasks.classification.evaluation`; for a grading CSV (``image,score,grade,...``), quadratic
+kappa, accuracy, confusion matrix and guarded cut points, see :mod:`stas_pipeline.tasks.grading.evaluation`; this
+module only dispatches to them).
 
 ``stas evaluate --pred DIR --ref DIR [--csv FILE] [--overlays DIR --images DIR --worst N]`` scores every
 ``ref/<stem>.png`` against ``pred/<stem>.png``; both are binarised with ``value / 255 > --threshold``
@@ -299,7 +301,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def _main_image_level(args: argparse.Namespace) -> int:
+    from stas_pipeline.tasks.grading.evaluation import evaluate_grading, format_grading, is_grading_csv
+
     try:
+        if is_grading_csv(args.predictions):
+            metrics, problems = evaluate_grading(args.predictions, args.datalist, args.out,
+                                                 section=args.section or "test", overwrite=args.overwrite)
+            print(format_grading(metrics))
+            return problems.finish()
         metrics, problems = evaluate_predictions(
             args.predictions,
             args.datalist,
@@ -309,7 +318,7 @@ def _main_image_level(args: argparse.Namespace) -> int:
             worst=8 if args.worst is None else args.worst,
             overwrite=args.overwrite,
         )
-    except (PredictionsError, OutputExistsError) as e:
+    except (PredictionsError, OutputExistsError, OSError, ValueError) as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 2
     print(format_metrics(metrics))

@@ -73,21 +73,24 @@ class SectionLabels:
     labels: dict[str, int]
     pseudo: set[str]  # pseudo-labelled entries: not ground truth
     unlabelled: set[str]
+    folds: dict[str, int]  # the fold of each labelled entry that has one
 
 
-def _label(value: object) -> int | None:
-    """0 or 1 from a JSON label (0, 1, 0.0, 1.0); None for anything else (bools and mask paths included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+def _label(value: object, classes: Sequence[int]) -> int | None:
+    """One of ``classes`` from a JSON label (0, 1, 1.0, ...); None for anything else (bools, mask paths)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in classes:
         return None
     return int(value)
 
 
-def read_section_labels(datalist: str | Path, section: str, problems: Problems) -> SectionLabels:
-    """The 0/1 labels of ``datalist``'s ``section`` (read with MONAI's ``load_decathlon_datalist``).
+def read_section_labels(datalist: str | Path, section: str, problems: Problems,
+                        classes: Sequence[int] = (0, 1)) -> SectionLabels:
+    """The labels (0/1, or any of ``classes``, e.g. grades 0-4) of ``datalist``'s ``section`` (read with MONAI's
+    ``load_decathlon_datalist``), and the folds of those entries.
 
     Entries with ``pseudo_round`` and entries without ``label`` are set apart; an entry without an image, with a
-    label other than 0/1 or repeating an image is reported and left out. Raises :class:`PredictionsError` for an
-    unreadable datalist, a missing section, or labels that are all paths (a segmentation datalist).
+    label not in ``classes`` or repeating an image is reported and left out. Raises :class:`PredictionsError` for
+    an unreadable datalist, a missing section, or labels that are all paths (a segmentation datalist).
     """
     from monai.data import load_decathlon_datalist
 
@@ -99,6 +102,7 @@ def read_section_labels(datalist: str | Path, section: str, problems: Problems) 
     except (OSError, ValueError, TypeError) as e:
         raise PredictionsError(f"{datalist}: cannot read the datalist: {e}") from None
     labels: dict[str, int] = {}
+    folds: dict[str, int] = {}
     pseudo: set[str] = set()
     unlabelled: set[str] = set()
     bad: list[tuple[str, str]] = []
@@ -115,19 +119,22 @@ def read_section_labels(datalist: str | Path, section: str, problems: Problems) 
         if "label" not in entry:
             unlabelled.add(key)
             continue
-        label = _label(entry["label"])
+        label = _label(entry["label"], classes)
         if label is None:
-            bad.append((key, f"label {entry['label']!r} is not 0 or 1 ({where})"))
+            names = " or ".join(map(str, classes)) if len(classes) == 2 else f"one of {list(classes)}"
+            bad.append((key, f"label {entry['label']!r} is not {names} ({where})"))
         elif key in labels:
             bad.append((key, f"listed twice in the {section!r} section of {datalist}; the first entry is used"))
         else:
             labels[key] = label
+            if isinstance(entry.get("fold"), int):
+                folds[key] = entry["fold"]
     if not labels and any(isinstance(e.get("label"), str) for e in items):
         raise PredictionsError(f"{datalist}: the {section!r} labels are paths, not 0/1 (a segmentation datalist? "
                                "masks are scored with --pred/--ref)")
     for where, reason in bad:
         problems.skip(where, reason)
-    return SectionLabels(labels, pseudo, unlabelled)
+    return SectionLabels(labels, pseudo, unlabelled, folds)
 
 
 # --- scores ---------------------------------------------------------------------------------------------------

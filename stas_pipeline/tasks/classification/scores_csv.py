@@ -29,8 +29,8 @@ class Prediction:
     """One row of a predictions CSV."""
 
     image: str  # the resolved absolute path: the key predictions and datalists are joined on
-    prob: float
-    members: dict[str, float] = field(default_factory=dict)  # member column -> probability, non-empty cells only
+    prob: float  # the row's value: the probability (classification) or the grade score (grading, column "score")
+    members: dict[str, float] = field(default_factory=dict)  # member column -> value, non-empty cells only
     line: int = 0
 
 
@@ -40,22 +40,28 @@ def image_key(text: str | Path, base: str | Path) -> str:
     return str((path if path.is_absolute() else Path(base) / path).resolve())
 
 
-def _probability(text: str | None) -> float:
+DERIVED = ("grade",)  # columns computed from the value, not members
+
+
+def _number(text: str | None, column: str) -> float:
+    """A cell of ``column``: a finite number, in [0, 1] for a probability (``prob``)."""
     try:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise ValueError(f"{text} is outside [0, 1]")
+    if not math.isfinite(value) or (column == "prob" and not 0 <= value <= 1):
+        raise ValueError(f"{text} is outside [0, 1]" if column == "prob" else f"{text} is not finite")
     return value
 
 
-def read_predictions_csv(path: str | Path, problems: Problems) -> tuple[list[str], dict[str, Prediction]]:
-    """The member column names and the usable rows (image key -> :class:`Prediction`, file order) of ``path``.
+def read_predictions_csv(path: str | Path, problems: Problems,
+                         column: str = "prob") -> tuple[list[str], dict[str, Prediction]]:
+    """The member column names and the usable rows (image key -> :class:`Prediction`, file order) of ``path``;
+    ``column`` is the value column (``prob``, or ``score`` for grading CSVs, whose ``grade`` column is skipped).
 
-    A row with an empty image, a ``prob`` that is not a number in [0, 1] or an image seen before is reported to
-    ``problems`` and left out; a bad member cell is a warning and counts as empty. Raises :class:`PredictionsError`
-    for a file that cannot be read or lacks the ``image``/``prob`` columns.
+    A row with an empty image, a value that is not a number (a ``prob`` not in [0, 1]) or an image seen before is
+    reported to ``problems`` and left out; a bad member cell is a warning and counts as empty. Raises
+    :class:`PredictionsError` for a file that cannot be read or lacks the ``image``/value columns.
     """
     path = Path(path)
     rows: dict[str, Prediction] = {}
@@ -63,12 +69,12 @@ def read_predictions_csv(path: str | Path, problems: Problems) -> tuple[list[str
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
-            missing = [c for c in ("image", "prob") if c not in header]
+            missing = [c for c in ("image", column) if c not in header]
             if missing:
                 raise PredictionsError(
                     f"{path}: no {' or '.join(repr(c) for c in missing)} column (header: {', '.join(header) or 'none'}"
-                    "); a predictions CSV of stas predict starts image,prob,...")
-            members = [c for c in header if c and c not in ("image", "prob")]
+                    f"); a predictions CSV of stas predict starts image,{column},...")
+            members = [c for c in header if c and c not in ("image", column, *DERIVED)]
             for row in reader:
                 line = reader.line_num
                 text = (row.get("image") or "").strip()
@@ -77,9 +83,9 @@ def read_predictions_csv(path: str | Path, problems: Problems) -> tuple[list[str
                     continue
                 key = image_key(text, path.parent)
                 try:
-                    prob = _probability(row.get("prob"))
+                    prob = _number(row.get(column), column)
                 except ValueError as e:
-                    problems.skip(key, f"prob {e} ({path} line {line})")
+                    problems.skip(key, f"{column} {e} ({path} line {line})")
                     continue
                 if key in rows:
                     problems.skip(key, f"listed again on line {line} of {path}; the row of line {rows[key].line} "
@@ -90,7 +96,7 @@ def read_predictions_csv(path: str | Path, problems: Problems) -> tuple[list[str
                     cell = (row.get(name) or "").strip()
                     if cell:
                         try:
-                            values[name] = _probability(cell)
+                            values[name] = _number(cell, column)
                         except ValueError as e:
                             problems.warn(key, f"member {name}: {e} ({path} line {line}); taken as empty")
                 rows[key] = Prediction(key, prob, values, line)

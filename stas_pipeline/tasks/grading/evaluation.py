@@ -1,0 +1,105 @@
+"""Grading evaluation: a predictions CSV ``image,score,grade,<member>...`` (``stas predict`` on grading runs)
+scored against the grades 0-4 of a datalist section.
+
+``stas evaluate --predictions P.csv --datalist D.json [--section test|training] --out DIR`` detects a grading
+CSV by its ``score`` and ``grade`` columns. Scores: quadratic weighted kappa, accuracy and the confusion matrix
+of the scores cut at the default cut points [0.5, 1.5, 2.5, 3.5], and the kappa of each member column. With out-of-fold
+predictions (``--section training``, whose entries carry their fold) the cut points are also searched, guarded
+against overfitting (:func:`stas_pipeline.tasks.grading.cut_points.guarded_search`: fitted on the other folds,
+scored on the held fold, adopted only when they win there); both results are reported.
+
+Outputs in ``DIR``: ``metrics.json`` (written last), ``per_image.csv`` (image, grade, score, predicted grade),
+``confusion.png`` (with the cut points used), ``cut_points.json`` for out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from stas_pipeline.core.fileio import OutputExistsError, write_bytes, write_json
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.classification.evaluation import read_section_labels
+from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
+from stas_pipeline.tasks.grading.cut_points import guarded_search
+from stas_pipeline.tasks.grading.metrics import DEFAULT_CUTS, N_GRADES, cut, grading_scores, plot_confusion
+
+OUTPUTS = ("metrics.json", "per_image.csv", "confusion.png", "cut_points.json")
+
+
+def is_grading_csv(path: str | Path) -> bool:
+    """Whether a predictions CSV is a grading one (its header has ``score`` and ``grade``); False for an
+    unreadable file, which the CSV reader then reports."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
+            return {"score", "grade"} <= set(next(csv.reader(f), []))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | Path, section: str = "test",
+                     overwrite: bool = False, problems: Problems | None = None) -> tuple[dict, Problems]:
+    """Score ``predictions`` against ``datalist``'s ``section`` into ``out`` (see the module doc)."""
+    problems = problems or Problems("evaluate")
+    out = Path(out)
+    if not overwrite and any((out / name).exists() for name in OUTPUTS):
+        raise OutputExistsError(f"{out}: holds an earlier evaluation; pass --overwrite or another --out")
+    members, rows = read_predictions_csv(predictions, problems, column="score")
+    truth = read_section_labels(datalist, section, problems, classes=range(N_GRADES))
+    for key in rows.keys() - truth.labels.keys() - truth.pseudo:
+        problems.skip(key, f"predicted but not a labelled image of the {section!r} section of {datalist}")
+    for key in truth.labels.keys() - rows.keys():
+        problems.skip(key, f"labelled in the {section!r} section but not in {predictions}")
+    keys = sorted(rows.keys() & truth.labels.keys())
+    if not keys:
+        raise PredictionsError(f"{predictions}: no prediction matches a labelled image of {datalist} {section!r}")
+    grades = np.array([truth.labels[k] for k in keys])
+    scores = np.array([rows[k].prob for k in keys])
+    metrics = {"predictions": str(predictions), "datalist": str(datalist), "section": section,
+               **grading_scores(grades, scores, DEFAULT_CUTS), "members": {}}
+    for name in members:
+        scored = [k for k in keys if name in rows[k].members]
+        if scored:
+            metrics["members"][name] = grading_scores([truth.labels[k] for k in scored],
+                                                      [rows[k].members[name] for k in scored], DEFAULT_CUTS)["kappa"]
+    out.mkdir(parents=True, exist_ok=True)
+    cuts = DEFAULT_CUTS
+    if all(k in truth.folds for k in keys) and len({truth.folds[k] for k in keys}) > 1:
+        search = guarded_search(scores, grades, [truth.folds[k] for k in keys])
+        write_json(out / "cut_points.json", search, overwrite=True)
+        cuts = tuple(search["cuts"])
+        metrics["cut_points"] = {"adopted": search["adopted"], "cuts": list(cuts),
+                                 "held_out_kappa_default": search["mean_default_kappa"],
+                                 "held_out_kappa_searched": search["mean_searched_kappa"]}
+        metrics["with_cut_points"] = grading_scores(grades, scores, cuts)
+    predicted = cut(scores, cuts)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["image", "grade", "score", "predicted"])
+    writer.writerows([k, g, f"{s:.6f}", p] for k, g, s, p in zip(keys, grades, scores, predicted, strict=True))
+    write_bytes(out / "per_image.csv", text.getvalue().encode(), overwrite=True)
+    final = metrics.get("with_cut_points", metrics)
+    plot_confusion(out / "confusion.png", final["confusion"],
+                   f"kappa {final['kappa']:.3f}, cuts {', '.join(f'{c:.2f}' for c in cuts)}", overwrite=True)
+    metrics["skipped"] = len(problems.skipped)
+    problems.count("scored", len(keys))
+    write_json(out / "metrics.json", metrics, overwrite=True)
+    return metrics, problems
+
+
+def format_grading(metrics: dict) -> str:
+    """The lines ``stas evaluate`` prints for a grading evaluation."""
+    lines = [f"  kappa        {metrics['kappa']:.4f}   (quadratic weighted, cuts 0.5/1.5/2.5/3.5)",
+             f"  accuracy     {metrics['accuracy']:.4f}", f"  images       {metrics['n']}"]
+    if "cut_points" in metrics:
+        c = metrics["cut_points"]
+        lines.append(f"  searched cuts {', '.join(f'{v:.2f}' for v in c['cuts'])}: held-out kappa "
+                     f"{c['held_out_kappa_searched']:.4f} vs {c['held_out_kappa_default']:.4f} default -> "
+                     f"{'adopted' if c['adopted'] else 'kept the defaults'}; kappa "
+                     f"{metrics['with_cut_points']['kappa']:.4f}")
+    lines += [f"  member {name}: kappa {kappa:.4f}" for name, kappa in metrics["members"].items()
+              if kappa is not None]
+    return "\n".join(lines)
