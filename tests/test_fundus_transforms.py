@@ -1,4 +1,5 @@
-"""Fundus preprocessing (black-border crop, centre crop, resize) as a bundle declares it, and RandAugMixd.
+"""Fundus preprocessing (black-border crop, centre crop, resize) as a bundle declares it; RandAugMixd,
+RandColorJitterd and the image-level training chain with its augmentation knobs.
 
 Real images: scikit-image's bundled fundus photograph (``skimage.data.retina``, no download) written as a JPEG,
 and made discs on black with known borders; everything runs through MONAI's own LoadImaged/Compose."""
@@ -18,7 +19,7 @@ from monai.transforms import CenterScaleCropd, Compose, RandFlipd
 from PIL import Image
 
 from stas_pipeline.core.lmdb_cache import Preprocessing
-from stas_pipeline.core.transforms import ChannelThreshold, FundusBorderCropd, RandAugMixd
+from stas_pipeline.core.transforms import ChannelThreshold, FundusBorderCropd, RandAugMixd, RandColorJitterd
 
 THRESHOLD = 10
 
@@ -325,3 +326,128 @@ def test_augmentation_declared_in_a_bundle(photo):
     chain.set_random_state(seed=0)
     out = chain({"image": photo})["image"]
     assert out.shape == photo.shape and out.dtype == torch.uint8
+
+
+# --- colour jitter ----------------------------------------------------------------------------------------------
+
+
+def jitter(image, seed, strength=0.2):
+    return RandColorJitterd("image", strength).set_random_state(seed=seed)({"image": image})["image"]
+
+
+def test_jitter_strength_zero_is_identity(photo):
+    assert jitter(photo, 0, strength=0) is photo
+
+
+def test_jitter_same_seed_same_output_different_seed_different_output(photo):
+    assert torch.equal(jitter(photo, 1), jitter(photo, 1))
+    assert not torch.equal(jitter(photo, 1), jitter(photo, 2))
+    assert not torch.equal(jitter(photo, 1), photo)
+    state = torch.get_rng_state()
+    jitter(photo, 3)
+    assert torch.equal(torch.get_rng_state(), state)  # drawn from the transform's own generator
+
+
+def test_jitter_is_torchvisions_adjustments_with_the_drawn_factors(photo):
+    from torchvision.transforms import functional as TF
+
+    t = RandColorJitterd("image", 0.4).set_random_state(seed=4)
+    out = t({"image": photo})["image"]
+    assert sorted(t._order) == [0, 1, 2] and all(0.6 <= f <= 1.4 for f in t._factors)
+    expected = photo.float() / 255
+    for k in t._order:
+        expected = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)[k](expected, t._factors[k])
+    assert torch.equal(out, torch.round(expected * 255).to(torch.uint8))
+
+
+def test_jitter_brightness_factor_stays_in_range():
+    """A grey constant image: contrast and saturation leave it alone, brightness scales it by its factor."""
+    grey = torch.full((3, 8, 8), 100.0)
+    factors = [float(jitter(grey, seed, strength=0.3)[0, 0, 0]) / 100 for seed in range(40)]
+    assert all(0.7 - 1e-6 <= f <= 1.3 + 1e-6 for f in factors)
+    assert min(factors) < 0.9 and max(factors) > 1.1
+
+
+@pytest.mark.parametrize("kind", ["tensor", "meta", "numpy", "float", "grey"])
+def test_jitter_keeps_type_dtype_and_shape(photo, kind):
+    image = {
+        "tensor": photo,
+        "meta": MetaTensor(photo, meta={"filename_or_obj": "retina.jpg"}),
+        "numpy": photo.numpy(),
+        "float": photo.float(),
+        "grey": photo[1:2].numpy().astype(np.float32),
+    }[kind]
+    out = jitter(image, 5, strength=0.5)
+    assert type(out) is type(image) and out.dtype == image.dtype and tuple(out.shape) == tuple(image.shape)
+    assert 0 <= np.asarray(out).min() and np.asarray(out).max() <= 255
+
+
+@pytest.mark.parametrize("strength", [-0.1, float("inf"), True, "0.2"])
+def test_jitter_bad_strength(strength):
+    with pytest.raises(ValueError, match="strength"):
+        RandColorJitterd("image", strength)
+
+
+# --- the training chain the image-level bundles declare --------------------------------------------------------
+
+
+def train_chain(**knobs) -> tuple[Compose, dict]:
+    from stas_pipeline.core.bundles import parsed_content
+
+    return parsed_content("fundus_lite0", ["task#train_transforms", "task#run_info"], {"image_size": 128, **knobs})
+
+
+def chain_names(chain: Compose) -> list[str]:
+    return [type(t).__name__ for t in chain.transforms]
+
+
+def augmented(chain: Compose, photo: torch.Tensor, seed: int) -> torch.Tensor:
+    chain.set_random_state(seed=seed)
+    return torch.stack([chain({"image": photo, "label": torch.tensor(1.0)})["image"] for _ in range(8)])
+
+
+NORMALIZE = ["ScaleIntensityRanged", "NormalizeIntensityd", "EnsureTyped"]
+
+
+def test_new_augmentation_knobs_are_off_by_default_and_recorded(photo):
+    chain, info = train_chain()
+    assert chain_names(chain) == ["RandFlipd", "RandFlipd", "RandRotate90d", "RandAugMixd", *NORMALIZE]
+    assert (info["rotate_degrees"], info["crop_scale"], info["color_jitter"]) == (0, 1.0, 0.0)
+    off, _ = train_chain(flip_prob=0.0)  # nothing random left: the cached image, normalised
+    expected = Compose(off.transforms[-3:])({"image": photo})["image"]
+    assert torch.equal(augmented(off, photo, 0)[0], expected)
+
+
+@pytest.mark.parametrize(("knobs", "added"), [
+    ({"rotate_degrees": 15}, ["RandRotated"]),
+    ({"crop_scale": 0.7}, ["RandScaleCropd", "Resized"]),
+    ({"color_jitter": 0.2}, ["RandColorJitterd"]),
+    ({"rotate_degrees": 15, "crop_scale": 0.7, "color_jitter": 0.2},
+     ["RandRotated", "RandScaleCropd", "Resized", "RandColorJitterd"]),
+])
+def test_each_knob_adds_its_transform_in_order_keeps_the_shape_and_is_seeded(photo, knobs, added):
+    chain, info = train_chain(flip_prob=0.0, **knobs)
+    assert chain_names(chain) == ["RandFlipd", "RandFlipd", "RandRotate90d", *added, "RandAugMixd", *NORMALIZE]
+    assert all(info[k] == v for k, v in knobs.items())
+    out = augmented(chain, photo, 1)
+    assert out.shape == (8, 3, 128, 128)
+    assert torch.equal(out, augmented(chain, photo, 1))
+    assert not torch.equal(out, augmented(chain, photo, 2))
+    plain, _ = train_chain(flip_prob=0.0)
+    assert not torch.equal(out, augmented(plain, photo, 1))
+
+
+def test_rotation_and_crop_parameters():
+    chain, _ = train_chain(rotate_degrees=30, crop_scale=0.75)
+    rotate, crop, resize = chain.transforms[3:6]
+    assert rotate.prob == 0.5 and rotate.rand_rotate.range_x == pytest.approx((-math.pi / 6, math.pi / 6))
+    assert rotate.padding_mode == ("zeros",)
+    rotate.set_random_state(seed=0)
+    corners = [float(rotate({"image": torch.full((3, 128, 128), 200.0)})["image"][:, 0, 0].max()) for _ in range(8)]
+    assert 0.0 in corners and 200.0 in corners  # black corners where rotated, half of the time
+    sizes = set()
+    for seed in range(20):
+        crop.set_random_state(seed=seed)
+        sizes.update(crop({"image": torch.zeros(3, 128, 128)})["image"].shape[1:])
+    assert min(sizes) >= 96 and max(sizes) <= 128 and len(sizes) > 5
+    assert tuple(resize.resizer.spatial_size) == (128, 128)

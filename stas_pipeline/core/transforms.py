@@ -12,8 +12,8 @@ parameter is an attribute of the transform or of its members, so the cache's des
 (:func:`stas_pipeline.core.lmdb_cache.describe`) changes with it. ``CenterScaleCropd`` is used as MONAI ships it:
 a fraction <= 0 means 1.0 and a fraction > 1 crops nothing (it never pads).
 
-:class:`RandAugMixd` is timm's AugMix as a MONAI randomizable dictionary transform, for the training chain
-(after the cache, before intensity scaling).
+:class:`RandAugMixd` (timm's AugMix) and :class:`RandColorJitterd` (torchvision's ColorJitter) are MONAI randomizable
+dictionary transforms for the training chain (after the cache, before intensity scaling).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import CropForegroundd, MapTransform, RandomizableTransform
+from monai.transforms import CropForegroundd, MapTransform, Randomizable, RandomizableTransform
 from monai.utils import convert_to_dst_type
 from PIL import Image
 from timm.data.auto_augment import augment_and_mix_transform
+from torchvision.transforms import functional as TF
 
 
 class ResizeLiked(MapTransform):
@@ -200,3 +201,47 @@ class RandAugMixd(RandomizableTransform, MapTransform):
             np.random.set_state(np_state)
         out = np.moveaxis(out, -1, 0)[: arr.shape[0]]  # a grey image stays grey through every op: keep one channel
         return convert_to_dst_type(np.ascontiguousarray(out), dst=img)[0]
+
+
+class RandColorJitterd(Randomizable, MapTransform):
+    """Brightness, contrast and saturation jitter of ``strength`` s, as torchvision's ``ColorJitter(s, s, s)``
+    computes it: each factor drawn uniformly in [max(0, 1 - s), 1 + s], the three ``adjust_*`` functions of
+    ``torchvision.transforms.functional`` applied in a random order to the image scaled to [0, 1] (clipped there).
+    ``keys``: (C, H, W) images on the 0..255 scale (C = 1 or 3; saturation leaves a grey image alone), as
+    tensors, MetaTensors or arrays; each comes back with its type, dtype and shape (integers rounded).
+    ``strength`` 0 turns it off (the images are returned as they are).
+
+    The factors and order are drawn from this transform's ``self.R`` (ColorJitter would use torch's global
+    generator), so ``set_random_state`` / MONAI's per-worker seeding make runs reproducible; all ``keys`` of one
+    sample get the same jitter."""
+
+    ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+
+    def __init__(self, keys: KeysCollection, strength: float = 0.2, allow_missing_keys: bool = False):
+        if isinstance(strength, bool) or not isinstance(strength, Real) or not 0 <= strength < np.inf:
+            raise ValueError(f"RandColorJitterd: strength must be a number >= 0 (0 = off), got {strength!r}")
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.strength = float(strength)
+        self._factors, self._order = np.ones(3), np.arange(3)
+
+    def randomize(self, data=None) -> None:
+        self._factors = self.R.uniform(max(0.0, 1.0 - self.strength), 1.0 + self.strength, size=3)
+        self._order = self.R.permutation(3)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if self.strength == 0:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self._jitter(d[key])
+        return d
+
+    def _jitter(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if img.ndim != 3 or img.shape[0] not in (1, 3):
+            raise ValueError(f"RandColorJitterd expects a (C, H, W) image with C = 1 or 3, got {tuple(img.shape)}")
+        x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        integral, x = not torch.is_floating_point(x), x.float() / 255
+        for k in self._order:
+            x = self.ADJUST[k](x, float(self._factors[k]))
+        return convert_to_dst_type(torch.round(x * 255) if integral else x * 255, dst=img)[0]

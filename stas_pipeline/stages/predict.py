@@ -16,25 +16,39 @@ images larger than it). Memory does not grow with the number of images.
 Image-level runs (a classification bundle; the task is read from ``best.json``) write ``--out`` as a CSV
 ``image,prob,<run>...`` instead (fold mean in ``prob``), each image through the run's own declared chain; with
 ``--datalist D --out-of-fold`` each training image is predicted by the run of its fold only (out-of-fold
-predictions, for the CV AUC). See stas_pipeline/tasks/classification/inference.py.
+predictions, for the CV AUC); ``--tta`` also takes ``two-crop`` and ``ten-crop`` for them. See
+stas_pipeline/tasks/classification/inference.py.
+
+``--estimate [N]`` (any task) writes nothing: it loads the checkpoints, predicts a warm-up batch, then times the
+first N images (8; at least one batch) with the full settings (every checkpoint, TTA, mode, batch size,
+workers, device; segmentation outputs go to a temporary folder, removed) and prints the projected wall time
+for the whole image list, checkpoint loading included. Check it against an inference time limit before the
+run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from stas_pipeline.core.bundles import BundleError
+from stas_pipeline.core.cli_types import positive_int
 from stas_pipeline.core.fileio import OutputExistsError
 from stas_pipeline.core.mask_io import InputFolderError
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError
 from stas_pipeline.core.trained_runs import TTA_FLIPS, load_trained_run, run_info_of
 from stas_pipeline.tasks import Task, get_task
+from stas_pipeline.tasks.classification.inference import TTA_MODES, predict_scores
 from stas_pipeline.tasks.segmentation.inference import MODES, load_run_model, predict_images
+
+Predictor = Callable[[Sequence[Path], bool], Problems]  # (images, estimating) -> problems; estimating writes nothing
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -59,8 +73,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="segmentation: resize: to the training size and back (the recipe's); sliding_window: "
                              "overlapping windows of the training size at the original resolution (default resize)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
-    parser.add_argument("--tta", choices=list(TTA_FLIPS), default="none",
-                        help="flip test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips)")
+    parser.add_argument("--tta", choices=list(TTA_MODES), default="none",
+                        help="test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips); "
+                             "image-level runs also two-crop (the image and its centre crop) and ten-crop "
+                             "(torchvision's TenCrop), crops of 0.875 of each side resized back")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per forward pass in resize mode and for image-level tasks, windows per pass "
                              "in sliding_window mode (1)")
@@ -69,13 +85,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--estimate", type=positive_int, nargs="?", const=8, metavar="N",
+                        help="write nothing: time the first N images (default 8) after a warm-up batch and print "
+                             "the projected wall time for all the images")
     return parser
 
 
-def _predict_image_level(args: argparse.Namespace, infos: list[dict], task: Task) -> Problems:
+def _image_level(args: argparse.Namespace, infos: list[dict], task: Task) -> tuple[list[Path], Predictor]:
+    """The images to predict and their predictor, for image-level runs."""
     from stas_pipeline.core.datalist import load_fold
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
-    from stas_pipeline.tasks.classification.inference import predict_scores
 
     runs = []
     for checkpoint, info in zip(args.checkpoint, infos, strict=True):
@@ -98,31 +117,71 @@ def _predict_image_level(args: argparse.Namespace, infos: list[dict], task: Task
         def grade_of(score: float) -> int:
             return int(cut([score])[0])
 
-    problems, _ = predict_scores(runs, images, args.out, args.tta, args.batch_size, args.workers, args.amp,
-                                 args.overwrite, assignments=assignments, value=task.csv_columns[0],
-                                 grade_of=grade_of)
-    return problems
+    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+        return predict_scores(runs, chosen, None if estimating else args.out, args.tta, args.batch_size,
+                              args.workers, args.amp, args.overwrite, assignments=assignments,
+                              value=task.csv_columns[0], grade_of=grade_of)[0]
+
+    return images, predict
+
+
+def _segmentation(args: argparse.Namespace) -> tuple[list[Path], Predictor]:
+    """The images to predict and their predictor, for segmentation runs."""
+    from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
+
+    images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
+    models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+    settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
+                args.amp)
+
+    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+        if not estimating:
+            return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite)
+        with tempfile.TemporaryDirectory() as tmp:  # written as the run would write them, then removed
+            probs = Path(tmp, "probs") if args.save_probs else None
+            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True)
+
+    return images, predict
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+def estimate(images: Sequence[Path], predict: Predictor, n: int, batch_size: int, loading_s: float) -> str:
+    """Predict a warm-up batch, then time the first ``n`` images (at least one batch): the projected wall time
+    for all ``images``, ``loading_s`` (the checkpoints' loading) included."""
+    sample = list(images[:max(n, batch_size)])
+    predict(sample[:batch_size], True)  # first-call costs: lazy initialisation, cuDNN autotuning, caches
+    start = time.perf_counter()
+    predict(sample, True)
+    per_image = (time.perf_counter() - start) / max(len(sample), 1)
+    return (f"projected {_duration(loading_s + per_image * len(images))} for {len(images):,} images: "
+            f"{per_image:.3g} s/image timed on {len(sample)} after a warm-up batch, plus {loading_s:.0f} s loading "
+            "the checkpoints")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
-
     try:
+        start = time.perf_counter()
         infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
         tasks = {get_task(info.get("task", "segmentation")) for info in infos}
         if len(tasks) > 1:
             raise ValueError(f"the checkpoints are of different tasks: {sorted(t.name for t in tasks)}")
-        if args.out_of_fold and (args.datalist is None or not next(iter(tasks)).image_level):
+        task = next(iter(tasks))
+        if args.out_of_fold and (args.datalist is None or not task.image_level):
             raise ValueError("--out-of-fold needs --datalist and image-level runs")
-        if next(iter(tasks)).image_level:
-            problems = _predict_image_level(args, infos, next(iter(tasks)))
-        else:
-            images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
-            models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
-            problems = predict_images(models, images, args.out, args.save_probs, args.probs_format, args.threshold,
-                                      args.mode, args.tta, args.overlap, args.batch_size, args.workers, args.amp,
-                                      args.overwrite)
+        if args.tta not in TTA_FLIPS and not task.image_level:
+            raise ValueError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
+        images, predict = _image_level(args, infos, task) if task.image_level else _segmentation(args)
+        if args.estimate:
+            print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))
+            return 0
+        problems = predict(images, False)
     except (InputFolderError, CheckpointError, OutputExistsError, BundleError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

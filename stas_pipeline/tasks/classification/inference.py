@@ -4,7 +4,7 @@
 Each image goes through the run's own declared chain (the bundle's ``task#preprocessing``, rounded to uint8 as
 the cache stores it, then ``task#val_transforms``), so inference sees exactly what validation saw. Each run's
 ``score`` turns logits into one number per image (classification: the sigmoid of the logit; grading: the head's
-grade score); flip TTA averages it over flipped copies. The CSV has one row per image::
+grade score); TTA averages it over views of the model input. The CSV has one row per image::
 
     image,prob,<run>,<run>...            (classification)
     image,score,grade,<run>,<run>...     (grading: ``value="score"`` and ``grade_of``)
@@ -12,21 +12,38 @@ grade score); flip TTA averages it over flipped copies. The CSV has one row per 
 ``image`` is the resolved path, ``prob``/``score`` the mean over the runs (the fold mean), and one column per run
 (``<bundle>/fold<k>``). With ``assignments`` each image is predicted only by the runs named for it (out-of-fold
 predictions: every training image by the model that did not train on it).
+
+TTA (``tta``), on the model input x of size S = H x W (the training size, after the chain), one forward pass per
+view, the score averaged over the views:
+
+- ``none``: x (1 pass); ``h`` / ``v``: x and its horizontal / vertical flip (2); ``hv``: x, both flips and
+  their composition (4).
+- ``two-crop``: x and its centre crop (2).
+- ``ten-crop``: torchvision's ``TenCrop``: the four corner crops and the centre crop of x, and the same five of
+  x flipped horizontally (10).
+
+Crops are round(0.875 H) x round(0.875 W) (the centre one placed as torchvision's ``center_crop`` places it),
+each resized back to S (bilinear, ``align_corners=False``) so that the model sees its training size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from stas_pipeline.core.lmdb_cache import to_uint8
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun
 from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
+
+CROP_FRACTION = 0.875
+TTA_MODES = (*TTA_FLIPS, "two-crop", "ten-crop")
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -49,15 +66,29 @@ class _Inputs(torch.utils.data.Dataset):
             return self.paths[i], f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+def tta_views(x: torch.Tensor, tta: str) -> Iterator[torch.Tensor]:
+    """The views of ``x`` (N, C, H, W) that ``tta`` averages over (see module doc), one at a time."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+    if tta in TTA_FLIPS:
+        yield from (torch.flip(x, dims) if dims else x for dims in TTA_FLIPS[tta])
+        return
+    size = [round(CROP_FRACTION * s) for s in x.shape[-2:]]
+    crops = [x, TF.center_crop(x, size)] if tta == "two-crop" else TF.ten_crop(x, size)
+    for crop in crops:
+        yield crop if crop.shape == x.shape else F.interpolate(crop, size=x.shape[-2:], mode="bilinear",
+                                                               align_corners=False)
+
+
 @torch.no_grad()
-def flip_mean_score(run: TrainedRun, x: torch.Tensor, tta: str = "none", amp: bool = False) -> torch.Tensor:
-    """Mean of ``run.score`` over flipped copies of ``x`` (N, C, H, W): one score per image."""
-    total = torch.zeros(x.shape[0], device=x.device)
-    for dims in TTA_FLIPS[tta]:
+def tta_mean_score(run: TrainedRun, x: torch.Tensor, tta: str = "none", amp: bool = False) -> torch.Tensor:
+    """Mean of ``run.score`` over the TTA views of ``x`` (N, C, H, W): one score per image."""
+    total, views = torch.zeros(x.shape[0], device=x.device), 0
+    for view in tta_views(x, tta):
         with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
-            logits = run.model(torch.flip(x, dims) if dims else x)
-        total += run.score(logits.float())
-    return total / len(TTA_FLIPS[tta])
+            logits = run.model(view)
+        total, views = total + run.score(logits.float()), views + 1
+    return total / views
 
 
 def predict_scores(
@@ -77,8 +108,8 @@ def predict_scores(
     """Predict ``images`` with ``runs`` into the CSV ``out`` (see module doc); returns the problems and rows.
     ``value`` names the mean's column; ``grade_of`` adds a ``grade`` column from the mean."""
     problems = problems or Problems("predict")
-    if tta not in TTA_FLIPS:
-        raise ValueError(f"tta must be one of {list(TTA_FLIPS)}, got {tta!r}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
     runs = [TrainedRun.of(r) for r in runs]
     for run in runs:
         run.model.eval()
@@ -100,7 +131,7 @@ def predict_scores(
             chosen = [i for i, names in enumerate(members) if run.name in names]
             if chosen:
                 x = torch.stack([readable[i][1][k] for i in chosen]).to(next(run.model.parameters()).device)
-                values = flip_mean_score(run, x, tta, amp).cpu().tolist()
+                values = tta_mean_score(run, x, tta, amp).cpu().tolist()
                 probs.update({(i, run.name): v for i, v in zip(chosen, values, strict=True)})
         for i, (path, _) in enumerate(readable):
             values = {name: probs[i, name] for name in members[i]}
