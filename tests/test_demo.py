@@ -171,3 +171,18 @@ def test_classification_demo_runs_the_recipe_end_to_end(tmp_path):
 def test_classification_demo_refuses_data(tmp_path, capsys):
     assert main(["--task", "classification", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--data is for the segmentation demo" in capsys.readouterr().err
+
+
+def test_grading_demo_runs_three_heads_and_their_ensembles(tmp_path):
+    out = tmp_path / "out"
+    code = main(["--task", "grading", "--n-images", "40", "--image-size", "32", "--epochs", "1", "--folds", "2",
+                 "--batch-size", "8", "--weights", "none", "--device", "cpu", "--out", str(out)], prog="stas demo")
+    assert code == 0
+    for head in ("regression", "cumulative", "expectation"):
+        assert (out / "runs" / head / "grading_lite0" / "fold1" / "best.pt").is_file()
+        assert (out / "runs" / head / "eval_oof" / "confusion.png").stat().st_size > 0
+        header = (out / "predictions" / f"{head}_test.csv").read_text().splitlines()[0]
+        assert header == "image,score,grade,grading_lite0/fold0,grading_lite0/fold1"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "grading" and set(summary["ensembles"]) == {"mean", "label-average", "scaled-average"}
+    assert all(v is None or -1 <= v <= 1 for v in summary["ensembles"].values())

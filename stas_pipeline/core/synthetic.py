@@ -209,3 +209,23 @@ def make_fundus_dataset(out: str | Path, n: int = 80, size: int = 128, positive_
     csv_path = Path(out) / "labels.csv"
     csv_path.write_text("\n".join(rows) + "\n")
     return csv_path
+
+
+def make_graded_fundus_dataset(out: str | Path, n: int = 100, size: int = 128, seed: int = 0) -> Path:
+    """Write ``n`` fundus-like JPEGs into ``out/images`` and ``out/labels.csv`` (``image,label,group``) with an
+    ordinal grade 0-4: the cup-to-disc ratio grows with the grade (0.25 + 0.12 x grade + U(0, 0.12), so
+    neighbouring grades overlap a little), grades drawn 40/20/20/12/8 % as a clinic's mix is skewed; group = a
+    made-up patient id shared by two images of one grade. Returns the CSV's path."""
+    rng = np.random.default_rng(seed)
+    images = Path(out) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows, grade = ["image,label,group"], 0
+    for i in range(n):
+        if i % 2 == 0:
+            grade = int(rng.choice(5, p=[0.4, 0.2, 0.2, 0.12, 0.08]))
+        ratio = 0.25 + 0.12 * grade + rng.uniform(0, 0.12)
+        Image.fromarray(draw_fundus(size, rng, ratio)).save(images / f"fundus_{i:03d}.jpg", quality=92)
+        rows.append(f"images/fundus_{i:03d}.jpg,{grade},patient{i // 2:03d}")
+    csv_path = Path(out) / "labels.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path

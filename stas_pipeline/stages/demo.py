@@ -97,10 +97,12 @@ def _multiple_of_16(text: str) -> int:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("segmentation", "classification"), default="segmentation",
+    parser.add_argument("--task", choices=("segmentation", "classification", "grading"), default="segmentation",
                         help="segmentation (default): the STAS recipe; classification: the glaucoma fundus recipe "
                         "on a synthetic fundus-like set (folds, fold mean, a pseudo-label round, experiments "
-                        "table; see stas_pipeline/tasks/classification/demo.py)")
+                        "table; see stas_pipeline/tasks/classification/demo.py); grading: the diabetic-retinopathy "
+                        "recipe on a synthetic graded set (three heads, kappa, cut points, ensembles; see "
+                        "stas_pipeline/tasks/grading/demo.py)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="a folder in the challenge's layout (Train_Images/*.jpg, Train_Annotations/*.json), "
                         "e.g. ../shared/data/stas_public; default: draw a synthetic dataset into OUT/data")
@@ -111,8 +113,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="reuse a non-empty --out: the demo's own earlier outputs in it are removed first "
                         "(other files are left alone)")
     parser.add_argument("--n-images", type=positive_int, metavar="N",
-                        help="number of synthetic images to draw (default: 40, 96 for classification; ignored "
-                        "with --data)")
+                        help="number of synthetic images to draw (default: 40, 96 for classification, 120 for "
+                        "grading; ignored with --data)")
     parser.add_argument("--image-size", type=_multiple_of_16, metavar="PX",
                         help="training size, a multiple of 16 (default: "
                         f"{SYNTHETIC_DEFAULTS['image_size']} synthetic, {REAL_DEFAULTS['image_size']} with --data)")
@@ -456,8 +458,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise StageError(f"{out}: exists and is not empty; pass --overwrite or another --out")
         from stas_pipeline.tasks.classification.demo import OUTPUTS as CLASSIFICATION_OUTPUTS
+        from stas_pipeline.tasks.grading.demo import OUTPUTS as GRADING_OUTPUTS
 
-        for entry in [*(out / name for name in {*OUTPUTS, *CLASSIFICATION_OUTPUTS}), *out.glob("cache_*")]:
+        names = {*OUTPUTS, *CLASSIFICATION_OUTPUTS, *GRADING_OUTPUTS}
+        for entry in [*(out / name for name in names), *out.glob("cache_*")]:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             elif entry.exists() or entry.is_symlink():
@@ -477,9 +481,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"demo: {err}", file=sys.stderr)
         return 2
     from stas_pipeline.tasks.classification.demo import ClassificationDemo
+    from stas_pipeline.tasks.grading.demo import GradingDemo
 
     try:
-        demo = ClassificationDemo(args) if args.task == "classification" else Demo(args)
+        demo = {"classification": ClassificationDemo, "grading": GradingDemo}.get(args.task, Demo)(args)
     except StageError as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2

@@ -101,6 +101,10 @@ class ClassificationDemo:
                                   "--image-size", str(self.image_size), "--lists", "training", "test"])
 
     def _train(self, round_: int) -> None:
+        self.train_folds(BUNDLE, self.datalist(round_), self.run_root(round_), f"round {round_}")
+
+    def train_folds(self, bundle: str, datalist: Path, run_root: Path, what: str, **overrides) -> None:
+        """Every fold of ``bundle`` through MONAI's entry point into ``run_root/fold<k>``."""
         import torch
         from monai.bundle import run
 
@@ -109,20 +113,20 @@ class ClassificationDemo:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cwd = os.getcwd()
         for fold in range(self.folds):
-            print(f"training {BUNDLE} round {round_} fold {fold} of {self.folds} ({self.epochs} epochs, "
+            print(f"training {bundle} {what} fold {fold} of {self.folds} ({self.epochs} epochs, "
                   f"{self.image_size} px, {self.weights} weights, {device})", flush=True)
             os.chdir(repository_root())  # the bundles' macros are relative to the repository root
             try:
-                run(run_id="training", config_file=f"bundles/{BUNDLE}.json", dataset_dir=str(self.out),
-                    datalist=str(self.datalist(round_)), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
+                run(run_id="training", config_file=f"bundles/{bundle}.json", dataset_dir=str(self.out),
+                    datalist=str(datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
                     image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
                     encoder_weights=self.weights, device=device, amp=False, num_workers=0,
-                    output_dir=str(self.run_root(round_).parent), seed=self.args.seed)
+                    output_dir=str(run_root.parent), seed=self.args.seed, **overrides)
             finally:
                 os.chdir(cwd)
-            metrics = json.loads((self.run_root(round_) / f"fold{fold}" / "metrics.json").read_text())
-            print(f"round {round_} fold {fold}: best validation AUC {metrics['best_val_auc']:.4f} at epoch "
-                  f"{metrics['best_epoch']}", flush=True)
+            metrics = json.loads((run_root / f"fold{fold}" / "metrics.json").read_text())
+            key = next(k for k in metrics if k.startswith("best_val_"))
+            print(f"{what} fold {fold}: {key} {metrics[key]:.4f} at epoch {metrics['best_epoch']}", flush=True)
 
     def _predict(self, round_: int) -> None:
         checkpoints = [str(self.run_root(round_) / f"fold{k}" / "best.pt") for k in range(self.folds)]
