@@ -148,7 +148,7 @@ def test_evaluate_scores_a_grading_csv_and_guards_its_cut_points(graded, tmp_pat
     assert metrics["cut_points"]["adopted"] and metrics["with_cut_points"]["kappa"] >= metrics["kappa"]
     assert metrics["with_cut_points"]["accuracy"] == 1.0 and metrics["members"]["m/fold0"] == metrics["kappa"]
     assert (out / "confusion.png").stat().st_size > 0 and (out / "cut_points.json").is_file()
-    assert "searched cuts" in capsys.readouterr().out
+    assert "adopted" in capsys.readouterr().out
 
 
 def test_ensemble_of_grading_csvs_three_ways(tmp_path):
@@ -183,3 +183,25 @@ def test_ensemble_of_grading_csvs_three_ways(tmp_path):
     probs = tmp_path / "p.csv"
     probs.write_text(f"image,prob\n{images[0]},0.5\n")
     assert cli.main(["ensemble", str(a), str(probs), "--out", str(tmp_path / "m.csv")]) == 2
+
+
+def test_evaluate_applies_cut_points_found_elsewhere(graded, tmp_path, capsys):
+    """The inner test scored with the cut points of an out-of-fold search (``--cuts``), beside the defaults."""
+    datalist = json.loads((graded / "datalist.json").read_text())
+    entries = datalist["training"]
+    csv_path = tmp_path / "test.csv"
+    csv_path.write_text("image,score,grade\n" + "".join(
+        f"{(graded / e['image']).resolve()},{e['label'] + 0.6},0\n" for e in entries))
+    cuts = tmp_path / "cut_points.json"
+    cuts.write_text(json.dumps({"cuts": [0.8, 1.8, 2.8, 3.8], "adopted": True}))
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--predictions", str(csv_path), "--datalist", str(graded / "datalist.json"),
+                     "--section", "training", "--cuts", str(cuts), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] < 1.0 and metrics["with_cut_points"]["accuracy"] == 1.0
+    assert not (out / "cut_points.json").exists()  # applied, not searched
+    assert f"from {cuts}" in capsys.readouterr().out
+    probs = tmp_path / "probs.csv"
+    probs.write_text(f"image,prob\n{(graded / entries[0]['image']).resolve()},0.5\n")
+    assert cli.main(["evaluate", "--predictions", str(probs), "--datalist", str(graded / "datalist.json"),
+                     "--cuts", str(cuts), "--out", str(tmp_path / "e2")]) == 2

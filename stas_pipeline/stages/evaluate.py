@@ -235,7 +235,7 @@ def format_summary(summary: dict) -> str:
 USAGE = """%(prog)s --pred DIR --ref DIR [--csv FILE] [--overlays DIR --images DIR] [options]
        %(prog)s --predictions CSV --datalist JSON --out DIR [--section {test,training}] [options]"""
 MASK_ONLY = ("ref", "csv", "overlays", "images")
-IMAGE_LEVEL_ONLY = ("datalist", "section", "out")
+IMAGE_LEVEL_ONLY = ("datalist", "section", "out", "cuts")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -281,7 +281,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     image_level.add_argument(
         "--out", type=Path, metavar="DIR",
-        help="output folder (required): metrics.json, per_image.csv, roc.png, worst.csv, worst.png",
+        help="output folder (required): metrics.json, per_image.csv, roc.png, worst.csv, worst.png (grading: "
+        "metrics.json, per_image.csv, confusion.png, cut_points.json)",
+    )
+    image_level.add_argument(
+        "--cuts", type=Path, metavar="JSON",
+        help="grading CSVs: also score with these cut points, the cut_points.json of an out-of-fold evaluation "
+        "(e.g. the inner test with the cuts searched on the out-of-fold scores)",
     )
     both = parser.add_argument_group("both modes")
     both.add_argument(
@@ -306,9 +312,12 @@ def _main_image_level(args: argparse.Namespace) -> int:
     try:
         if is_grading_csv(args.predictions):
             metrics, problems = evaluate_grading(args.predictions, args.datalist, args.out,
-                                                 section=args.section or "test", overwrite=args.overwrite)
+                                                 section=args.section or "test", overwrite=args.overwrite,
+                                                 cuts_file=args.cuts)
             print(format_grading(metrics))
             return problems.finish()
+        if args.cuts is not None:
+            raise PredictionsError(f"--cuts: for grading CSVs (image,score,grade,...); {args.predictions} is not one")
         metrics, problems = evaluate_predictions(
             args.predictions,
             args.datalist,

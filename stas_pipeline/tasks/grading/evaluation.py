@@ -9,13 +9,15 @@ against overfitting (:func:`stas_pipeline.tasks.grading.cut_points.guarded_searc
 scored on the held fold, adopted only when they win there); both results are reported.
 
 Outputs in ``DIR``: ``metrics.json`` (written last), ``per_image.csv`` (image, grade, score, predicted grade),
-``confusion.png`` (with the cut points used), ``cut_points.json`` for out-of-fold predictions.
+``confusion.png`` (with the cut points used), ``cut_points.json`` for out-of-fold predictions. ``--cuts
+cut_points.json`` applies cut points found elsewhere (the out-of-fold search) instead of searching.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,10 @@ def is_grading_csv(path: str | Path) -> bool:
 
 
 def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | Path, section: str = "test",
-                     overwrite: bool = False, problems: Problems | None = None) -> tuple[dict, Problems]:
-    """Score ``predictions`` against ``datalist``'s ``section`` into ``out`` (see the module doc)."""
+                     overwrite: bool = False, problems: Problems | None = None,
+                     cuts_file: str | Path | None = None) -> tuple[dict, Problems]:
+    """Score ``predictions`` against ``datalist``'s ``section`` into ``out`` (see the module doc); with
+    ``cuts_file`` (a ``cut_points.json``) also with its cuts, as ``with_cut_points``."""
     problems = problems or Problems("evaluate")
     out = Path(out)
     if not overwrite and any((out / name).exists() for name in OUTPUTS):
@@ -67,7 +71,17 @@ def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | P
                                                       [rows[k].members[name] for k in scored], DEFAULT_CUTS)["kappa"]
     out.mkdir(parents=True, exist_ok=True)
     cuts = DEFAULT_CUTS
-    if all(k in truth.folds for k in keys) and len({truth.folds[k] for k in keys}) > 1:
+    if cuts_file is not None:
+        try:
+            given = json.loads(Path(cuts_file).read_text())
+            cuts = tuple(float(c) for c in given["cuts"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PredictionsError(f"{cuts_file}: not a cut_points.json of stas evaluate: {e}") from None
+        metrics["cut_points"] = {"adopted": given.get("adopted"), "cuts": list(cuts), "from": str(cuts_file),
+                                 "held_out_kappa_default": given.get("mean_default_kappa"),
+                                 "held_out_kappa_searched": given.get("mean_searched_kappa")}
+        metrics["with_cut_points"] = grading_scores(grades, scores, cuts)
+    elif all(k in truth.folds for k in keys) and len({truth.folds[k] for k in keys}) > 1:
         search = guarded_search(scores, grades, [truth.folds[k] for k in keys])
         write_json(out / "cut_points.json", search, overwrite=True)
         cuts = tuple(search["cuts"])
@@ -92,14 +106,19 @@ def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | P
 
 def format_grading(metrics: dict) -> str:
     """The lines ``stas evaluate`` prints for a grading evaluation."""
-    lines = [f"  kappa        {metrics['kappa']:.4f}   (quadratic weighted, cuts 0.5/1.5/2.5/3.5)",
+    lines = [f"  kappa        {_num(metrics['kappa'])}   (quadratic weighted, cuts 0.5/1.5/2.5/3.5)",
              f"  accuracy     {metrics['accuracy']:.4f}", f"  images       {metrics['n']}"]
     if "cut_points" in metrics:
         c = metrics["cut_points"]
-        lines.append(f"  searched cuts {', '.join(f'{v:.2f}' for v in c['cuts'])}: held-out kappa "
-                     f"{c['held_out_kappa_searched']:.4f} vs {c['held_out_kappa_default']:.4f} default -> "
-                     f"{'adopted' if c['adopted'] else 'kept the defaults'}; kappa "
-                     f"{metrics['with_cut_points']['kappa']:.4f}")
+        source = f"from {c['from']}" if "from" in c else (
+            f"held-out kappa {_num(c['held_out_kappa_searched'])} vs {_num(c['held_out_kappa_default'])} default "
+            f"-> {'adopted' if c['adopted'] else 'kept the defaults'}")
+        lines.append(f"  cuts {', '.join(f'{v:.2f}' for v in c['cuts'])} ({source}): kappa "
+                     f"{_num(metrics['with_cut_points']['kappa'])}")
     lines += [f"  member {name}: kappa {kappa:.4f}" for name, kappa in metrics["members"].items()
               if kappa is not None]
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
