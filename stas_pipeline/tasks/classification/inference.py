@@ -28,6 +28,7 @@ each resized back to S (bilinear, ``align_corners=False``) so that the model see
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from stas_pipeline.core.lmdb_cache import to_uint8
+from stas_pipeline.core.lmdb_cache import describe, to_uint8
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun
 from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
@@ -47,10 +48,15 @@ TTA_MODES = (*TTA_FLIPS, "two-crop", "ten-crop")
 
 
 class _Inputs(torch.utils.data.Dataset):
-    """Each image through every run's chain, in DataLoader workers; an unreadable file yields its error."""
+    """Each image through the runs' chains, in DataLoader workers, each distinct chain once (the folds of one
+    bundle share theirs: one decode per image, not one per run); an unreadable file yields its error."""
 
     def __init__(self, paths: Sequence[Path], runs: Sequence[TrainedRun]):
-        self.paths, self.chains = list(paths), [(r.preprocessing, r.transform) for r in runs]
+        keys = [json.dumps([r.preprocessing.spec, describe(r.transform)], default=str) for r in runs]
+        distinct = list(dict.fromkeys(keys))
+        self.paths = list(paths)
+        self.chains = [(runs[keys.index(k)].preprocessing, runs[keys.index(k)].transform) for k in distinct]
+        self.index = [distinct.index(k) for k in keys]  # run -> its chain
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -61,7 +67,7 @@ class _Inputs(torch.utils.data.Dataset):
             for preprocessing, transform in self.chains:
                 image = torch.from_numpy(to_uint8(preprocessing({"image": str(self.paths[i])})["image"]))
                 inputs.append(torch.as_tensor(transform({"image": image})["image"]).float())
-            return self.paths[i], inputs
+            return self.paths[i], [inputs[k] for k in self.index]
         except Exception as err:  # noqa: BLE001 - an unreadable image is reported, the rest go on
             return self.paths[i], f"{type(err).__name__}: {err}".splitlines()[0]
 
