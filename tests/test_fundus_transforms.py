@@ -276,15 +276,23 @@ def test_augmix_leaves_the_global_generators_alone(photo):
     assert (random.random(), np.random.rand()) == expected
 
 
-@pytest.mark.parametrize("kind", ["tensor", "meta", "numpy", "float", "grey"])
+KINDS = ["tensor", "meta", "numpy", "float", "grey"]
+
+
+def as_kind(photo: torch.Tensor, kind: str):
+    """The (3, H, W) uint8 photograph as each image type a transform may meet."""
+    return {
+        "tensor": lambda: photo,
+        "meta": lambda: MetaTensor(photo, meta={"filename_or_obj": "retina.jpg"}),
+        "numpy": lambda: photo.numpy(),
+        "float": lambda: photo.float(),
+        "grey": lambda: photo[1:2].numpy().astype(np.float32),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_augmix_keeps_type_dtype_and_shape(photo, kind):
-    image = {
-        "tensor": photo,
-        "meta": MetaTensor(photo, meta={"filename_or_obj": "retina.jpg"}),
-        "numpy": photo.numpy(),
-        "float": photo.float(),
-        "grey": photo[1:2].numpy().astype(np.float32),
-    }[kind]
+    image = as_kind(photo, kind)
     out = augmix(image, 5, severity=6, width=2, depth=2, alpha=0.5)
     assert type(out) is type(image) and out.dtype == image.dtype and tuple(out.shape) == tuple(image.shape)
     values = np.asarray(out)
@@ -368,15 +376,9 @@ def test_jitter_brightness_factor_stays_in_range():
     assert min(factors) < 0.9 and max(factors) > 1.1
 
 
-@pytest.mark.parametrize("kind", ["tensor", "meta", "numpy", "float", "grey"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_jitter_keeps_type_dtype_and_shape(photo, kind):
-    image = {
-        "tensor": photo,
-        "meta": MetaTensor(photo, meta={"filename_or_obj": "retina.jpg"}),
-        "numpy": photo.numpy(),
-        "float": photo.float(),
-        "grey": photo[1:2].numpy().astype(np.float32),
-    }[kind]
+    image = as_kind(photo, kind)
     out = jitter(image, 5, strength=0.5)
     assert type(out) is type(image) and out.dtype == image.dtype and tuple(out.shape) == tuple(image.shape)
     assert 0 <= np.asarray(out).min() and np.asarray(out).max() <= 255

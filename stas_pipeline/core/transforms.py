@@ -185,8 +185,7 @@ class RandAugMixd(RandomizableTransform, MapTransform):
         return d
 
     def _augment(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
-        if img.ndim != 3 or img.shape[0] not in (1, 3):
-            raise ValueError(f"RandAugMixd expects a (C, H, W) image with C = 1 or 3, got shape {tuple(img.shape)}")
+        _check_chw(img, "RandAugMixd")
         arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         if arr.dtype != np.uint8:
             arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
@@ -238,10 +237,15 @@ class RandColorJitterd(Randomizable, MapTransform):
         return d
 
     def _jitter(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
-        if img.ndim != 3 or img.shape[0] not in (1, 3):
-            raise ValueError(f"RandColorJitterd expects a (C, H, W) image with C = 1 or 3, got {tuple(img.shape)}")
+        _check_chw(img, "RandColorJitterd")
         x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         integral, x = not torch.is_floating_point(x), x.float() / 255
         for k in self._order:
             x = self.ADJUST[k](x, float(self._factors[k]))
         return convert_to_dst_type(torch.round(x * 255) if integral else x * 255, dst=img)[0]
+
+
+def _check_chw(img: NdarrayOrTensor, transform: str) -> None:
+    """A (C, H, W) image with C = 1 or 3, or ValueError naming ``transform`` and the shape."""
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"{transform} expects a (C, H, W) image with C = 1 or 3, got shape {tuple(img.shape)}")

@@ -33,13 +33,15 @@ STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "pse
 OUTPUTS = ("data", "datalist.json", "datalist_round1.json", "runs", "predictions", "experiments.md",
            "experiments.csv")
 PSEUDO_HIGH, PSEUDO_LOW = 0.85, 0.08
-DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3, "n_images": 96}
+DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3}
 
 
 class ClassificationDemo:
     """The classification demo's state: settings, output paths, timings and scores."""
 
     STAGE_NAMES = STAGE_NAMES
+    BUNDLE = BUNDLE
+    N_IMAGES = 96  # default number of synthetic images
 
     def __init__(self, args: argparse.Namespace):
         from stas_pipeline.stages.demo import StageError, lite0_weights_installed
@@ -52,13 +54,13 @@ class ClassificationDemo:
         self.batch_size = args.batch_size or DEFAULTS["batch_size"]
         self.lr = args.lr or DEFAULTS["lr"]
         self.folds = args.folds or DEFAULTS["folds"]
-        self.n_images = args.n_images or DEFAULTS["n_images"]
+        self.n_images = args.n_images or self.N_IMAGES
         self.weights = args.weights or ("imagenet" if lite0_weights_installed() else "none")
         self.device = args.device
         self.data = self.out / "data"
         self.unlabelled = self.data / "unlabelled"
         self.n_unlabelled = max(8, self.n_images // 3)
-        self.cache = self.out / f"cache_{BUNDLE}_{self.image_size}"
+        self.cache = self.out / f"cache_{self.BUNDLE}_{self.image_size}"
         self.predictions = self.out / "predictions"
         self.seconds: dict[str, float] = {}
         self.scores: dict[str, dict] = {}
@@ -67,7 +69,7 @@ class ClassificationDemo:
         return self.out / ("datalist.json" if round_ == 0 else f"datalist_round{round_}.json")
 
     def run_root(self, round_: int) -> Path:
-        return self.out / "runs" / f"round{round_}" / BUNDLE
+        return self.out / "runs" / f"round{round_}" / self.BUNDLE
 
     @staticmethod
     def stage(name: str, argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
@@ -97,11 +99,15 @@ class ClassificationDemo:
                                      "--seed", str(self.args.seed)])
 
     def stage_cache(self) -> None:
-        self.stage("build-lmdb", ["--datalist", str(self.datalist(0)), "--out", str(self.cache), "--bundle", BUNDLE,
-                                  "--image-size", str(self.image_size), "--lists", "training", "test"])
+        self._cache(0)
+
+    def _cache(self, round_: int) -> None:
+        """The bundle's cache, built (round 0) or refreshed for a round's new entries (reused where unchanged)."""
+        self.stage("build-lmdb", ["--datalist", str(self.datalist(round_)), "--out", str(self.cache), "--bundle",
+                                  self.BUNDLE, "--image-size", str(self.image_size), "--lists", "training", "test"])
 
     def _train(self, round_: int) -> None:
-        self.train_folds(BUNDLE, self.datalist(round_), self.run_root(round_), f"round {round_}")
+        self.train_folds(self.BUNDLE, self.datalist(round_), self.run_root(round_), f"round {round_}")
 
     def train_folds(self, bundle: str, datalist: Path, run_root: Path, what: str, **overrides) -> None:
         """Every fold of ``bundle`` through MONAI's entry point into ``run_root/fold<k>``."""
@@ -165,8 +171,7 @@ class ClassificationDemo:
                                     "--low", str(PSEUDO_LOW)])
 
     def stage_train_round1(self) -> None:
-        self.stage("build-lmdb", ["--datalist", str(self.datalist(1)), "--out", str(self.cache), "--bundle", BUNDLE,
-                                  "--image-size", str(self.image_size), "--lists", "training", "test"])
+        self._cache(1)
         self._train(1)
 
     def stage_predict_round1(self) -> None:
@@ -185,7 +190,7 @@ class ClassificationDemo:
         rounds = json.loads(self.datalist(1).read_text()).get("pseudo_rounds", []) if self.datalist(1).is_file() else []
         return {
             "task": "classification",
-            "settings": {"bundle": BUNDLE, "image_size": self.image_size, "epochs": self.epochs,
+            "settings": {"bundle": self.BUNDLE, "image_size": self.image_size, "epochs": self.epochs,
                          "batch_size": self.batch_size, "lr": self.lr, "folds": self.folds,
                          "images": self.n_images, "encoder_weights": self.weights, "seed": self.args.seed},
             "auc": {name: scores.get("auc") for name, scores in self.scores.items()},
@@ -197,7 +202,7 @@ class ClassificationDemo:
         }
 
     def print_summary(self, summary: dict) -> None:
-        lines = ["", "=" * 78, f"stas demo --task classification: {BUNDLE}, {self.image_size} px, {self.epochs} "
+        lines = ["", "=" * 78, f"stas demo --task classification: {self.BUNDLE}, {self.image_size} px, {self.epochs} "
                  f"epochs, {self.folds} folds, {self.n_images} synthetic images", "-" * 78,
                  f"{'round':<8}{'out-of-fold AUC':>18}{'inner-test AUC (fold mean)':>30}"]
         for round_ in (0, 1):

@@ -27,18 +27,14 @@ HEADS = ("regression", "cumulative", "expectation")
 METHODS = ("mean", "label-average", "scaled-average")
 STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "ensemble")
 OUTPUTS = ("data", "datalist.json", "runs", "predictions")
-DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3, "n_images": 120}
 
 
 class GradingDemo(ClassificationDemo):
     """The grading demo: the classification demo's settings and stage runner, three heads instead of rounds."""
 
     STAGE_NAMES = STAGE_NAMES
-
-    def __init__(self, args):
-        super().__init__(args)
-        self.n_images = args.n_images or DEFAULTS["n_images"]
-        self.cache = self.out / f"cache_{BUNDLE}_{self.image_size}"
+    BUNDLE = BUNDLE
+    N_IMAGES = 120
 
     def head_root(self, head: str):
         return self.out / "runs" / head / BUNDLE
@@ -53,10 +49,6 @@ class GradingDemo(ClassificationDemo):
         self.stage("make-datalist", ["--labels-csv", str(self.data / "labels.csv"), "--out", str(self.datalist(0)),
                                      "--classes", "0", "1", "2", "3", "4", "--folds", str(self.folds),
                                      "--test-fraction", str(self.args.test_fraction), "--seed", str(self.args.seed)])
-
-    def stage_cache(self) -> None:
-        self.stage("build-lmdb", ["--datalist", str(self.datalist(0)), "--out", str(self.cache), "--bundle", BUNDLE,
-                                  "--image-size", str(self.image_size), "--lists", "training", "test"])
 
     def stage_train(self) -> None:
         for head in HEADS:
