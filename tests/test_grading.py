@@ -15,8 +15,9 @@ from monai.bundle import run
 from sklearn.metrics import cohen_kappa_score
 
 from stas_pipeline import cli
+from stas_pipeline.core.models import build_classifier
 from stas_pipeline.core.synthetic import make_fundus_dataset
-from stas_pipeline.tasks.grading.heads import GradeScored, OrdinalLoss, grade_score, head_outputs
+from stas_pipeline.tasks.grading.heads import GradeScored, OrdinalLoss, grade_score, head_outputs, prior_bias
 from stas_pipeline.tasks.grading.kappa_metric import QuadraticKappa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,23 @@ def test_losses_of_the_three_heads():
     probs = torch.softmax(logits, 1)
     mse = F.mse_loss((probs * torch.arange(5)).sum(1), grades.float())
     assert torch.isclose(OrdinalLoss("expectation", 0.5)(logits, grades), F.cross_entropy(logits, grades) + 0.5 * mse)
+
+
+def test_prior_bias_starts_each_head_at_the_training_grades():
+    """Regression at the mean grade; cumulative sigmoids at the shares of "grade > k"; expectation softmax at the
+    grade shares (an absent grade clipped to 1e-3); the classifier head takes them as its bias."""
+    grades = [0, 0, 0, 0, 1, 1, 2, 3, 4, 4]
+    assert prior_bias("regression", grades) == pytest.approx([1.5])
+    assert torch.sigmoid(torch.tensor(prior_bias("cumulative", grades))).tolist() == pytest.approx([0.6, 0.4, 0.3, 0.2])
+    shares = torch.softmax(torch.tensor(prior_bias("expectation", [0, 0, 1, 3])), 0)
+    assert shares.tolist() == pytest.approx([0.5, 0.25, 0.0, 0.25, 0.0], abs=2e-3)
+    model = build_classifier("tf_efficientnet_lite0", num_classes=4, head_bias=prior_bias("cumulative", grades))
+    logits = model.eval()(torch.zeros(2, 3, 32, 32))
+    assert torch.sigmoid(logits).mean(0).tolist() == pytest.approx([0.6, 0.4, 0.3, 0.2], abs=0.02)
+    with pytest.raises(ValueError, match="head_bias of 4 values"):
+        build_classifier("tf_efficientnet_lite0", num_classes=5, head_bias=[0.0] * 4)
+    with pytest.raises(ValueError, match="at least one"):
+        prior_bias("regression", [])
 
 
 def test_grade_scored_replaces_the_prediction():
@@ -80,14 +98,17 @@ def graded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def train(graded: Path, out: Path, head: str, fold: int = 0) -> Path:
+def train(graded: Path, out: Path, head: str, fold: int = 0, run_ids: tuple[str, ...] = ("training",),
+          **overrides) -> Path:
+    """Runs ``run_ids`` of grading_lite0 (32 px, 2 epochs, no weights) on fold ``fold``; the run folder."""
+    overrides = dict(dict(datalist=str(graded / "datalist.json"), epochs=2), **overrides)
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        run(run_id="training", config_file="bundles/grading_lite0.json", dataset_dir=str(graded),
-            datalist=str(graded / "datalist.json"), cache_dir=str(graded / "cache"), image_size=32, epochs=2,
-            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0, head=head, fold=fold,
-            output_dir=str(out))
+        for run_id in run_ids:
+            run(run_id=run_id, config_file="bundles/grading_lite0.json", dataset_dir=str(graded),
+                cache_dir=str(graded / "cache"), image_size=32, batch_size=8, encoder_weights="none", device="cpu",
+                amp=False, num_workers=0, head=head, fold=fold, output_dir=str(out), **overrides)
     finally:
         os.chdir(cwd)
     return out / "grading_lite0" / f"fold{fold}"
@@ -123,6 +144,24 @@ def test_predict_writes_scores_and_grades_of_runs_with_different_heads(graded, t
         assert float(score) == pytest.approx(float(next(m for m in members if m)), abs=1e-6)
     cumulative = [float(line.split(",")[4]) for line in lines[1:] if line.split(",")[4]]
     assert cumulative and all(0.0 <= s <= 4.0 for s in cumulative)  # a sum of four sigmoids
+
+
+def test_bundle_inference_entry_writes_what_stas_predict_writes(graded, tmp_path):
+    """A cumulative run started from its training grades' prior (``prior_init``, recorded), then the bundle's
+    inference entry over the datalist's test list (flip TTA, the bundle's default): the same scores and grades as
+    ``stas predict --tta hv``."""
+    datalist = json.loads((graded / "datalist.json").read_text())
+    datalist["test"] = [{"image": e["image"]} for e in datalist["training"][:4]]
+    with_test = graded / "with_test.json"  # beside the images its paths are relative to
+    with_test.write_text(json.dumps(datalist))
+    run_dir = train(graded, tmp_path, "cumulative", run_ids=("training", "inference"), datalist=str(with_test),
+                    epochs=1, prior_init=True)
+    assert json.loads((run_dir / "best.json").read_text())["prior_init"] is True
+    assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(with_test), "--tta",
+                     "hv", "--workers", "0", "--out", str(tmp_path / "predict.csv")]) == 0
+    bundle_rows = (run_dir / "predictions.csv").read_text().splitlines()
+    assert bundle_rows[0] == "image,score,grade,grading_lite0/fold0" and len(bundle_rows) == 5
+    assert bundle_rows == (tmp_path / "predict.csv").read_text().splitlines()
 
 
 def test_evaluate_scores_a_grading_csv_and_guards_its_cut_points(graded, tmp_path, capsys):

@@ -13,7 +13,7 @@ or ``"imagenet"``/a timm pretrained tag, which uses a locally installed weight p
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -88,11 +88,13 @@ def build_classifier(
     num_classes: int = 1,
     drop_rate: float = 0.0,
     image_size: int | tuple[int, int] | None = None,
+    head_bias: Sequence[float] | None = None,
 ) -> nn.Module:
     """A timm classifier with ``num_classes`` logits; ``encoder_weights`` (as for the segmentation encoders) load
     every tensor but the classification head. The head starts near zero (normal, std 0.01; bias 0): timm's own
     init for EfficientNets draws U(-1/sqrt(num_classes), ...), U(-1, 1) for one logit, which starts training at
-    logits of about +-10 and a loss of several nats. ``image_size`` is only recorded (timm models pool
+    logits of about +-10 and a loss of several nats; ``head_bias`` (one value per logit) sets the bias instead,
+    e.g. to start from the training labels' prior. ``image_size`` is only recorded (timm models pool
     globally), except for ViT-style models with a fixed input size, where it must match."""
     check_encoder_name(model_name)
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
@@ -104,9 +106,13 @@ def build_classifier(
         heads = (head,) if isinstance(head, str) else tuple(head)
         load_encoder_weights(model, model_name, str(encoder_weights), skip=heads)
     head = model.get_classifier()
+    if head_bias is not None and (not isinstance(head, nn.Linear) or len(head_bias) != num_classes):
+        raise ValueError(f"head_bias of {len(head_bias)} values for the head of {model_name} "
+                         f"({type(head).__name__}, {num_classes} outputs)")
     if isinstance(head, nn.Linear):
         nn.init.normal_(head.weight, std=0.01)
-        nn.init.zeros_(head.bias)
+        with torch.no_grad():
+            head.bias.copy_(torch.as_tensor(head_bias or 0.0, dtype=head.bias.dtype))
     return model
 
 

@@ -40,11 +40,11 @@ class TrainedRun:
 
     @classmethod
     def of(cls, spec: TrainedRun | Sequence) -> TrainedRun:
-        """A run, or ``[name, model, preprocessing, transform]`` as a bundle declares it."""
+        """A run, or ``[name, model, preprocessing, transform[, score]]`` as a bundle declares it."""
         if isinstance(spec, TrainedRun):
             return spec
-        name, model, preprocessing, transform = spec
-        return cls(name, model, Preprocessing.of(preprocessing), transform)
+        name, model, preprocessing, transform, *score = spec
+        return cls(name, model, Preprocessing.of(preprocessing), transform, None, *score)
 
 
 def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu") -> TrainedRun:

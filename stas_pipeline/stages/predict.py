@@ -112,10 +112,7 @@ def _image_level(args: argparse.Namespace, infos: list[dict], task: Task) -> tup
         images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
     grade_of = None
     if "grade" in task.csv_columns:
-        from stas_pipeline.tasks.grading.metrics import cut
-
-        def grade_of(score: float) -> int:
-            return int(cut([score])[0])
+        from stas_pipeline.tasks.grading.metrics import grade_of
 
     def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
         return predict_scores(runs, chosen, None if estimating else args.out, args.tta, args.batch_size,

@@ -11,7 +11,7 @@ searched cut points), so heads can be ensembled.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -38,6 +38,22 @@ def grade_score(logits: torch.Tensor, head: str) -> torch.Tensor:
     if head == "cumulative":
         return torch.sigmoid(x).sum(dim=1)
     return (torch.softmax(x, dim=1) * torch.arange(N_GRADES, device=x.device, dtype=x.dtype)).sum(dim=1)
+
+
+def prior_bias(head: str, grades: Sequence[float]) -> list[float]:
+    """Output biases at which ``head`` starts from the grade distribution of ``grades`` (the training labels)
+    instead of from the middle of the scale: regression the mean grade; cumulative the logits of the shares of
+    "grade > k"; expectation the log shares of each grade. Shares are clipped to [1e-3, 1 - 1e-3]."""
+    g = torch.as_tensor([float(x) for x in grades])
+    if g.numel() == 0:
+        raise ValueError("prior_bias needs at least one training grade")
+    if head == "regression":
+        return [float(g.mean())]
+    steps = torch.arange(N_GRADES - 1 if head == "cumulative" else N_GRADES, dtype=g.dtype)
+    if head == "cumulative":
+        return torch.logit((g.round()[:, None] > steps).float().mean(0).clamp(1e-3, 1 - 1e-3)).tolist()
+    head_outputs(head)
+    return torch.log((g.round()[:, None] == steps).float().mean(0).clamp(1e-3, 1 - 1e-3)).tolist()
 
 
 def scorer_for_run(info: dict) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -69,6 +69,11 @@ def cut(scores: ArrayLike, cuts: Sequence[float] = DEFAULT_CUTS) -> np.ndarray:
     return np.searchsorted(check_cuts(cuts), check_scores(scores), side="right").astype(np.int64)
 
 
+def grade_of(score: float) -> int:
+    """The grade of one score at :data:`DEFAULT_CUTS`."""
+    return int(cut([score])[0])
+
+
 def _pair(y_true: ArrayLike, y_pred: ArrayLike, n_grades: int) -> tuple[np.ndarray, np.ndarray]:
     if n_grades < 2:
         raise ValueError(f"n_grades must be at least 2, got {n_grades}")
