@@ -6,7 +6,8 @@
   is the expectation.
 
 Every head gives a continuous score on the grade scale (0..4), cut into a grade at [0.5, 1.5, 2.5, 3.5] (or
-searched cut points), so heads can be ensembled.
+searched cut points), so heads can be ensembled. :func:`prior_bias` gives the output biases at which a head
+starts from its training grades (the bundles' ``prior_init``).
 """
 
 from __future__ import annotations
