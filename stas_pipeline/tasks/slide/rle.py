@@ -1,0 +1,123 @@
+"""Run-length encoding of binary masks in the Kaggle convention (HuBMAP and the other segmentation challenges).
+
+Pixels are numbered from 1 down each column, then column by column (column-major: top to bottom, then left to
+right); a mask is the string ``"start length start length ..."`` of its foreground runs, starts increasing.
+An empty mask is the empty string. Masks of slides do not fit in memory, so both directions stream:
+:func:`encode_strips` takes the mask as column strips (any width each), :func:`decode_into` writes runs into an
+(H, W) array that may be a memory map (column-major on disk, so each run is one contiguous write).
+
+A string that is not pairs of positive integers, whose runs are not sorted or overlap, or that runs past the
+mask raises :class:`RLEError` naming the first bad run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+class RLEError(ValueError):
+    """An RLE string that does not describe a mask of the given size."""
+
+
+def _runs_of(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0-based starts and lengths of the nonzero runs of a 1-D array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], (flat != 0).view(np.int8), [0]))))
+    return edges[0::2], edges[1::2] - edges[0::2]
+
+
+def runs_of_strips(strips: Iterable[ArrayLike], height: int) -> Iterator[tuple[int, int]]:
+    """The (1-based start, length) runs of a mask given as consecutive column strips, each (height, w); a run
+    crossing from one strip into the next comes out once."""
+    offset, pending = 0, None  # pending: a run that reached the end of the last strip
+    for strip in strips:
+        strip = np.asarray(strip)
+        if strip.ndim != 2 or strip.shape[0] != height:
+            raise ValueError(f"column strip of shape {strip.shape}; expected ({height}, width)")
+        starts, lengths = _runs_of(strip.ravel(order="F"))
+        starts = starts + offset
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            if pending is not None and start == pending[0] + pending[1]:
+                pending = (pending[0], pending[1] + length)
+                continue
+            if pending is not None:
+                yield pending[0] + 1, pending[1]
+            pending = (start, length)
+        offset += strip.size
+        if pending is not None and pending[0] + pending[1] < offset:
+            yield pending[0] + 1, pending[1]
+            pending = None
+    if pending is not None:
+        yield pending[0] + 1, pending[1]
+
+
+def encode_strips(strips: Iterable[ArrayLike], height: int) -> str:
+    """The RLE string of a mask given as consecutive column strips (see :func:`runs_of_strips`)."""
+    return " ".join(f"{start} {length}" for start, length in runs_of_strips(strips, height))
+
+
+def encode(mask: ArrayLike) -> str:
+    """The RLE string of a 2-D mask (nonzero = foreground)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a 2-D mask is needed, got shape {mask.shape}")
+    return encode_strips([mask], mask.shape[0])
+
+
+def parse(rle: str, size: int) -> np.ndarray:
+    """The runs of ``rle`` as an (n, 2) int64 array of 0-based starts and lengths, checked against a mask of
+    ``size`` pixels: :class:`RLEError` for anything but pairs of positive integers, unsorted or overlapping runs,
+    or a run past the end."""
+    tokens = rle.split()
+    if len(tokens) % 2:
+        raise RLEError(f"{len(tokens)} numbers: an RLE string holds start/length pairs")
+    try:
+        values = np.array([int(t) for t in tokens], dtype=np.int64).reshape(-1, 2)
+    except ValueError as err:
+        raise RLEError(f"not an integer: {err}") from None
+    if not len(values):
+        return values
+    starts, lengths = values[:, 0] - 1, values[:, 1]
+    checks = (
+        (starts < 0, "starts at {s} (pixels are numbered from 1)"),
+        (lengths < 1, "has length {n} (at least 1)"),
+        (starts + lengths > size, "runs past the last pixel ({size})"),
+        (np.concatenate(([False], starts[1:] < starts[:-1] + lengths[:-1])),
+         "is not after the end of the run before it (runs must be sorted and must not overlap)"),
+    )
+    for bad, reason in checks:
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            s, n = int(starts[k]) + 1, int(lengths[k])
+            raise RLEError(f"run {k + 1} ({s} {n}) " + reason.format(s=s, n=n, size=size))
+    return np.stack([starts, lengths], axis=1)
+
+
+def decode_into(rle: str, out: np.ndarray, value: int = 1) -> np.ndarray:
+    """Set the pixels of ``rle`` to ``value`` in ``out`` (H, W), which the caller has zeroed; column-major
+    (Fortran-ordered) ``out`` takes each run as one slice, a C-ordered one column by column. Returns ``out``."""
+    if out.ndim != 2:
+        raise ValueError(f"a 2-D output is needed, got shape {out.shape}")
+    height = out.shape[0]
+    runs = parse(rle, out.size)
+    if out.flags.f_contiguous:
+        flat = out.ravel(order="F")  # a view of an F-contiguous array
+        for start, length in runs.tolist():
+            flat[start:start + length] = value
+        return out
+    for start, length in runs.tolist():
+        end = start + length
+        while start < end:
+            col, row = divmod(start, height)
+            stop = min(end, (col + 1) * height)
+            out[row:row + stop - start, col] = value
+            start = stop
+    return out
+
+
+def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """The (H, W) uint8 mask (0/1) of ``rle``."""
+    out = np.zeros(shape, dtype=np.uint8, order="F")
+    return np.ascontiguousarray(decode_into(rle, out))
