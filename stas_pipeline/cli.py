@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, str]] = {
         "stas_pipeline.stages.evaluate", "Dice/IoU against masks, or AUC/ROC/sensitivity of a predictions CSV"),
     "pseudo-label": (
         "stas_pipeline.stages.pseudo_label", "confident image-level predictions -> next round's datalist"),
+    "rle": (
+        "stas_pipeline.stages.rle", "mask images <-> Kaggle RLE CSV (id,encoding), slide-sized masks by window"),
     "export": (
         "stas_pipeline.stages.export", "checked submission zip: one 0/255 PNG per test image"),
     "demo": (

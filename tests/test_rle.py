@@ -1,12 +1,16 @@
 """Kaggle RLE (column-major, 1-indexed): against the plain reference encoder, streamed by column strips, decoded
-into C- and Fortran-ordered arrays and memory maps, and bad strings named."""
+into C- and Fortran-ordered arrays and memory maps, windows cut from the runs, bad strings named; ``stas rle``
+round trips of PNG and tiled-TIFF masks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from stas_pipeline.tasks.slide.rle import RLEError, decode, decode_into, encode, encode_strips, parse
+from stas_pipeline import cli
+from stas_pipeline.tasks.slide.reader import Slide, write_slide
+from stas_pipeline.tasks.slide.rle import RLEError, RLEMask, decode, decode_into, encode, encode_strips, parse
 
 
 def reference_encode(mask: np.ndarray) -> str:
@@ -73,3 +77,51 @@ def test_bad_strings_are_named(rle, reason):
 
 def test_touching_runs_decode_as_one():
     assert decode("1 2 3 2", (2, 2)).all() and encode(decode("1 2 3 2", (2, 2))) == "1 4"
+
+
+def test_windows_cut_from_the_runs_equal_the_decoded_mask():
+    mask = masks()[4]
+    runs = RLEMask(encode(mask), mask.shape)
+    for y, x, h, w in [(0, 0, 37, 53), (5, 7, 10, 20), (-3, -4, 12, 9), (30, 45, 20, 20), (40, 0, 5, 5)]:
+        padded = np.zeros((37 + 60, 53 + 60), np.uint8)
+        padded[30:67, 30:83] = mask
+        assert np.array_equal(runs.window(y, x, h, w), padded[y + 30:y + 30 + h, x + 30:x + 30 + w])
+
+
+def test_stas_rle_round_trip_of_png_and_tiff_masks(tmp_path):
+    """PNG and tiled-TIFF masks -> one CSV -> masks again, equal pixel for pixel; sizes from --like or --shape."""
+    mask = masks()[4] * 255
+    Image.fromarray(mask).save(tmp_path / "a.png")
+    big = np.zeros((300, 2100), np.uint8)  # wider than one column strip: runs cross the strips
+    big[100:200, 1000:1100] = big[299, 2099] = big[0, 0] = 255
+    write_slide(tmp_path / "b.ome.tif", lambda y, x, h, w: np.pad(big, ((0, 512), (0, 512)))[y:y + h, x:x + w, None],
+                300, 2100, channels=1, levels=2)
+    assert cli.main(["rle", "encode", str(tmp_path / "a.png"), str(tmp_path / "b.ome.tif"),
+                     "--out", str(tmp_path / "m.csv")]) == 0
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0] == "id,encoding" and lines[1] == f"a,{reference_encode(mask)}"
+    assert lines[2] == f"b,{reference_encode(big)}"
+    assert cli.main(["rle", "decode", str(tmp_path / "m.csv"), "--like", str(tmp_path / "a.png"),
+                     str(tmp_path / "b.ome.tif"), "--out", str(tmp_path / "png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "a.png")), mask)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "b.png")), big)
+    assert cli.main(["rle", "decode", str(tmp_path / "m.csv"), "--like", str(tmp_path / "b.ome.tif"),
+                     str(tmp_path / "a.png"), "--format", "tif", "--out", str(tmp_path / "tif")]) == 0
+    with Slide(tmp_path / "tif" / "b.tif") as slide:
+        assert slide.level_count == 3 and np.array_equal(slide.read(0, 0, 300, 2100)[..., 0], big)
+
+
+def test_stas_rle_reports_bad_rows_and_files_by_name(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("id,encoding\nok,1 2\npast,10 8\nunsorted,5 1 1 1\nok,3 1\nempty,\n")
+    assert cli.main(["rle", "decode", str(tmp_path / "m.csv"), "--shape", "4", "4", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "id past: run 1 (10 8) runs past the last pixel (16)" in err
+    assert "id unsorted: run 2 (1 1) is not after the end" in err and "id ok: a repeated id" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["empty.png", "ok.png"]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert cli.main(["rle", "encode", str(tmp_path / "broken.png"), "--out", str(tmp_path / "x.csv")]) == 1
+    assert "broken.png" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+    (tmp_path / "bad.csv").write_text("name,pixels\na,1 2\n")
+    assert cli.main(["rle", "decode", str(tmp_path / "bad.csv"), "--shape", "2", "2", "--out",
+                     str(tmp_path / "p")]) == 2
+    assert "lacks an id column" in capsys.readouterr().err

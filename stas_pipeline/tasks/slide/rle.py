@@ -121,3 +121,30 @@ def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """The (H, W) uint8 mask (0/1) of ``rle``."""
     out = np.zeros(shape, dtype=np.uint8, order="F")
     return np.ascontiguousarray(decode_into(rle, out))
+
+
+class RLEMask:
+    """A mask of ``shape`` (H, W) held as its checked runs; :meth:`window` decodes one window only."""
+
+    def __init__(self, rle: str, shape: tuple[int, int]):
+        self.shape = (int(shape[0]), int(shape[1]))
+        runs = parse(rle, self.shape[0] * self.shape[1])
+        self.starts, self.ends = runs[:, 0], runs[:, 0] + runs[:, 1]
+
+    def window(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The (h, w) uint8 window (0/1) at (y, x); 0 outside the mask."""
+        height, width = self.shape
+        out = np.zeros((h, w), dtype=np.uint8)
+        y0, y1 = max(y, 0), min(y + h, height)
+        if y0 >= y1:
+            return out
+        for col in range(max(x, 0), min(x + w, width)):
+            lo, hi = col * height + y0, col * height + y1
+            first, last = np.searchsorted(self.ends, lo, "right"), np.searchsorted(self.starts, hi, "left")
+            for start, end in zip(self.starts[first:last].tolist(), self.ends[first:last].tolist(), strict=True):
+                out[max(start, lo) - col * height - y:min(end, hi) - col * height - y, col - x] = 1
+        return out
+
+    def image(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The window as a grey image, (h, w, 1) uint8 0/255 (a source for :func:`write_slide`)."""
+        return self.window(y, x, h, w)[..., None] * np.uint8(255)
