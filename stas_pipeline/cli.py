@@ -12,6 +12,8 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "labelme-to-masks": (
         "stas_pipeline.stages.labelme_to_masks", "LabelMe JSON annotations -> binary PNG masks"),
+    "tile": (
+        "stas_pipeline.stages.tile", "whole slides -> a datalist of tiles over tissue (windows, folds by slide)"),
     "make-datalist": (
         "stas_pipeline.stages.make_datalist", "images with masks or numeric labels -> k folds, test split"),
     "build-lmdb": (

@@ -138,7 +138,27 @@ def source_identity(path: str | Path) -> dict:
 
 
 def sample_key(item: dict, image_key: str = "image") -> bytes:
-    return str(Path(item[image_key]).resolve()).encode()
+    """The record key of an entry: its image's resolved path; a tile's adds its window."""
+    key = str(Path(item[image_key]).resolve())
+    if "tile" in item:
+        t = item["tile"]
+        key += f"#y={t['y']},x={t['x']},size={t['size']},scale={t['scale']}"
+    return key.encode()
+
+
+def load_entry(item: dict, pre: Preprocessing, keys: Sequence[str]) -> dict:
+    """The loading step for one entry (``keys``: its image key, then its mask key if any): the chain's loader on
+    its files, or, for a tile entry (a ``tile`` field), the tile read from its slide and mask source
+    (``tasks/slide/tiling.py``) as (H, W[, C]) arrays that the rest of the chain takes as it takes loaded files."""
+    if "tile" not in item:
+        return pre.load({k: item[k] for k in keys})
+    from monai.data import MetaTensor
+
+    from stas_pipeline.tasks.slide.tiling import load_tile
+
+    arrays = load_tile({**item, "image": item[keys[0]], "label": item[keys[1]] if len(keys) > 1 else None})
+    return {k: MetaTensor(a, meta={"original_channel_dim": -1 if a.ndim == 3 else "no_channel"})
+            for k, a in zip(keys, (arrays["image"], arrays.get("label")), strict=False)}
 
 
 def _has_mask(item: dict, label_key: str) -> bool:
@@ -327,7 +347,7 @@ def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str)
     """Run the cached chain on one datalist entry and encode it (raises on unreadable input)."""
     has_mask = _has_mask(item, label_key)
     keys = [image_key, label_key] if has_mask else [image_key]
-    raw = pre.load({k: item[k] for k in keys})
+    raw = load_entry(item, pre, keys)
     image = raw[image_key]
     if image.ndim == 2:
         raise ValueError("expected a colour image, got a single-channel one")

@@ -1,0 +1,264 @@
+"""Tiles of whole slides as samples of the shared LMDB cache.
+
+A tile entry of a datalist is an ordinary segmentation entry whose ``image`` is the slide file and whose
+``label`` is the mask source, plus the window::
+
+    {"image": "slides/a.tif", "label": "train.csv", "label_id": "a",
+     "tile": {"y": 512, "x": 1024, "size": 1024, "scale": 4}, "fold": 0, "group": "a",
+     "tissue": 0.83, "mask_fraction": 0.021}
+
+``size`` is the window's side in level-0 pixels, ``scale`` the downscaling: the cached tile is
+``size / scale`` pixels across (read from the largest pyramid level at most ``scale`` times smaller, then
+averaged down), its mask the window's mask averaged down and cut at 0.5. The mask source (:func:`open_mask`) is
+an RLE CSV (``label_id`` names the row; Kaggle's convention, ``tasks/slide/rle.py``), a mask image of the slide's
+size (a TIFF read by window, or a PNG), or polygons (GeoJSON features, or a LabelMe file) rasterised per
+window. :func:`load_tile` is what the cache builder calls for entries with a ``tile``; the cache keys them by
+slide and window and checks the slide's and the mask file's identity like any other source.
+
+:func:`tile_grid` lays out overlapping windows (``stride`` apart; optionally the grid again shifted by a quarter
+of a tile, the recipe's extra tiles); :func:`plan_tiles` keeps those over tissue and records their tissue and
+mask fractions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from stas_pipeline.tasks.slide.reader import Slide, SlideError
+from stas_pipeline.tasks.slide.rle import RLEError, RLEMask
+from stas_pipeline.tasks.slide.tissue import thumbnail, tissue_mask
+
+MaskWindow = Callable[[int, int, int, int], np.ndarray]  # (y, x, h, w) -> (h, w) uint8 0/1
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Tiles of ``size`` level-0 pixels, ``stride`` apart, cached ``scale`` times smaller."""
+
+    size: int = 1024
+    stride: int = 512
+    scale: int = 4
+    quarter_shift: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.stride <= 0 or self.scale <= 0 or self.size % self.scale:
+            raise ValueError(f"tile size {self.size}, stride {self.stride}, scale {self.scale}: positive, and the "
+                             "size a multiple of the scale")
+
+    @property
+    def out(self) -> int:
+        """The cached tile's side."""
+        return self.size // self.scale
+
+
+def tile_grid(height: int, width: int, spec: TileSpec) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of windows covering a ``height`` x ``width`` slide, ``spec.stride`` apart (the last
+    row and column may reach past the edge); with ``quarter_shift`` also the grid shifted by size / 4 both ways."""
+    def axis(n: int, offset: int) -> list[int]:
+        return list(range(offset, max(n - spec.size, 0) + spec.stride, spec.stride)) if offset < n else []
+
+    corners = [(y, x) for y in axis(height, 0) for x in axis(width, 0)]
+    if spec.quarter_shift:
+        q = spec.size // 4
+        corners += [(y, x) for y in axis(height, q) for x in axis(width, q)]
+    return corners
+
+
+def _area_down(window: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks of an (h, w[, C]) array (h, w multiples of ``factor``)."""
+    if factor == 1:
+        return window.astype(np.float32)
+    h, w = window.shape[:2]
+    return window.reshape(h // factor, factor, w // factor, factor, *window.shape[2:]).mean(axis=(1, 3))
+
+
+# ---------------------------------------------------------------------------- mask sources
+
+
+def _polygons_of(path: Path) -> list[np.ndarray]:
+    """(n, 2) arrays of (x, y) vertices: GeoJSON Polygon/MultiPolygon features (outer rings) or LabelMe shapes."""
+    data = json.loads(path.read_text())
+    if "shapes" in data:  # LabelMe
+        return [np.asarray(s["points"], dtype=np.float64) for s in data["shapes"] if len(s.get("points", [])) >= 3]
+    features = data.get("features", data if isinstance(data, list) else [data])
+    rings = []
+    for feature in features:
+        geometry = feature.get("geometry", feature)
+        if geometry.get("type") == "Polygon":
+            rings.append(geometry["coordinates"][0])
+        elif geometry.get("type") == "MultiPolygon":
+            rings += [polygon[0] for polygon in geometry["coordinates"]]
+    return [np.asarray(r, dtype=np.float64) for r in rings if len(r) >= 3]
+
+
+class PolygonMask:
+    """Polygons rasterised per window (only those whose bounding box meets it)."""
+
+    def __init__(self, polygons: Sequence[np.ndarray]):
+        self.polygons = list(polygons)
+        self.boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in self.polygons]
+                              ).reshape(-1, 4)
+
+    def window(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        canvas = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(canvas)
+        b = self.boxes
+        for k in np.flatnonzero((b[:, 2] >= x) & (b[:, 0] < x + w) & (b[:, 3] >= y) & (b[:, 1] < y + h)):
+            draw.polygon([(px - x, py - y) for px, py in self.polygons[k].tolist()], fill=1)
+        return np.asarray(canvas, dtype=np.uint8)
+
+
+class ImageMask:
+    """A mask image of the slide's size: a TIFF read by window, anything else PIL reads whole."""
+
+    def __init__(self, path: Path):
+        self.slide = Slide(path) if path.suffix.lower() in (".tif", ".tiff") else None
+        self.array = None if self.slide else (np.asarray(Image.open(path).convert("L")) > 0).astype(np.uint8)
+        self.shape = self.slide.level_shape(0) if self.slide else self.array.shape
+
+    def window(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        if self.slide is not None:
+            return (self.slide.read(y, x, h, w)[..., 0] > 0).astype(np.uint8)
+        padded = np.zeros((h, w), np.uint8)
+        part = self.array[max(y, 0):y + h, max(x, 0):x + w]
+        padded[max(y, 0) - y:max(y, 0) - y + part.shape[0], max(x, 0) - x:max(x, 0) - x + part.shape[1]] = part
+        return padded
+
+
+def _rle_row(path: Path, mask_id: str) -> str:
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if (row.get("id") or row.get("image") or row.get("image_id")) == mask_id:
+                return row.get("encoding") or row.get("predicted") or row.get("rle") or ""
+    raise ValueError(f"{path}: no row with id {mask_id!r}")
+
+
+@lru_cache(maxsize=8)
+def _open_mask(path: str, mask_id: str | None, shape: tuple[int, int], identity: tuple) -> MaskWindow:
+    p = Path(path)
+    if p.suffix.lower() == ".csv":
+        if not mask_id:
+            raise ValueError(f"{p}: an RLE CSV needs the entry's label_id")
+        try:
+            return RLEMask(_rle_row(p, mask_id), shape).window
+        except RLEError as err:
+            raise RLEError(f"{p} id {mask_id}: {err} (slide {shape[1]}x{shape[0]}, WxH)") from None
+    if p.suffix.lower() in (".json", ".geojson"):
+        return PolygonMask(_polygons_of(p)).window
+    mask = ImageMask(p)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{p}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH), the slide {shape[1]}x{shape[0]}")
+    return mask.window
+
+
+def open_mask(path: str | Path, mask_id: str | None, shape: tuple[int, int]) -> MaskWindow:
+    """The window function of a slide's mask (see the module doc); the last few are kept open per process."""
+    st = Path(path).stat()
+    return _open_mask(str(Path(path).resolve()), mask_id, tuple(shape), (st.st_size, st.st_mtime_ns))
+
+
+@lru_cache(maxsize=8)
+def _open_slide(path: str, identity: tuple) -> Slide:
+    return Slide(path)
+
+
+def open_slide(path: str | Path) -> Slide:
+    """The slide at ``path``, kept open per process (reopened when the file changes)."""
+    st = Path(path).stat()
+    return _open_slide(str(Path(path).resolve()), (st.st_size, st.st_mtime_ns))
+
+
+# ---------------------------------------------------------------------------- reading tiles
+
+
+def read_level(slide: Slide, scale: int) -> tuple[int, int]:
+    """(level, factor): the smallest pyramid level whose downsample divides ``scale`` (within 1 %), and the
+    factor left to average down; level 0 and ``scale`` when none does."""
+    best = (0, scale)
+    for k in range(1, slide.level_count):
+        f = scale / slide.downsample(k)
+        if f > 0.99 and abs(f - round(f)) < 0.01 * f and round(f) < best[1]:
+            best = (k, max(1, round(f)))
+    return best
+
+
+def read_tile_image(slide: Slide, y: int, x: int, spec: TileSpec) -> np.ndarray:
+    """The (out, out, C) uint8 tile at level-0 corner (y, x) (see :func:`read_level`); outside the slide white."""
+    level, factor = read_level(slide, spec.scale)
+    down = spec.scale / factor
+    window = slide.read(round(y / down), round(x / down), spec.out * factor, spec.out * factor, level=level,
+                        fill=255)
+    return np.rint(_area_down(window, factor)).astype(np.uint8)
+
+
+def read_tile_mask(mask: MaskWindow, y: int, x: int, spec: TileSpec) -> np.ndarray:
+    """The (out, out) uint8 0/1 mask of the tile: the level-0 window averaged down, cut at 0.5."""
+    return (_area_down(mask(y, x, spec.size, spec.size), spec.scale) >= 0.5).astype(np.uint8)
+
+
+def load_tile(item: dict) -> dict:
+    """What the cache builder's loading step gives for a tile entry: ``image`` (out, out, C) and ``label``
+    (out, out) arrays (see the module doc)."""
+    t = item["tile"]
+    spec = TileSpec(size=t["size"], stride=t["size"], scale=t["scale"])
+    slide = open_slide(item["image"])
+    out = {"image": read_tile_image(slide, t["y"], t["x"], spec)}
+    if isinstance(item.get("label"), str):
+        mask = open_mask(item["label"], item.get("label_id"), slide.level_shape(0))
+        out["label"] = read_tile_mask(mask, t["y"], t["x"], spec)
+    return out
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@dataclass
+class TissueSettings:
+    method: str = "saturation"
+    threshold: float = 0.1
+    thumbnail: int = 2048  # longer side of the thumbnail tissue is found on
+    min_tissue: float = 0.05  # a tile is kept when at least this share of it is tissue
+
+
+@dataclass
+class SlidePlan:
+    """The kept tiles of one slide, and what they were chosen on: the thumbnail, its tissue, its downsample."""
+
+    tiles: list[dict]
+    thumbnail: np.ndarray
+    tissue: np.ndarray
+    downsample: float
+
+
+def plan_tiles(slide_path: str | Path, spec: TileSpec, tissue: TissueSettings,
+               mask: MaskWindow | None = None) -> SlidePlan:
+    """The tiles of one slide over tissue, as ``{"tile": ..., "tissue": share, "mask_fraction": share}`` (the
+    mask fraction only with ``mask``)."""
+    with Slide(slide_path) as slide:
+        height, width = slide.level_shape(0)
+        thumb, down = thumbnail(slide, tissue.thumbnail)
+    if thumb.shape[-1] != 3:
+        raise SlideError(f"{slide_path}: tissue detection needs an RGB slide, got {thumb.shape[-1]} channel(s)")
+    found = tissue_mask(thumb, tissue.method, tissue.threshold)
+    integral = np.pad(found.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    tiles = []
+    for y, x in tile_grid(height, width, spec):
+        r0, c0 = min(int(y / down), found.shape[0] - 1), min(int(x / down), found.shape[1] - 1)
+        r1 = min(max(r0 + 1, int(np.ceil((y + spec.size) / down))), found.shape[0])
+        c1 = min(max(c0 + 1, int(np.ceil((x + spec.size) / down))), found.shape[1])
+        share = (integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]) / ((r1 - r0) * (c1 - c0))
+        if share < tissue.min_tissue:
+            continue
+        entry = {"tile": {"y": y, "x": x, "size": spec.size, "scale": spec.scale}, "tissue": round(float(share), 4)}
+        if mask is not None:
+            entry["mask_fraction"] = round(float(mask(y, x, spec.size, spec.size).mean()), 5)
+        tiles.append(entry)
+    return SlidePlan(tiles, thumb, found, down)
