@@ -92,7 +92,7 @@ def test_bad_slides_and_rle_rows_are_named_and_the_rest_tiled(slides, tmp_path, 
 
 def test_the_bundle_trains_on_cached_tiles(slides, tmp_path):
     """build-lmdb caches the tiles through deeplab_lite0's chain (masks as read_tile_mask gives them); MONAI's
-    runner trains the unchanged bundle on them for an epoch."""
+    runner trains the unchanged bundle on them for an epoch, drawing tiles balanced by mask area."""
     root, made = slides
     assert tile(root, tmp_path, "--folds", "2") == 0
     cache = tmp_path / f"cache_{SIZE // SCALE}"
@@ -111,7 +111,7 @@ def test_the_bundle_trains_on_cached_tiles(slides, tmp_path):
     try:
         run(run_id="training", config_file="bundles/deeplab_lite0.json", dataset_dir=str(tmp_path),
             datalist=str(tmp_path / "datalist.json"), cache_dir=str(cache), image_size=SIZE // SCALE, epochs=1,
-            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0,
+            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0, balanced_sampling=True,
             output_dir=str(tmp_path / "runs"))
     finally:
         os.chdir(cwd)
