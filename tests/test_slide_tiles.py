@@ -1,6 +1,7 @@
-"""Whole slides into tiles: ``stas tile`` on real pyramidal TIFFs (synthetic slides written tile by tile) with an
-RLE CSV, tissue and folds by slide, bad slides and bad RLE rows named; the tiles cached by ``stas build-lmdb``
-through the bundle's chain; the DeepLabV3+ bundle trained on them unchanged by MONAI's own runner."""
+"""Whole slides: ``stas tile`` on real pyramidal TIFFs (synthetic slides written tile by tile) with an RLE CSV,
+tissue and folds by slide, bad slides and bad RLE rows named; the tiles cached by ``stas build-lmdb`` through
+the bundle's chain; the DeepLabV3+ bundle trained on them unchanged by MONAI's own runner; ``stas predict`` on
+whole slides (stitched windows checked against a pixelwise model, the outputs, out of fold)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from monai.bundle import run
 from monai.data import load_decathlon_datalist
+from monai.transforms import Compose, EnsureTyped
 
 from stas_pipeline import cli
 from stas_pipeline.core.lmdb_cache import LMDBCacheDataset, Preprocessing
-from stas_pipeline.tasks.slide.rle import RLEMask
+from stas_pipeline.tasks.segmentation.inference import SegmentationRun
+from stas_pipeline.tasks.slide.inference import SlideSettings, stitch_probabilities
+from stas_pipeline.tasks.slide.reader import Slide
+from stas_pipeline.tasks.slide.rle import RLEMask, encode
 from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
-from stas_pipeline.tasks.slide.tiling import TileSpec, read_tile_mask
+from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, plan_tiles, read_tile_image, read_tile_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, SCALE = 256, 4  # tiles of 256 level-0 pixels cached at 64
@@ -90,30 +96,94 @@ def test_bad_slides_and_rle_rows_are_named_and_the_rest_tiled(slides, tmp_path, 
     assert not (tmp_path / "three" / "datalist.json").exists()
 
 
-def test_the_bundle_trains_on_cached_tiles(slides, tmp_path):
-    """build-lmdb caches the tiles through deeplab_lite0's chain (masks as read_tile_mask gives them); MONAI's
-    runner trains the unchanged bundle on them for an epoch, drawing tiles balanced by mask area."""
-    root, made = slides
-    assert tile(root, tmp_path, "--folds", "2") == 0
-    cache = tmp_path / f"cache_{SIZE // SCALE}"
-    assert cli.main(["build-lmdb", "--datalist", str(tmp_path / "datalist.json"), "--out", str(cache),
+@pytest.fixture(scope="module")
+def trained(slides, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiles of the four slides (2 folds), cached through deeplab_lite0's chain, and fold 0 trained on them
+    for an epoch by MONAI's runner with balanced draws: (tile folder, run folder)."""
+    root, _ = slides
+    out = tmp_path_factory.mktemp("tiles")
+    assert tile(root, out, "--folds", "2") == 0
+    cache = out / f"cache_{SIZE // SCALE}"
+    assert cli.main(["build-lmdb", "--datalist", str(out / "datalist.json"), "--out", str(cache),
                      "--bundle", "deeplab_lite0", "--image-size", str(SIZE // SCALE), "--no-progress"]) == 0
-    items = load_decathlon_datalist(str(tmp_path / "datalist.json"), True, "training")
-    cached = LMDBCacheDataset(items, cache, Preprocessing.resize(SIZE // SCALE))
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        run(run_id="training", config_file="bundles/deeplab_lite0.json", dataset_dir=str(out),
+            datalist=str(out / "datalist.json"), cache_dir=str(cache), image_size=SIZE // SCALE, epochs=1,
+            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0, balanced_sampling=True,
+            output_dir=str(out / "runs"))
+    finally:
+        os.chdir(cwd)
+    return out, out / "runs" / "deeplab_lite0" / "fold0"
+
+
+def test_the_bundle_trains_on_cached_tiles(slides, trained):
+    """build-lmdb cached the tiles (masks as read_tile_mask gives them); the unchanged bundle trained on them."""
+    _, made = slides
+    out, run_dir = trained
+    items = load_decathlon_datalist(str(out / "datalist.json"), True, "training")
+    cached = LMDBCacheDataset(items, out / f"cache_{SIZE // SCALE}", Preprocessing.resize(SIZE // SCALE))
     spec = TileSpec(SIZE, SIZE, SCALE)
     for k in (0, len(items) // 2, len(items) - 1):
         t, slide = items[k]["tile"], made[items[k]["group"]]
         expected = read_tile_mask(RLEMask(slide.rle(), (900, 1200)).window, t["y"], t["x"], spec)
         assert np.array_equal(cached[k]["label"][0].numpy(), expected)
         assert cached[k]["image"].shape == (3, SIZE // SCALE, SIZE // SCALE)
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        run(run_id="training", config_file="bundles/deeplab_lite0.json", dataset_dir=str(tmp_path),
-            datalist=str(tmp_path / "datalist.json"), cache_dir=str(cache), image_size=SIZE // SCALE, epochs=1,
-            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0, balanced_sampling=True,
-            output_dir=str(tmp_path / "runs"))
-    finally:
-        os.chdir(cwd)
-    metrics = json.loads((tmp_path / "runs" / "deeplab_lite0" / "fold0" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["history"]) == 1 and metrics["history"][0]["loss"] > 0
+
+
+def test_stas_predict_on_whole_slides(slides, trained, tmp_path):
+    """The datalist's test slide, whole: probability map, level-0 mask, overlay, RLE of that mask; out of fold:
+    only the slides of fold 0 (the one run given)."""
+    root, _ = slides
+    out, run_dir = trained
+    pred = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(out / "datalist.json"),
+                     "--tta", "hv", "--batch-size", "4", "--out", str(pred)]) == 0
+    assert sorted(p.name for p in pred.iterdir()) == ["predictions.csv", "s3.tif", "s3_overlay.png", "s3_prob.npy"]
+    prob = np.load(pred / "s3_prob.npy")
+    assert prob.shape == (900 // SCALE, 1200 // SCALE) and prob.dtype == np.uint8 and prob.any()
+    with Slide(pred / "s3.tif") as mask:
+        level0 = mask.read(0, 0, 900, 1200)[..., 0]
+    assert np.array_equal(level0 > 0, np.repeat(np.repeat(prob > 127, SCALE, 0), SCALE, 1))
+    rows = (pred / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "id,encoding" and rows[1] == f"s3,{encode(level0)}"
+    datalist = json.loads((out / "datalist.json").read_text())
+    fold0 = sorted({e["group"] for e in datalist["training"] if e["fold"] == 0})
+    assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(out / "datalist.json"),
+                     "--out-of-fold", "--out", str(tmp_path / "oof")]) == 0
+    assert [r.split(",")[0] for r in (tmp_path / "oof" / "predictions.csv").read_text().splitlines()[1:]] == fold0
+    assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--slides", str(root / "slides" / "s1.tif"),
+                     str(tmp_path / "missing.tif"), "--out", str(tmp_path / "one")]) == 1
+    assert (tmp_path / "one" / "s1.tif").is_file()
+
+
+@pytest.mark.parametrize("stitch", ["gaussian", "centre"])
+def test_stitched_windows_equal_a_pixelwise_model_everywhere_they_reach(slides, stitch, tmp_path):
+    """A real 1x1 convolution predicts each pixel from that pixel alone, so however the overlapping windows are
+    weighted, the stitched map must equal the model on the whole scaled slide where windows reach, 0 elsewhere."""
+    root, _ = slides
+    model = torch.nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([0.04, -0.03, 0.01]).reshape(1, 3, 1, 1))
+        model.bias.fill_(-1.0)
+    out = SIZE // SCALE
+    run_spec = SegmentationRun(model.eval(), out, Preprocessing.resize(out), Compose([EnsureTyped("image")]))
+    spec = TileSpec(SIZE, SIZE // 2, SCALE)
+    settings = SlideSettings(spec, TissueSettings(thumbnail=300, min_tissue=0.05), stitch, "hv", 0.5, 3)
+    with Slide(root / "slides" / "s0.tif") as slide:
+        plan = plan_tiles(slide.path, spec, settings.tissue)
+        stitched = np.zeros((900 // SCALE, 1200 // SCALE), np.uint8)
+        assert stitch_probabilities(slide, plan.tiles, [run_spec], settings, stitched, progress=False) == \
+            len(plan.tiles)
+        whole = read_tile_image(slide, 0, 0, TileSpec(1200, 1200, SCALE))[:900 // SCALE]
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.from_numpy(whole).permute(2, 0, 1)[None].float()))[0, 0].numpy()
+    reached = np.zeros_like(stitched, bool)
+    for t in plan.tiles:
+        y, x = t["tile"]["y"] // SCALE, t["tile"]["x"] // SCALE
+        reached[y:y + out, x:x + out] = True
+    assert np.abs(stitched[reached].astype(int) - np.rint(255 * expected[reached])).max() <= 1
+    assert not stitched[~reached].any() and reached.mean() > 0.3

@@ -29,6 +29,7 @@ run.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -40,13 +41,16 @@ import torch
 from stas_pipeline.core.bundles import BundleError
 from stas_pipeline.core.cli_types import positive_int
 from stas_pipeline.core.fileio import OutputExistsError
-from stas_pipeline.core.mask_io import InputFolderError
+from stas_pipeline.core.lmdb_cache import image_size_pair
+from stas_pipeline.core.mask_io import InputFolderError, NothingWrittenError
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import CheckpointError
 from stas_pipeline.core.trained_runs import TTA_FLIPS, load_trained_run, run_info_of
 from stas_pipeline.tasks import Task, get_task
 from stas_pipeline.tasks.classification.inference import TTA_MODES, predict_scores
 from stas_pipeline.tasks.segmentation.inference import MODES, load_run_model, predict_images
+from stas_pipeline.tasks.slide.inference import STITCH_MODES
+from stas_pipeline.tasks.slide.tissue import TISSUE_METHODS
 
 Predictor = Callable[[Sequence[Path], bool], Problems]  # (images, estimating) -> problems; estimating writes nothing
 
@@ -58,10 +62,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="best.pt/last.pt of one or more training runs (their probabilities are averaged)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images to predict (.jpg .jpeg .png .tif .tiff)")
-    source.add_argument("--datalist", help="datalist.json whose 'test' list is predicted")
+    source.add_argument("--datalist", help="datalist.json whose 'test' list is predicted (a datalist of tiles "
+                                           "written by stas tile: its test slides, whole)")
+    source.add_argument("--slides", nargs="+", type=Path, metavar="SLIDE",
+                        help="whole slides (files or folders of TIFF/SVS) predicted window by window")
     parser.add_argument("--out-of-fold", action="store_true",
-                        help="image-level runs with --datalist: predict each training image with the run of its "
-                             "own fold only (the run that did not train on it): out-of-fold predictions")
+                        help="image-level runs or a datalist of tiles, with --datalist: predict each training image "
+                             "(slide) with the runs of its own fold only (those that did not train on it): "
+                             "out-of-fold predictions")
     parser.add_argument("--out", required=True,
                         help="segmentation: output folder for the binary masks <image stem>.png (0/255); "
                              "image-level tasks: the predictions CSV (image,prob,<run>...)")
@@ -85,6 +93,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    slides = parser.add_argument_group("whole slides (--slides, or a datalist of tiles: its settings are the "
+                                       "defaults)")
+    slides.add_argument("--scale", type=positive_int, help="windows are read this many times smaller (4)")
+    slides.add_argument("--tile-size", type=positive_int,
+                        help="window side in level-0 pixels (default: the run's image size x --scale)")
+    slides.add_argument("--stride", type=positive_int, help="level-0 step between windows (default: half a window)")
+    slides.add_argument("--stitch", choices=STITCH_MODES, default="gaussian",
+                        help="overlapping windows weighted by a Gaussian (default) or by their centre only")
+    slides.add_argument("--tissue-method", choices=TISSUE_METHODS, help="tissue detection (saturation)")
+    slides.add_argument("--tissue-threshold", type=float, help="saturation threshold of tissue (0.1)")
+    slides.add_argument("--min-tissue", type=float, default=0.01,
+                        help="least tissue share of a predicted window (0.01; windows without tissue stay 0)")
+    slides.add_argument("--thumbnail", type=positive_int, help="longer side of the tissue thumbnail (2048)")
     parser.add_argument("--estimate", type=positive_int, nargs="?", const=8, metavar="N",
                         help="write nothing: time the first N images (default 8) after a warm-up batch and print "
                              "the projected wall time for all the images")
@@ -120,6 +141,63 @@ def _image_level(args: argparse.Namespace, infos: list[dict], task: Task) -> tup
                               value=task.csv_columns[0], grade_of=grade_of)[0]
 
     return images, predict
+
+
+def _tile_settings(datalist: str | None) -> dict:
+    """The ``tiles`` block of a datalist written by ``stas tile`` ({} for other datalists or none)."""
+    if datalist is None:
+        return {}
+    try:
+        return json.loads(Path(datalist).read_text()).get("tiles") or {}
+    except (OSError, ValueError) as err:
+        raise InputFolderError(f"{datalist}: not a usable datalist: {err}") from None
+
+
+def _slides(args: argparse.Namespace, infos: list[dict], tiles: dict) -> tuple[list[Path], Predictor]:
+    """The slides to predict and their predictor (see tasks/slide/inference.py)."""
+    from monai.data import load_decathlon_datalist
+
+    from stas_pipeline.stages.tile import find_slides
+    from stas_pipeline.tasks.slide.inference import SlideSettings, predict_slides
+    from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings
+
+    runs = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+    sizes = {image_size_pair(r.image_size) for r in runs}
+    if len(sizes) > 1 or len(next(iter(sizes))) != 2 or len(set(next(iter(sizes)))) != 1:
+        raise ValueError(f"whole-slide prediction needs runs of one square image size, got {sorted(sizes)}")
+    scale = args.scale or tiles.get("scale", 4)
+    size = args.tile_size or next(iter(sizes))[0] * scale
+    spec = TileSpec(size, args.stride or tiles.get("stride", size // 2), scale)
+    defaults = TissueSettings()
+    tissue = TissueSettings(args.tissue_method or tiles.get("method", defaults.method),
+                            args.tissue_threshold or tiles.get("threshold", defaults.threshold),
+                            args.thumbnail or tiles.get("thumbnail", defaults.thumbnail), args.min_tissue)
+    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size)
+    problems = Problems("predict")
+    assignments = None
+    if args.slides:
+        slides = find_slides(args.slides, problems)
+    else:
+        section = "training" if args.out_of_fold else "test"
+        entries = load_decathlon_datalist(args.datalist, is_segmentation=True, data_list_key=section)
+        slides = list(dict.fromkeys(Path(e["image"]) for e in entries))
+        if args.out_of_fold:
+            fold_of = {Path(e["image"]): e.get("fold") for e in entries}
+            assignments = {p: [k for k, info in enumerate(infos) if info.get("fold") == fold_of[p]] for p in slides}
+            slides = [p for p in slides if assignments[p]]
+            if not slides:
+                raise ValueError("--out-of-fold: no training slide has a run of its fold among the checkpoints")
+
+    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+        if not estimating:
+            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                done = predict_slides(runs, chosen, Path(tmp, "out"), settings, assignments)
+        done.skipped = problems.skipped + done.skipped
+        return done
+
+    return slides, predict
 
 
 def _segmentation(args: argparse.Namespace) -> tuple[list[Path], Predictor]:
@@ -170,16 +248,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if len(tasks) > 1:
             raise ValueError(f"the checkpoints are of different tasks: {sorted(t.name for t in tasks)}")
         task = next(iter(tasks))
-        if args.out_of_fold and (args.datalist is None or not task.image_level):
-            raise ValueError("--out-of-fold needs --datalist and image-level runs")
+        tiles = _tile_settings(args.datalist)
+        whole_slides = bool(args.slides or tiles)
+        if whole_slides and task.image_level:
+            raise ValueError("whole slides are predicted by segmentation runs")
+        if args.out_of_fold and (args.datalist is None or not (task.image_level or whole_slides)):
+            raise ValueError("--out-of-fold needs --datalist, and image-level runs or a datalist of tiles")
         if args.tta not in TTA_FLIPS and not task.image_level:
             raise ValueError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
-        images, predict = _image_level(args, infos, task) if task.image_level else _segmentation(args)
+        if task.image_level:
+            images, predict = _image_level(args, infos, task)
+        else:
+            images, predict = _slides(args, infos, tiles) if whole_slides else _segmentation(args)
         if args.estimate:
             print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))
             return 0
         problems = predict(images, False)
-    except (InputFolderError, CheckpointError, OutputExistsError, BundleError, ValueError) as err:
+    except (InputFolderError, CheckpointError, OutputExistsError, BundleError, ValueError,
+            NothingWrittenError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return problems.finish()

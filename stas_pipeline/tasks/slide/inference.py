@@ -1,0 +1,230 @@
+"""Whole-slide inference: overlapping windows over tissue at the training scale, stitched in bands, written to
+disk as the probability map, the mask, an overlay and the RLE, never holding a slide-sized array in memory.
+
+For each slide: the tissue of a thumbnail (``tissue.py``) picks the windows of a grid (``TileSpec``: windows of
+``size`` level-0 pixels, ``stride`` apart, read ``scale`` times smaller, as ``stas tile`` cut the training tiles);
+each window goes through every run's chain as the cache and validation gave it (the chain after loading,
+uint8 rounding, the val transforms), each run with flip TTA; runs (models x folds) are averaged. Windows are
+stitched with Gaussian weights (MONAI's importance map) or centre weights (a window counts only in its central
+``stride`` square, where a neighbour exists to cover its rim), one band of window rows at a time, into:
+
+- ``<id>_prob.npy``: the probability map at the prediction scale, uint8 (p x 255), a memory-mapped ``.npy``;
+- ``<id>.tif``: the binary mask at level 0 (p > threshold, each scaled pixel repeated), a tiled pyramidal TIFF;
+- ``<id>_overlay.png``: a thumbnail with the mask's outline;
+- a row ``id,encoding`` of ``predictions.csv`` (level-0 RLE, Kaggle's convention), written by column strips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.data.utils import compute_importance_map
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from stas_pipeline.core.fileio import atomic_folder, write_png
+from stas_pipeline.core.lmdb_cache import to_uint8
+from stas_pipeline.core.mask_io import NothingWrittenError
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.trained_runs import TTA_FLIPS
+from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta
+from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
+from stas_pipeline.tasks.slide.rle import encode_strips
+from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, plan_tiles, read_tile_image
+
+STITCH_MODES = ("gaussian", "centre")
+RLE_STRIP = 1024  # level-0 columns per RLE strip
+
+
+@dataclass
+class SlideSettings:
+    """How slides are predicted: windows, tissue, stitching, TTA, threshold, batch."""
+
+    spec: TileSpec
+    tissue: TissueSettings
+    stitch: str = "gaussian"
+    tta: str = "hv"
+    threshold: float = 0.5
+    batch_size: int = 8
+
+
+def window_weights(out: int, stride: int, mode: str) -> np.ndarray:
+    """(out, out) stitching weights of one window (``stride`` in window pixels)."""
+    if mode == "gaussian":
+        return compute_importance_map((out, out), mode="gaussian", sigma_scale=0.125).numpy()
+    if mode != "centre":
+        raise ValueError(f"unknown stitching {mode!r}; known: {', '.join(STITCH_MODES)}")
+    w = np.full((out, out), 1e-3, np.float32)  # the rim still counts where no neighbour covers it
+    m = max(0, (out - stride) // 2)
+    w[m:out - m, m:out - m] = 1.0
+    return w
+
+
+class _WindowInputs:
+    """A window (out, out, C) uint8 as each distinct chain of the runs makes it a model input (C, H, W)."""
+
+    def __init__(self, runs: Sequence[SegmentationRun]):
+        self.runs = runs
+
+    def __call__(self, window: np.ndarray) -> list[torch.Tensor]:
+        inputs = []
+        for run in self.runs:
+            data = run.preprocessing.after_load({"image": MetaTensor(window, meta={"original_channel_dim": -1})})
+            image = torch.from_numpy(to_uint8(data["image"]))
+            inputs.append(torch.as_tensor(run.transform({"image": image})["image"]).float())
+        return inputs
+
+
+@torch.no_grad()
+def _window_probabilities(runs: Sequence[SegmentationRun], prepare: _WindowInputs, windows: list[np.ndarray],
+                          tta: str, out: int) -> np.ndarray:
+    """Mean probabilities (n, out, out) of ``runs`` on ``windows``."""
+    device = next(runs[0].model.parameters()).device
+    prepared = [prepare(w) for w in windows]
+    total = torch.zeros((len(windows), 1, out, out), device=device)
+    for k, run in enumerate(runs):
+        x = torch.stack([p[k] for p in prepared]).to(device)
+        p = flip_tta(run.model, x, TTA_FLIPS[tta]).float()
+        total += p if p.shape[-1] == out else F.interpolate(p, size=(out, out), mode="bilinear", align_corners=False)
+    return (total / len(runs))[:, 0].cpu().numpy()
+
+
+def _rows_of_windows(tiles: list[dict]) -> Iterator[tuple[int, list[dict]]]:
+    """The kept windows grouped by their top row (level 0), top to bottom."""
+    by_row: dict[int, list[dict]] = {}
+    for t in tiles:
+        by_row.setdefault(t["tile"]["y"], []).append(t)
+    yield from sorted(by_row.items())
+
+
+def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[SegmentationRun], settings: SlideSettings,
+                         out: np.ndarray, progress: bool = True) -> int:
+    """Fill ``out`` (the scaled map, uint8, e.g. a memmap; zeros where no window reaches) from the windows
+    ``tiles``, one band of window rows at a time; returns the number of windows predicted."""
+    spec = settings.spec
+    size, stride = spec.out, max(1, spec.stride // spec.scale)
+    weights = window_weights(size, stride, settings.stitch)
+    rows, cols = out.shape
+    band_rows = size + stride
+    band_sum = np.zeros((band_rows, cols + size), np.float32)
+    band_w = np.zeros_like(band_sum)
+    band_top = 0  # the scaled row that band row 0 stands for
+    prepare = _WindowInputs(runs)
+    done = 0
+
+    def flush(until: int) -> None:  # scaled rows [band_top, until) are final: out, then the band moves down
+        nonlocal band_top
+        n = min(max(0, min(until, rows) - band_top), band_rows)
+        if n:
+            s, w = band_sum[:n, :cols], band_w[:n, :cols]
+            out[band_top:band_top + n] = np.where(w > 0, np.rint(255 * s / np.maximum(w, 1e-12)), 0).astype(np.uint8)
+        shift = min(max(0, until - band_top), band_rows)
+        if shift:
+            for band in (band_sum, band_w):
+                band[:band_rows - shift] = band[shift:].copy()
+                band[band_rows - shift:] = 0
+        band_top = until
+
+    for y, row in tqdm(list(_rows_of_windows(tiles)), desc=f"windows {slide.path.name}", unit="row",
+                       disable=not progress):
+        top = y // spec.scale
+        flush(top)
+        for start in range(0, len(row), settings.batch_size):
+            batch = row[start:start + settings.batch_size]
+            images = [read_tile_image(slide, t["tile"]["y"], t["tile"]["x"], spec) for t in batch]
+            probs = _window_probabilities(runs, prepare, images, settings.tta, size)
+            for t, p in zip(batch, probs, strict=True):
+                left, r = t["tile"]["x"] // spec.scale, top - band_top
+                band_sum[r:r + size, left:left + size] += p * weights
+                band_w[r:r + size, left:left + size] += weights
+            done += len(batch)
+    flush(rows + size + stride)
+    return done
+
+
+def _mask_source(prob: np.ndarray, scale: int, cut: int) -> Callable[[int, int, int, int], np.ndarray]:
+    """Level-0 windows (h, w, 1) of ``prob > cut`` (0/255), each scaled pixel repeated ``scale`` times."""
+    def window(y: int, x: int, h: int, w: int) -> np.ndarray:
+        y0, x0 = y // scale, x // scale
+        part = prob[y0:(y + h - 1) // scale + 1, x0:(x + w - 1) // scale + 1] > cut
+        up = np.repeat(np.repeat(part, scale, axis=0), scale, axis=1)[y - y0 * scale:, x - x0 * scale:][:h, :w]
+        full = np.zeros((h, w, 1), np.uint8)
+        full[:up.shape[0], :up.shape[1], 0] = up * np.uint8(255)
+        return full
+    return window
+
+
+def slide_rle(prob: np.ndarray, shape: tuple[int, int], scale: int, cut: int) -> str:
+    """The level-0 RLE of ``prob > cut`` (``shape`` = level-0 height, width), by column strips."""
+    height, width = shape
+    source = _mask_source(prob, scale, cut)
+    strips = (source(0, x, height, min(RLE_STRIP, width - x))[..., 0] for x in range(0, width, RLE_STRIP))
+    return encode_strips(strips, height)
+
+
+def overlay_png(slide: Slide, prob: np.ndarray, cut: int, max_side: int = 1024) -> np.ndarray:
+    """A thumbnail of the slide with the predicted mask's outline in green."""
+    from stas_pipeline.tasks.slide.tissue import thumbnail
+
+    thumb, _ = thumbnail(slide, max_side)
+    rgb = thumb[..., :3] if thumb.shape[-1] >= 3 else np.repeat(thumb, 3, axis=-1)
+    small = np.asarray(Image.fromarray(((prob > cut) * 255).astype(np.uint8)).resize(
+        (rgb.shape[1], rgb.shape[0]), Image.NEAREST)) > 0
+    edge = small & ~ndimage.binary_erosion(small)
+    out = rgb.copy()
+    out[ndimage.binary_dilation(edge)] = (0, 255, 0)
+    return out
+
+
+def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: SlideSettings, out_dir: Path,
+                  ident: str, progress: bool = True) -> tuple[str, int]:
+    """Predict one slide into ``out_dir`` (see the module doc); returns its RLE string and windows predicted."""
+    spec = settings.spec
+    plan = plan_tiles(path, spec, settings.tissue)
+    cut = int(np.floor(255 * settings.threshold))
+    with Slide(path) as slide:
+        height, width = slide.level_shape(0)
+        shape = (-(-height // spec.scale), -(-width // spec.scale))
+        prob = np.lib.format.open_memmap(out_dir / f"{ident}_prob.npy", mode="w+", dtype=np.uint8, shape=shape)
+        windows = stitch_probabilities(slide, plan.tiles, runs, settings, prob, progress)
+        prob.flush()
+        write_slide(out_dir / f"{ident}.tif", _mask_source(prob, spec.scale, cut), height, width, channels=1,
+                    levels=3)
+        write_png(out_dir / f"{ident}_overlay.png", overlay_png(slide, prob, cut))
+        rle = slide_rle(prob, (height, width), spec.scale, cut)
+        del prob
+    return rle, windows
+
+
+def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out: str | Path,
+                   settings: SlideSettings, assignments: dict[Path, list[int]] | None = None,
+                   overwrite: bool = False, progress: bool = True) -> Problems:
+    """Predict ``slides`` into the folder ``out`` (per slide the files of the module doc, and ``predictions.csv``
+    with every slide's RLE), written only when complete. With ``assignments`` a slide is predicted by the runs
+    of those indices only (out-of-fold). A slide that cannot be read is reported and skipped."""
+    from stas_pipeline.stages.rle import file_id, write_rle_csv
+
+    problems = Problems("predict")
+    rows = []
+    with atomic_folder(out, overwrite) as tmp:
+        for path in slides:
+            chosen = [runs[k] for k in assignments[path]] if assignments is not None else list(runs)
+            try:
+                rle, windows = predict_slide(path, chosen, settings, tmp, file_id(path), progress)
+            except (SlideError, ValueError, OSError) as err:
+                problems.skip(path, str(err).removeprefix(f"{path}: "))
+                continue
+            rows.append((file_id(path), rle))
+            problems.count("slides")
+            problems.count("windows", windows)
+        if not rows:
+            raise NothingWrittenError(f"{out}: every slide was skipped; nothing written")
+        write_rle_csv(rows, tmp / "predictions.csv")
+    return problems
