@@ -134,10 +134,10 @@ def test_the_bundle_trains_on_cached_tiles(slides, trained):
     assert len(metrics["history"]) == 1 and metrics["history"][0]["loss"] > 0
 
 
-def test_stas_predict_on_whole_slides(slides, trained, tmp_path):
+def test_stas_predict_and_evaluate_whole_slides(slides, trained, tmp_path):
     """The datalist's test slide, whole: probability map, level-0 mask, overlay, RLE of that mask; out of fold:
-    only the slides of fold 0 (the one run given)."""
-    root, _ = slides
+    only the slides of fold 0 (the one run given), scored at every threshold."""
+    root, made = slides
     out, run_dir = trained
     pred = tmp_path / "pred"
     assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(out / "datalist.json"),
@@ -155,6 +155,17 @@ def test_stas_predict_on_whole_slides(slides, trained, tmp_path):
     assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(out / "datalist.json"),
                      "--out-of-fold", "--out", str(tmp_path / "oof")]) == 0
     assert [r.split(",")[0] for r in (tmp_path / "oof" / "predictions.csv").read_text().splitlines()[1:]] == fold0
+    assert cli.main(["evaluate", "--slides", str(tmp_path / "oof"), "--masks", str(root / "masks.csv"),
+                     "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for ident in fold0:  # the histogram Dice at 0.5 is the Dice of the written level-0 mask
+        with Slide(tmp_path / "oof" / f"{ident}.tif") as mask:
+            predicted = mask.read(0, 0, 900, 1200)[..., 0] > 0
+        truth = made[ident].mask(0, 0, 900, 1200).astype(bool)
+        dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+        assert metrics["dice_at_0.5"][ident] == pytest.approx(dice)
+    assert len(metrics["curve"]) == 19 and metrics["mean_dice_at_best"] >= metrics["mean_dice_at_0.5"]
+    assert (tmp_path / "eval" / "threshold_dice.png").is_file()
     assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--slides", str(root / "slides" / "s1.tif"),
                      str(tmp_path / "missing.tif"), "--out", str(tmp_path / "one")]) == 1
     assert (tmp_path / "one" / "s1.tif").is_file()

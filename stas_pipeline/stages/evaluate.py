@@ -35,7 +35,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from stas_pipeline.core.cli_types import non_negative_int, probability_threshold
-from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_png
+from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_json, write_png
 from stas_pipeline.core.mask_io import IMAGE_SUFFIXES, InputFolderError, prediction_files, read_grey_png, size_text
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.evaluation import (
@@ -233,7 +233,8 @@ def format_summary(summary: dict) -> str:
 
 
 USAGE = """%(prog)s --pred DIR --ref DIR [--csv FILE] [--overlays DIR --images DIR] [options]
-       %(prog)s --predictions CSV --datalist JSON --out DIR [--section {test,training}] [options]"""
+       %(prog)s --predictions CSV --datalist JSON --out DIR [--section {test,training}] [options]
+       %(prog)s --slides DIR --masks SOURCE --out DIR [options]"""
 MASK_ONLY = ("ref", "csv", "overlays", "images")
 IMAGE_LEVEL_ONLY = ("datalist", "section", "out", "cuts")
 
@@ -257,6 +258,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="CSV",
         help="image-level mode: predictions CSV of stas predict (image,prob,<member>...)",
     )
+    mode.add_argument("--slides", type=Path, metavar="DIR",
+                      help="slides mode: a folder of stas predict on slides (<id>_prob.npy, <id>.tif): Dice of each "
+                           "slide at level 0 against --masks at thresholds 0.05..0.95, the best threshold, the "
+                           "curve (threshold_dice.png) and metrics.json in --out")
     masks = parser.add_argument_group("masks mode (--pred)")
     masks.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference masks (required)")
     masks.add_argument(
@@ -270,6 +275,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="write <stem>_overlay.png for the worst images: reference contour green, prediction red",
     )
     masks.add_argument("--images", type=Path, metavar="DIR", help="image folder, needed by --overlays")
+    parser.add_argument_group("slides mode (--slides)").add_argument(
+        "--masks", type=Path, metavar="SOURCE",
+        help="the slides' masks: an RLE CSV (id,encoding) or a folder of <id> mask images or polygons (required)")
     image_level = parser.add_argument_group("image-level mode (--predictions)")
     image_level.add_argument(
         "--datalist", type=Path, metavar="JSON",
@@ -282,7 +290,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     image_level.add_argument(
         "--out", type=Path, metavar="DIR",
         help="output folder (required): metrics.json, per_image.csv, roc.png, worst.csv, worst.png (grading: "
-        "metrics.json, per_image.csv, confusion.png, cut_points.json)",
+        "metrics.json, per_image.csv, confusion.png, cut_points.json; slides mode: metrics.json, "
+        "threshold_dice.png)",
     )
     image_level.add_argument(
         "--cuts", type=Path, metavar="JSON",
@@ -304,6 +313,49 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     both.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
+
+
+def _main_slides(args: argparse.Namespace) -> int:
+    from stas_pipeline.stages.tile import mask_sources
+    from stas_pipeline.tasks.slide.evaluation import (
+        plot_curve,
+        predicted_slides,
+        probability_histograms,
+        threshold_curve,
+    )
+    from stas_pipeline.tasks.slide.reader import Slide, SlideError
+    from stas_pipeline.tasks.slide.tiling import open_mask
+
+    problems = Problems("evaluate")
+    try:
+        if (args.out / "metrics.json").exists() and not args.overwrite:
+            raise OutputExistsError(args.out / "metrics.json")
+        sources, histograms = mask_sources(args.masks), {}
+        for ident, prob_path in tqdm(predicted_slides(args.slides).items(), desc="slides", unit="slide"):
+            try:
+                if ident not in sources:
+                    raise ValueError(f"no mask for {ident} in {args.masks}")
+                with Slide(args.slides / f"{ident}.tif") as predicted:
+                    shape = predicted.level_shape(0)
+                prob = np.load(prob_path, mmap_mode="r")
+                scale = round(shape[0] / prob.shape[0])
+                mask = open_mask(sources[ident][0], sources[ident][1], shape)
+                histograms[ident] = probability_histograms(prob, mask, shape, scale)
+            except (SlideError, ValueError, OSError) as err:
+                problems.skip(prob_path, str(err))
+        if not histograms:
+            raise InputFolderError(f"{args.slides}: no predicted slide could be scored")
+        result = threshold_curve(histograms)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "metrics.json", {"slides": str(args.slides), "masks": str(args.masks), **result},
+                   overwrite=args.overwrite)
+        plot_curve(result, args.out / "threshold_dice.png")
+    except (InputFolderError, OutputExistsError, OSError, ValueError) as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 2
+    print(f"mean Dice over {len(histograms)} slides: {result['mean_dice_at_0.5']:.4f} at 0.5, "
+          f"{result['mean_dice_at_best']:.4f} at the best threshold {result['best_threshold']:.2f}")
+    return problems.finish()
 
 
 def _main_image_level(args: argparse.Namespace) -> int:
@@ -339,6 +391,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     nothing that can be scored)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.slides is not None:
+        if args.masks is None or args.out is None:
+            parser.error("--slides needs --masks and --out")
+        return _main_slides(args)
+    if args.masks is not None:
+        parser.error("--masks belongs to the slides mode (--slides)")
     image_level = args.predictions is not None
     own, other = (IMAGE_LEVEL_ONLY, MASK_ONLY) if image_level else (MASK_ONLY, IMAGE_LEVEL_ONLY)
     given = [f"--{name}" for name in other if getattr(args, name) is not None]

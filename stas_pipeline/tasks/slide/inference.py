@@ -149,15 +149,22 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
     return done
 
 
+def upsampled(prob: np.ndarray, scale: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """The level-0 window (h, w) of the scaled map ``prob``, each scaled pixel repeated; 0 beyond the map."""
+    y0, x0 = y // scale, x // scale
+    part = prob[y0:(y + h - 1) // scale + 1, x0:(x + w - 1) // scale + 1]
+    up = np.repeat(np.repeat(part, scale, axis=0), scale, axis=1)[y - y0 * scale:, x - x0 * scale:][:h, :w]
+    if up.shape == (h, w):
+        return up
+    full = np.zeros((h, w), prob.dtype)
+    full[:up.shape[0], :up.shape[1]] = up
+    return full
+
+
 def _mask_source(prob: np.ndarray, scale: int, cut: int) -> Callable[[int, int, int, int], np.ndarray]:
-    """Level-0 windows (h, w, 1) of ``prob > cut`` (0/255), each scaled pixel repeated ``scale`` times."""
+    """Level-0 windows (h, w, 1) of ``prob > cut`` as 0/255."""
     def window(y: int, x: int, h: int, w: int) -> np.ndarray:
-        y0, x0 = y // scale, x // scale
-        part = prob[y0:(y + h - 1) // scale + 1, x0:(x + w - 1) // scale + 1] > cut
-        up = np.repeat(np.repeat(part, scale, axis=0), scale, axis=1)[y - y0 * scale:, x - x0 * scale:][:h, :w]
-        full = np.zeros((h, w, 1), np.uint8)
-        full[:up.shape[0], :up.shape[1], 0] = up * np.uint8(255)
-        return full
+        return ((upsampled(prob, scale, y, x, h, w) > cut) * np.uint8(255))[..., None]
     return window
 
 

@@ -1,0 +1,77 @@
+"""Slides scored against their masks at level 0, and the threshold searched on them (out-of-fold slides).
+
+For each predicted slide (``<id>_prob.npy`` of ``stas predict``, uint8 p x 255 at the prediction scale) and its
+mask (an RLE CSV row, a mask image or polygons, as ``stas tile`` takes them), two 256-bin histograms of the
+level-0 probability (each scaled pixel repeated) are counted by column strips, over all pixels and over mask
+pixels; from them the Dice of ``p > t`` at every threshold t follows exactly, without predicting again. The
+summary is the mean Dice over slides (each slide once, as the challenges score); the threshold with the best
+mean is reported beside the default 0.5, with the curve as ``threshold_dice.png``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from stas_pipeline.core.fileio import atomic_path
+from stas_pipeline.tasks.slide.inference import RLE_STRIP, upsampled
+from stas_pipeline.tasks.slide.tiling import MaskWindow
+
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+def probability_histograms(prob: np.ndarray, mask: MaskWindow, shape: tuple[int, int], scale: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(all pixels, mask pixels): counts of each level-0 probability value 0..255."""
+    height, width = shape
+    everything, inside = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    for x in range(0, width, RLE_STRIP):
+        w = min(RLE_STRIP, width - x)
+        up = upsampled(prob, scale, 0, x, height, w)
+        truth = mask(0, x, height, w).astype(bool)
+        everything += np.bincount(up.ravel(), minlength=256)
+        inside += np.bincount(up[truth], minlength=256)
+    return everything, inside
+
+
+def dice_at(everything: np.ndarray, inside: np.ndarray, threshold: float) -> float:
+    """Dice of ``p > threshold`` from the histograms (1.0 when both prediction and mask are empty)."""
+    cut = int(np.floor(255 * threshold))
+    predicted, hit, truth = everything[cut + 1:].sum(), inside[cut + 1:].sum(), inside.sum()
+    return 1.0 if predicted + truth == 0 else float(2 * hit / (predicted + truth))
+
+
+def threshold_curve(histograms: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Per-slide Dice at 0.5, the mean Dice at every threshold of :data:`THRESHOLDS`, and the best."""
+    curve = {t: float(np.mean([dice_at(a, m, t) for a, m in histograms.values()])) for t in THRESHOLDS}
+    best = max(curve, key=lambda t: (curve[t], -abs(t - 0.5)))
+    return {"dice_at_0.5": {k: dice_at(a, m, 0.5) for k, (a, m) in histograms.items()},
+            "mean_dice_at_0.5": curve[0.5], "best_threshold": best, "mean_dice_at_best": curve[best],
+            "curve": {str(t): d for t, d in curve.items()}}
+
+
+def plot_curve(result: dict, path: Path) -> None:
+    """Mean Dice against the threshold, the best marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = [float(t) for t in result["curve"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ts, list(result["curve"].values()), marker="o", ms=3)
+    ax.axvline(result["best_threshold"], color="tab:red", ls="--",
+               label=f"best {result['best_threshold']:.2f}: {result['mean_dice_at_best']:.4f}")
+    ax.set(xlabel="threshold", ylabel="mean Dice over slides", title="Threshold on out-of-fold slides")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def predicted_slides(folder: Path) -> dict[str, Path]:
+    """Slide id -> its ``<id>_prob.npy`` in a folder written by ``stas predict`` on slides."""
+    return {re.sub(r"_prob\.npy$", "", p.name): p for p in sorted(folder.glob("*_prob.npy"))}
