@@ -97,12 +97,14 @@ def _multiple_of_16(text: str) -> int:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("segmentation", "classification", "grading"), default="segmentation",
+    parser.add_argument("--task", choices=("segmentation", "classification", "grading", "slide"),
+                        default="segmentation",
                         help="segmentation (default): the STAS recipe; classification: the glaucoma fundus recipe "
                         "on a synthetic fundus-like set (folds, fold mean, a pseudo-label round, experiments "
                         "table; see stas_pipeline/tasks/classification/demo.py); grading: the diabetic-retinopathy "
                         "recipe on a synthetic graded set (three heads, kappa, cut points, ensembles; see "
-                        "stas_pipeline/tasks/grading/demo.py)")
+                        "stas_pipeline/tasks/grading/demo.py); slide: the whole-slide recipe on synthetic slides "
+                        "(tiles, stitched windows, threshold, RLE; see stas_pipeline/tasks/slide/demo.py)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="a folder in the challenge's layout (Train_Images/*.jpg, Train_Annotations/*.json), "
                         "e.g. ../shared/data/stas_public; default: draw a synthetic dataset into OUT/data")
@@ -114,7 +116,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(other files are left alone)")
     parser.add_argument("--n-images", type=positive_int, metavar="N",
                         help="number of synthetic images to draw (default: 40, 96 for classification, 120 for "
-                        "grading; ignored with --data)")
+                        "grading; slides for --task slide: 6, the last held out; ignored with --data)")
     parser.add_argument("--image-size", type=_multiple_of_16, metavar="PX",
                         help="training size, a multiple of 16 (default: "
                         f"{SYNTHETIC_DEFAULTS['image_size']} synthetic, {REAL_DEFAULTS['image_size']} with --data)")
@@ -459,8 +461,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             raise StageError(f"{out}: exists and is not empty; pass --overwrite or another --out")
         from stas_pipeline.tasks.classification.demo import OUTPUTS as CLASSIFICATION_OUTPUTS
         from stas_pipeline.tasks.grading.demo import OUTPUTS as GRADING_OUTPUTS
+        from stas_pipeline.tasks.slide.demo import OUTPUTS as SLIDE_OUTPUTS
 
-        names = {*OUTPUTS, *CLASSIFICATION_OUTPUTS, *GRADING_OUTPUTS}
+        names = {*OUTPUTS, *CLASSIFICATION_OUTPUTS, *GRADING_OUTPUTS, *SLIDE_OUTPUTS}
         for entry in [*(out / name for name in names), *out.glob("cache_*")]:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -482,9 +485,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     from stas_pipeline.tasks.classification.demo import ClassificationDemo
     from stas_pipeline.tasks.grading.demo import GradingDemo
+    from stas_pipeline.tasks.slide.demo import SlideDemo
 
     try:
-        demo = {"classification": ClassificationDemo, "grading": GradingDemo}.get(args.task, Demo)(args)
+        demo = {"classification": ClassificationDemo, "grading": GradingDemo, "slide": SlideDemo}.get(args.task,
+                                                                                                       Demo)(args)
     except StageError as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2
