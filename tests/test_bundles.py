@@ -46,7 +46,7 @@ def error_chain(err: BaseException) -> str:
     return "\n".join(text)
 
 
-@pytest.mark.parametrize("bundle", ["deeplab_effb6", "deeplab_effv2m", "deeplab_nfnet_l2"])
+@pytest.mark.parametrize("bundle", ["deeplab_effb6", "deeplab_effv2m", "deeplab_nfnet_l2", "unet_effb3", "unet_lite0"])
 def test_recipe_bundles_train_and_validate_one_iteration(bundle, synthetic_dataset, tmp_path):
     run_bundle(bundle, dataset_dir=str(synthetic_dataset), datalist=str(synthetic_dataset / "tiny.json"),
                image_size=64, epochs=1, batch_size=2, encoder_weights="none", output_dir=str(tmp_path))
@@ -56,7 +56,9 @@ def test_recipe_bundles_train_and_validate_one_iteration(bundle, synthetic_datas
     best = torch.load(run_dir / "best.pt", weights_only=True)
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert set(best) == set(last["model"]) and last["epoch"] == 1 and last["optimizer"]["state"]
-    assert json.loads((run_dir / "best.json").read_text())["encoder"] in bundle_encoder(bundle)
+    info = json.loads((run_dir / "best.json").read_text())
+    assert info["encoder"] in bundle_encoder(bundle)
+    assert info["network"]["arch"] == ("Unet" if bundle.startswith("unet") else "DeepLabV3Plus")
     assert (run_dir / "curves.png").stat().st_size > 0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
