@@ -15,6 +15,7 @@ import torch
 from monai.bundle import run
 from monai.data import load_decathlon_datalist
 from monai.transforms import Compose, EnsureTyped
+from PIL import Image
 
 from stas_pipeline import cli
 from stas_pipeline.core.lmdb_cache import LMDBCacheDataset, Preprocessing
@@ -94,6 +95,39 @@ def test_bad_slides_and_rle_rows_are_named_and_the_rest_tiled(slides, tmp_path, 
     assert tile(bad, tmp_path / "three") == 2  # 3 folds from 2 slides
     assert "3 folds need 3 slides (or --groups groups) with masks; 2 could be tiled" in capsys.readouterr().err
     assert not (tmp_path / "three" / "datalist.json").exists()
+
+
+def disc_polygons(slide: SyntheticSlide) -> list[list[list[float]]]:
+    """Each glomerulus of ``slide`` as a 64-gon of (x, y) vertices."""
+    angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    return [[[float(cx + r * np.cos(a)), float(cy + r * np.sin(a))] for a in angles] for cy, cx, r in slide.discs]
+
+
+def test_masks_from_polygons_and_mask_images_and_a_wrong_size_named(slides, tmp_path, capsys):
+    """A folder of masks: GeoJSON polygons, LabelMe polygons, a mask PNG of the slide's size; a PNG of another
+    size is named and its slide left out. Mask shares agree with the true discs."""
+    root, made = slides
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]}}
+                for ring in disc_polygons(made["s0"])]
+    (masks / "s0.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    shapes = [{"label": "glomerulus", "points": ring, "shape_type": "polygon"} for ring in disc_polygons(made["s1"])]
+    (masks / "s1.json").write_text(json.dumps({"shapes": shapes, "imageHeight": 900, "imageWidth": 1200}))
+    Image.fromarray(made["s2"].mask(0, 0, 900, 1200) * 255).save(masks / "s2.png")
+    Image.fromarray(np.zeros((90, 120), np.uint8)).save(masks / "s3.png")
+    assert cli.main(["tile", str(root / "slides"), "--masks", str(masks), "--out", str(tmp_path / "out"),
+                     "--size", str(SIZE), "--stride", str(SIZE // 2), "--scale", str(SCALE), "--folds", "3",
+                     "--thumbnail", "300"]) == 1
+    assert f"{root / 'slides' / 's3.tif'}: {masks / 's3.png'}: mask is 120x90 (WxH), the slide 1200x900" in \
+        capsys.readouterr().err
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    assert {e["group"] for e in datalist["training"]} == {"s0", "s1", "s2"} and not datalist["test"]
+    for entry in datalist["training"]:
+        t = entry["tile"]
+        truth = made[entry["group"]].mask(t["y"], t["x"], SIZE, SIZE).mean()
+        assert entry["mask_fraction"] == (pytest.approx(truth, rel=0.05, abs=0.002) if entry["group"] != "s2"
+                                          else pytest.approx(truth, abs=1e-5))  # polygon outlines count
 
 
 @pytest.fixture(scope="module")
