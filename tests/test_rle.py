@@ -125,3 +125,14 @@ def test_stas_rle_reports_bad_rows_and_files_by_name(tmp_path, capsys):
     assert cli.main(["rle", "decode", str(tmp_path / "bad.csv"), "--shape", "2", "2", "--out",
                      str(tmp_path / "p")]) == 2
     assert "lacks an id column" in capsys.readouterr().err
+
+
+def test_rle_csvs_hold_slide_sized_strings(tmp_path):
+    """A slide's RLE runs to megabytes (past the csv module's 128 KiB default field limit)."""
+    mask = np.zeros((400, 1000), np.uint8)
+    mask[::2] = 1  # 200,000 runs
+    (tmp_path / "m.csv").write_text(f"id,encoding\nbig,{encode(mask)}\n")
+    assert len(encode(mask)) > 131072
+    assert cli.main(["rle", "decode", str(tmp_path / "m.csv"), "--shape", "400", "1000", "--out",
+                     str(tmp_path / "out")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "big.png")), mask * 255)

@@ -11,7 +11,6 @@ reason and skipped; the rest is written; the CSV or folder appears only when com
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,24 +18,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, atomic_path, write_png
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
 from stas_pipeline.core.mask_io import InputFolderError, NothingWrittenError, read_grey_png
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.tasks.slide.reader import SLIDE_SUFFIXES, Slide, SlideError, write_slide
-from stas_pipeline.tasks.slide.rle import RLEError, RLEMask, decode, encode, encode_strips
+from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
+from stas_pipeline.tasks.slide.rle import (
+    RLEError,
+    RLEMask,
+    decode,
+    encode,
+    encode_strips,
+    file_id,
+    read_rle_csv,
+    write_rle_csv,
+)
 
 STAGE = "rle"
-ID_COLUMNS, ENCODING_COLUMNS = ("id", "image", "image_id"), ("encoding", "predicted", "rle")
 STRIP = 1024  # columns per strip when a TIFF mask is read
-
-
-def file_id(path: str | Path) -> str:
-    """The id of a slide or mask file: its name without the image suffix (``a.ome.tif`` -> ``a``)."""
-    name = Path(path).name
-    for suffix in sorted(SLIDE_SUFFIXES + (".png", ".jpg", ".jpeg"), key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[:-len(suffix)]
-    return Path(path).stem
 
 
 def _tiff_strips(slide: Slide) -> Iterator[np.ndarray]:
@@ -51,26 +49,6 @@ def encode_mask_file(path: str | Path) -> str:
         with Slide(path) as slide:
             return encode_strips(_tiff_strips(slide), slide.level_shape(0)[0])
     return encode(read_grey_png(path))
-
-
-def read_rle_csv(path: str | Path) -> list[tuple[str, str]]:
-    """(id, encoding) rows of an RLE CSV whose header names an id column and an encoding column."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        id_col = next((c for c in ID_COLUMNS if c in fields), None)
-        enc_col = next((c for c in ENCODING_COLUMNS if c in fields), None)
-        if id_col is None or enc_col is None:
-            raise InputFolderError(f"{path}: header {fields} lacks an id column ({'/'.join(ID_COLUMNS)}) or an "
-                                   f"encoding column ({'/'.join(ENCODING_COLUMNS)})")
-        return [(row[id_col], row[enc_col] or "") for row in reader]
-
-
-def write_rle_csv(rows: list[tuple[str, str]], out: str | Path, overwrite: bool = False) -> None:
-    with atomic_path(out, overwrite) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "encoding"])
-        writer.writerows(rows)
 
 
 def encode_files(masks: list[Path], out: Path, overwrite: bool = False) -> Problems:
@@ -171,7 +149,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except NothingWrittenError as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 1
-    except (InputFolderError, OutputExistsError, SlideError, OSError) as err:
+    except (InputFolderError, OutputExistsError, SlideError, RLEError, OSError) as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 2
     return problems.finish()

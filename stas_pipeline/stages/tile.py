@@ -28,8 +28,8 @@ from stas_pipeline.core.datalist import DatalistError
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, write_png
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.stages.make_datalist import assign_folds, read_group_csv, write_datalist
-from stas_pipeline.stages.rle import file_id, read_rle_csv
 from stas_pipeline.tasks.slide.reader import SLIDE_SUFFIXES, Slide, SlideError
+from stas_pipeline.tasks.slide.rle import file_id, read_rle_csv
 from stas_pipeline.tasks.slide.tiling import SlidePlan, TileSpec, TissueSettings, open_mask, plan_tiles
 from stas_pipeline.tasks.slide.tissue import TISSUE_METHODS
 

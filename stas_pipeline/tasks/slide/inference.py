@@ -36,7 +36,7 @@ from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TTA_FLIPS
 from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
-from stas_pipeline.tasks.slide.rle import encode_strips
+from stas_pipeline.tasks.slide.rle import encode_strips, file_id, write_rle_csv
 from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, plan_tiles, read_tile_image
 
 STITCH_MODES = ("gaussian", "centre")
@@ -216,8 +216,6 @@ def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out:
     """Predict ``slides`` into the folder ``out`` (per slide the files of the module doc, and ``predictions.csv``
     with every slide's RLE), written only when complete. With ``assignments`` a slide is predicted by the runs
     of those indices only (out-of-fold). A slide that cannot be read is reported and skipped."""
-    from stas_pipeline.stages.rle import file_id, write_rle_csv
-
     problems = Problems("predict")
     rows = []
     with atomic_folder(out, overwrite) as tmp:

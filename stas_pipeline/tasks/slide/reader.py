@@ -125,14 +125,17 @@ def _block_mean(window: np.ndarray, factor: int) -> np.ndarray:
     return window.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3)).round().astype(np.uint8)
 
 
-def _tiles(source: Callable[[int, int, int, int], np.ndarray], shape: tuple[int, int], channels: int, tile: int,
-           factor: int) -> Iterator[np.ndarray]:
+def _tiles(source: Callable[..., np.ndarray], shape: tuple[int, int], channels: int, tile: int, factor: int,
+           drawn: bool) -> Iterator[np.ndarray]:
     """Tiles of the level ``factor`` times smaller than level 0 (rows, then columns), each (tile, tile, C)."""
     rows, cols = shape
     for ty in range(0, rows, tile):
         for tx in range(0, cols, tile):
-            window = np.asarray(source(ty * factor, tx * factor, tile * factor, tile * factor), dtype=np.uint8)
-            level_tile = _block_mean(window.reshape(tile * factor, tile * factor, channels), factor)
+            if drawn:
+                level_tile = np.asarray(source(ty, tx, tile, tile, factor), dtype=np.uint8).reshape(tile, tile, -1)
+            else:
+                window = np.asarray(source(ty * factor, tx * factor, tile * factor, tile * factor), dtype=np.uint8)
+                level_tile = _block_mean(window.reshape(tile * factor, tile * factor, channels), factor)
             yield level_tile if channels > 1 else level_tile[..., 0]
 
 
@@ -146,13 +149,16 @@ def write_slide(
     tile: int = 256,
     compression: str | None = "zlib",
     overwrite: bool = False,
+    drawn: bool = False,
 ) -> Path:
     """Write a pyramidal tiled TIFF of ``height`` x ``width`` from ``source(y, x, h, w)`` (a level-0 window,
     (h, w, C) uint8; windows reach past the slide's edges, where the source returns anything, e.g. zeros).
 
     ``levels`` levels (level k: 2**k times smaller, as SubIFDs of level 0, which tifffile, OpenSlide-style readers
     and MONAI's WSIReader read as the pyramid); ``tile`` a multiple of 16; ``compression`` as tifffile takes it
-    (``"zlib"`` lossless, ``"jpeg"`` for RGB like scanners write, None). Written atomically.
+    (``"zlib"`` lossless, ``"jpeg"`` for RGB like scanners write, None). Written atomically. With ``drawn``,
+    ``source(y, x, h, w, factor)`` draws a window of the level ``factor`` times smaller itself (in that level's
+    pixels) instead of level k being averaged from level 0.
     """
     if tile % 16:
         raise ValueError(f"tile {tile} is not a multiple of 16 (TIFF tiles must be)")
@@ -161,7 +167,7 @@ def write_slide(
     with atomic_path(path, overwrite=overwrite) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for k, shape in enumerate(shapes):
             extra = {"subifds": levels - 1} if k == 0 else {"subfiletype": 1}
-            tw.write(_tiles(source, shape, channels, tile, 2**k), shape=(*shape, channels)[:2 + (channels > 1)],
+            tw.write(_tiles(source, shape, channels, tile, 2**k, drawn), shape=(*shape, channels)[:2 + (channels > 1)],
                      dtype=np.uint8,
                      tile=(tile, tile), photometric=photometric, compression=compression, **extra)
     return Path(path)

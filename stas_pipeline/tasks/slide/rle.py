@@ -12,14 +12,21 @@ mask raises :class:`RLEError` naming the first bad run.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from stas_pipeline.core.fileio import atomic_path
+
 
 class RLEError(ValueError):
-    """An RLE string that does not describe a mask of the given size."""
+    """An RLE string that does not describe a mask of the given size, or a CSV without its columns."""
+
+
+ID_COLUMNS, ENCODING_COLUMNS = ("id", "image", "image_id"), ("encoding", "predicted", "rle")
 
 
 def _runs_of(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,3 +155,36 @@ class RLEMask:
     def image(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """The window as a grey image, (h, w, 1) uint8 0/255 (a source for :func:`write_slide`)."""
         return self.window(y, x, h, w)[..., None] * np.uint8(255)
+
+
+_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs", ".jpeg", ".png", ".jpg")
+
+
+def file_id(path: str | Path) -> str:
+    """The id of a slide or mask file: its name without the image suffix (``a.ome.tif`` -> ``a``)."""
+    name = Path(path).name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return Path(path).stem
+
+
+def read_rle_csv(path: str | Path) -> list[tuple[str, str]]:
+    """(id, encoding) rows of an RLE CSV whose header names an id column and an encoding column."""
+    csv.field_size_limit(2**31 - 1)  # a slide's RLE runs to megabytes; the csv module stops at 128 KiB by default
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        id_col = next((c for c in ID_COLUMNS if c in fields), None)
+        enc_col = next((c for c in ENCODING_COLUMNS if c in fields), None)
+        if id_col is None or enc_col is None:
+            raise RLEError(f"{path}: header {fields} lacks an id column ({'/'.join(ID_COLUMNS)}) or an "
+                                   f"encoding column ({'/'.join(ENCODING_COLUMNS)})")
+        return [(row[id_col], row[enc_col] or "") for row in reader]
+
+
+def write_rle_csv(rows: list[tuple[str, str]], out: str | Path, overwrite: bool = False) -> None:
+    with atomic_path(out, overwrite) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "encoding"])
+        writer.writerows(rows)

@@ -22,7 +22,6 @@ mask fractions.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stas_pipeline.tasks.slide.reader import Slide, SlideError
-from stas_pipeline.tasks.slide.rle import RLEError, RLEMask
+from stas_pipeline.tasks.slide.rle import RLEError, RLEMask, read_rle_csv
 from stas_pipeline.tasks.slide.tissue import thumbnail, tissue_mask
 
 MaskWindow = Callable[[int, int, int, int], np.ndarray]  # (y, x, h, w) -> (h, w) uint8 0/1
@@ -134,10 +133,9 @@ class ImageMask:
 
 
 def _rle_row(path: Path, mask_id: str) -> str:
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if (row.get("id") or row.get("image") or row.get("image_id")) == mask_id:
-                return row.get("encoding") or row.get("predicted") or row.get("rle") or ""
+    for ident, rle in read_rle_csv(path):
+        if ident == mask_id:
+            return rle
     raise ValueError(f"{path}: no row with id {mask_id!r}")
 
 
