@@ -41,12 +41,15 @@ def measured(name: str, argv: list[str], out: Path, results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=40000, help="side of the big slide, level 0 (40000)")
-    parser.add_argument("--out", type=Path, required=True, help="work folder (slides, tiles, runs, predictions)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="work folder for slides, tiles, runs, predictions (new or empty)")
     parser.add_argument("--scale", type=int, default=8, help="windows read this many times smaller (8)")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs on the small slides' tiles (2)")
     args = parser.parse_args()
     out = args.out.resolve()
-    (out / "slides").mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out}: not empty; give a new --out")
+    (out / "slides").mkdir(parents=True)
     results: dict = {}
 
     start = time.perf_counter()

@@ -1,0 +1,208 @@
+"""Real slides with real masks: the public STAS images laid out as mosaics (pyramidal JPEG TIFFs, masks as RLE),
+the tile pipeline trained on part of them and the rest predicted whole, against the same checkpoint predicting
+those images one by one (each image its own slide, the same windows, scale and TTA).
+
+Three mosaics of the images in name order: ``train_a`` (the first 50, 10 x 5), ``train_b`` (the next 50) and
+``test`` (the rest, 8 columns; an empty slot is glass). ``stas tile`` (1024-px tiles, stride 512, 4x smaller)
+puts the two training mosaics in two folds and the test mosaic in the test list; fold 0 of deeplab_lite0 trains
+on ``train_b``'s tiles (validated on ``train_a``'s); ``stas predict`` predicts the test mosaic whole, then each
+test image alone; each image's Dice against its reference mask is measured on its own region of the mosaic's
+level-0 mask, and on its own prediction. Each stage is a ``stas`` process with its wall time and peak RSS.
+
+    python benchmarks/slide_mosaic.py --data ../shared/data/stas_public --out /tmp/mosaic --epochs 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stas_pipeline.tasks.slide.reader import Slide, write_slide
+from stas_pipeline.tasks.slide.rle import encode_strips
+
+REPO = Path(__file__).resolve().parents[1]
+STAS = [sys.executable, "-m", "stas_pipeline.cli"]
+GLASS = 242
+TILE = {"size": 1024, "stride": 512, "scale": 4}
+
+
+class Mosaic:
+    """Images (and their masks) on a grid of ``columns``, any window composed on demand (a few images decoded)."""
+
+    def __init__(self, images: list[Path], masks: list[Path], columns: int):
+        self.images, self.masks, self.columns = images, masks, columns
+        with Image.open(images[0]) as first:
+            self.cell = (first.height, first.width)
+        self.rows = -(-len(images) // columns)
+        self.shape = (self.rows * self.cell[0], columns * self.cell[1])
+        self._decoded: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def _array(self, kind: str, k: int) -> np.ndarray:
+        key = (kind, k)
+        if key not in self._decoded:
+            path = (self.images if kind == "image" else self.masks)[k]
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB") if kind == "image" else img.convert("L"))
+            if arr.shape[:2] != self.cell:
+                raise ValueError(f"{path}: {arr.shape[1]}x{arr.shape[0]}, the mosaic's cells are "
+                                 f"{self.cell[1]}x{self.cell[0]}")
+            self._decoded[key] = arr if kind == "image" else (arr > 0).astype(np.uint8)
+            if len(self._decoded) > 24:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(key)
+        return self._decoded[key]
+
+    def region(self, k: int) -> tuple[int, int]:
+        """Top-left corner (level 0) of image ``k``."""
+        return (k // self.columns) * self.cell[0], (k % self.columns) * self.cell[1]
+
+    def window(self, kind: str, y: int, x: int, h: int, w: int) -> np.ndarray:
+        out = np.full((h, w, 3), GLASS, np.uint8) if kind == "image" else np.zeros((h, w), np.uint8)
+        ch, cw = self.cell
+        for r in range(max(y, 0) // ch, min((y + h - 1) // ch, self.rows - 1) + 1):
+            for c in range(max(x, 0) // cw, min((x + w - 1) // cw, self.columns - 1) + 1):
+                k = r * self.columns + c
+                if k >= len(self.images):
+                    continue
+                y0, x0 = max(y, r * ch), max(x, c * cw)
+                y1, x1 = min(y + h, (r + 1) * ch), min(x + w, (c + 1) * cw)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = self._array(kind, k)[y0 - r * ch:y1 - r * ch,
+                                                                           x0 - c * cw:x1 - c * cw]
+        return out
+
+    def write(self, path: Path) -> str:
+        """The mosaic as a pyramidal JPEG TIFF; returns its mask's RLE."""
+        write_slide(path, lambda y, x, h, w: self.window("image", y, x, h, w), *self.shape, levels=4,
+                    compression="jpeg")
+        strips = (self.window("mask", 0, x, self.shape[0], min(512, self.shape[1] - x))
+                  for x in range(0, self.shape[1], 512))
+        return encode_strips(strips, self.shape[0])
+
+
+def measured(name: str, argv: list[str], out: Path, results: dict) -> None:
+    report = out / f"{name}.time"
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *argv], cwd=REPO, text=True,
+                          capture_output=True)
+    seconds = time.perf_counter() - start
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}); see {out / f'{name}.log'}")
+    results[name] = {"seconds": round(seconds, 1), "peak_rss_mib": round(int(report.read_text().split()[-1]) / 1024)}
+    print(name, results[name], flush=True)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    total = pred.sum() + ref.sum()
+    return 1.0 if total == 0 else float(2 * (pred & ref).sum() / total)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/stas_public",
+                        help="folder with Train_Images/*.jpg and reference_masks/*.png")
+    parser.add_argument("--out", type=Path, required=True, help="work folder (new or empty)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs of fold 0 (12)")
+    parser.add_argument("--tta", default="hv", help="flip TTA of both predictions (hv)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="only the first N images, split 40/40/20 (a quick check; default: all, 50/50/rest)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out}: not empty; give a new --out")
+    for sub in ("slides", "images"):
+        (out / sub).mkdir(parents=True)
+    images = sorted((args.data / "Train_Images").glob("*.jpg"))
+    masks = [args.data / "reference_masks" / f"{p.stem}.png" for p in images]
+    if args.limit:
+        images, masks = images[:args.limit], masks[:args.limit]
+    a = 50 if not args.limit else round(0.4 * args.limit)
+    parts = {"train_a": slice(0, a), "train_b": slice(a, 2 * a), "test": slice(2 * a, None)}
+    results: dict = {"images": {name: len(images[part]) for name, part in parts.items()}}
+
+    start = time.perf_counter()
+    mosaics = {name: Mosaic(images[part], masks[part], columns=10 if name != "test" else 8)
+               for name, part in parts.items()}
+    rles = {name: mosaic.write(out / "slides" / f"{name}.tif") for name, mosaic in mosaics.items()}
+    (out / "masks.csv").write_text(f"id,encoding\ntrain_a,{rles['train_a']}\ntrain_b,{rles['train_b']}\n")
+    (out / "test_mask.csv").write_text(f"id,encoding\ntest,{rles['test']}\n")  # kept apart: scoring only
+    test = mosaics["test"]
+    for k, path in enumerate(test.images):  # each test image alone, as its own slide
+        write_slide(out / "images" / f"{path.stem}.tif", lambda y, x, h, w, k=k: _alone(test, k, y, x, h, w),
+                    *test.cell, levels=3, compression="jpeg")
+    results["write_slides_s"] = round(time.perf_counter() - start, 1)
+    results["mosaics"] = {name: f"{m.shape[1]} x {m.shape[0]}" for name, m in mosaics.items()}
+
+    tiles = ["--size", str(TILE["size"]), "--stride", str(TILE["stride"]), "--scale", str(TILE["scale"])]
+    size = TILE["size"] // TILE["scale"]
+    measured("tile", [*STAS, "tile", str(out / "slides"), "--masks", str(out / "masks.csv"), "--out",
+                      str(out / "tiles"), *tiles, "--folds", "2"], out, results)
+    datalist = json.loads((out / "tiles" / "datalist.json").read_text())
+    results["tiles"] = {"training": len(datalist["training"]), "test_mosaic_windows": len(datalist["test"])}
+    measured("build_lmdb", [*STAS, "build-lmdb", "--datalist", str(out / "tiles" / "datalist.json"), "--out",
+                            str(out / f"cache_{size}"), "--bundle", "deeplab_lite0", "--image-size", str(size),
+                            "--no-progress"], out, results)
+    measured("train", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                       "bundles/deeplab_lite0.json", "--dataset_dir", str(out / "tiles"), "--datalist",
+                       str(out / "tiles" / "datalist.json"), "--cache_dir", str(out / f"cache_{size}"),
+                       "--image_size", str(size), "--epochs", str(args.epochs), "--batch_size", "8", "--lr", "0.002",
+                       "--device", "cpu", "--num_workers", "0", "--balanced_sampling", "true",
+                       "--output_dir", str(out / "runs")], out, results)
+    checkpoint = str(out / "runs" / "deeplab_lite0" / "fold0" / "best.pt")
+    measured("predict_mosaic", [*STAS, "predict", "--checkpoint", checkpoint, "--datalist",
+                                str(out / "tiles" / "datalist.json"), "--tta", args.tta, "--batch-size", "8",
+                                "--out", str(out / "pred_mosaic")], out, results)
+    measured("predict_images", [*STAS, "predict", "--checkpoint", checkpoint, "--slides", str(out / "images"),
+                                *tiles[2:], "--tile-size", str(TILE["size"]), "--tta", args.tta, "--batch-size", "8",
+                                "--out", str(out / "pred_images")], out, results)
+    for name in ("predict_mosaic", "predict_images"):
+        windows = sum(int(line.split("windows ")[1].split(",")[0]) for line in
+                      (out / f"{name}.log").read_text().splitlines() if line.startswith("predict: slides"))
+        results[name]["windows"] = windows
+        results[name]["windows_per_s"] = round(windows / results[name]["seconds"], 2)
+
+    measured("evaluate_mosaic", [*STAS, "evaluate", "--slides", str(out / "pred_mosaic"), "--masks",
+                                 str(out / "test_mask.csv"), "--out", str(out / "eval_mosaic")], out, results)
+    slide_metrics = json.loads((out / "eval_mosaic" / "metrics.json").read_text())
+    results["test_mosaic_slide_dice"] = {"at_0.5": round(slide_metrics["mean_dice_at_0.5"], 4)}
+    per_image = []
+    with Slide(out / "pred_mosaic" / "test.tif") as mosaic_mask:
+        for k, path in enumerate(test.images):
+            ref = np.asarray(Image.open(test.masks[k])) > 0
+            y, x = test.region(k)
+            in_mosaic = mosaic_mask.read(y, x, *test.cell)[..., 0] > 0
+            with Slide(out / "pred_images" / f"{path.stem}.tif") as alone:
+                by_itself = alone.read(0, 0, *test.cell)[..., 0] > 0
+            per_image.append({"image": path.stem, "dice_mosaic": round(dice(in_mosaic, ref), 4),
+                              "dice_alone": round(dice(by_itself, ref), 4)})
+    results["per_image"] = per_image
+    results["mean_dice_mosaic"] = round(float(np.mean([r["dice_mosaic"] for r in per_image])), 4)
+    results["mean_dice_alone"] = round(float(np.mean([r["dice_alone"] for r in per_image])), 4)
+    results["difference"] = round(results["mean_dice_mosaic"] - results["mean_dice_alone"], 4)
+    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k != "per_image"}, indent=2))
+
+
+def _alone(mosaic: Mosaic, k: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """A window of image ``k`` by itself (glass beyond its edges)."""
+    out = np.full((h, w, 3), GLASS, np.uint8)
+    ch, cw = mosaic.cell
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, ch), min(x + w, cw)
+    if y0 < y1 and x0 < x1:
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = mosaic._array("image", k)[y0:y1, x0:x1]
+    return out
+
+
+if __name__ == "__main__":
+    main()
