@@ -184,6 +184,12 @@ def test_stas_predict_and_evaluate_whole_slides(slides, trained, tmp_path):
     assert np.array_equal(level0 > 0, np.repeat(np.repeat(prob > 127, SCALE, 0), SCALE, 1))
     rows = (pred / "predictions.csv").read_text().splitlines()
     assert rows[0] == "id,encoding" and rows[1] == f"s3,{encode(level0)}"
+    for p_skip, name in ((0.0, "none_skipped"), (1.01, "all_skipped")):  # the auxiliary head's presence is <= 1
+        assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist",
+                         str(out / "datalist.json"), "--tta", "hv", "--batch-size", "4", "--skip-empty", str(p_skip),
+                         "--out", str(tmp_path / name)]) == 0
+    assert np.array_equal(np.load(tmp_path / "none_skipped" / "s3_prob.npy"), prob)
+    assert not np.load(tmp_path / "all_skipped" / "s3_prob.npy").any()
     datalist = json.loads((out / "datalist.json").read_text())
     fold0 = sorted({e["group"] for e in datalist["training"] if e["fold"] == 0})
     assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(out / "datalist.json"),
@@ -222,7 +228,7 @@ def test_stitched_windows_equal_a_pixelwise_model_everywhere_they_reach(slides, 
         plan = plan_tiles(slide.path, spec, settings.tissue)
         stitched = np.zeros((900 // SCALE, 1200 // SCALE), np.uint8)
         assert stitch_probabilities(slide, plan.tiles, [run_spec], settings, stitched, progress=False) == \
-            len(plan.tiles)
+            (len(plan.tiles), 0)
         whole = read_tile_image(slide, 0, 0, TileSpec(1200, 1200, SCALE))[:900 // SCALE]
     with torch.no_grad():
         expected = torch.sigmoid(model(torch.from_numpy(whole).permute(2, 0, 1)[None].float()))[0, 0].numpy()

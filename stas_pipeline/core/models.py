@@ -45,6 +45,10 @@ class AuxOutputInTraining(nn.Module):
         masks, labels = self.model(x)
         return (masks, labels) if self.training else masks
 
+    def presence(self, x: torch.Tensor) -> torch.Tensor:
+        """The auxiliary head's probability (N,) that each image holds foreground: the encoder only, no decoder."""
+        return torch.sigmoid(self.model.classification_head(self.model.encoder(x)[-1]).float())[:, 0]
+
 
 def check_encoder_name(encoder_name: str) -> None:
     if not timm.is_model(encoder_name):

@@ -106,6 +106,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     slides.add_argument("--min-tissue", type=float, default=0.01,
                         help="least tissue share of a predicted window (0.01; windows without tissue stay 0)")
     slides.add_argument("--thumbnail", type=positive_int, help="longer side of the tissue thumbnail (2048)")
+    slides.add_argument("--skip-empty", type=float, metavar="P",
+                        help="runs with the auxiliary head: skip the decoder (and TTA) on windows whose 'has "
+                             "foreground' probability is below P; they count as 0 (off by default)")
     parser.add_argument("--estimate", type=positive_int, nargs="?", const=8, metavar="N",
                         help="write nothing: time the first N images (default 8) after a warm-up batch and print "
                              "the projected wall time for all the images")
@@ -172,7 +175,9 @@ def _slides(args: argparse.Namespace, infos: list[dict], tiles: dict) -> tuple[l
     tissue = TissueSettings(args.tissue_method or tiles.get("method", defaults.method),
                             args.tissue_threshold or tiles.get("threshold", defaults.threshold),
                             args.thumbnail or tiles.get("thumbnail", defaults.thumbnail), args.min_tissue)
-    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size)
+    if args.skip_empty is not None and not all(hasattr(r.model, "presence") for r in runs):
+        raise ValueError("--skip-empty needs runs trained with the auxiliary head (aux_head true)")
+    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size, args.skip_empty)
     problems = Problems("predict")
     assignments = None
     if args.slides:

@@ -4,7 +4,8 @@ disk as the probability map, the mask, an overlay and the RLE, never holding a s
 For each slide: the tissue of a thumbnail (``tissue.py``) picks the windows of a grid (``TileSpec``: windows of
 ``size`` level-0 pixels, ``stride`` apart, read ``scale`` times smaller, as ``stas tile`` cut the training tiles);
 each window goes through every run's chain as the cache and validation gave it (the chain after loading,
-uint8 rounding, the val transforms), each run with flip TTA; runs (models x folds) are averaged. Windows are
+uint8 rounding, the val transforms), each run with flip TTA; runs (models x folds) are averaged (optionally a
+run's auxiliary "has foreground" head first skips the decoder on windows it calls empty). Windows are
 stitched with Gaussian weights (MONAI's importance map) or centre weights (a window counts only in its central
 ``stride`` square, where a neighbour exists to cover its rim), one band of window rows at a time, into:
 
@@ -53,6 +54,7 @@ class SlideSettings:
     tta: str = "hv"
     threshold: float = 0.5
     batch_size: int = 8
+    skip_empty: float | None = None  # skip the decoder where the auxiliary head's presence is below this
 
 
 def window_weights(out: int, stride: int, mode: str) -> np.ndarray:
@@ -84,16 +86,26 @@ class _WindowInputs:
 
 @torch.no_grad()
 def _window_probabilities(runs: Sequence[SegmentationRun], prepare: _WindowInputs, windows: list[np.ndarray],
-                          tta: str, out: int) -> np.ndarray:
-    """Mean probabilities (n, out, out) of ``runs`` on ``windows``."""
+                          tta: str, out: int, skip_empty: float | None = None) -> tuple[np.ndarray, int]:
+    """Mean probabilities (n, out, out) of ``runs`` on ``windows``, and how many window passes skipped the decoder.
+    With ``skip_empty``, a run's auxiliary head scores each window first (encoder only) and the windows it gives
+    a presence below ``skip_empty`` get probability 0 from that run without the decoder and TTA."""
     device = next(runs[0].model.parameters()).device
     prepared = [prepare(w) for w in windows]
     total = torch.zeros((len(windows), 1, out, out), device=device)
+    skipped = 0
     for k, run in enumerate(runs):
         x = torch.stack([p[k] for p in prepared]).to(device)
-        p = flip_tta(run.model, x, TTA_FLIPS[tta]).float()
-        total += p if p.shape[-1] == out else F.interpolate(p, size=(out, out), mode="bilinear", align_corners=False)
-    return (total / len(runs))[:, 0].cpu().numpy()
+        keep = torch.ones(len(windows), dtype=torch.bool, device=device)
+        if skip_empty is not None:
+            keep = run.model.presence(x) >= skip_empty
+            skipped += int((~keep).sum())
+        if not keep.any():
+            continue
+        p = flip_tta(run.model, x[keep], TTA_FLIPS[tta]).float()
+        total[keep] += p if p.shape[-1] == out else F.interpolate(p, size=(out, out), mode="bilinear",
+                                                                  align_corners=False)
+    return (total / len(runs))[:, 0].cpu().numpy(), skipped
 
 
 def _rows_of_windows(tiles: list[dict]) -> Iterator[tuple[int, list[dict]]]:
@@ -105,9 +117,10 @@ def _rows_of_windows(tiles: list[dict]) -> Iterator[tuple[int, list[dict]]]:
 
 
 def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[SegmentationRun], settings: SlideSettings,
-                         out: np.ndarray, progress: bool = True) -> int:
+                         out: np.ndarray, progress: bool = True) -> tuple[int, int]:
     """Fill ``out`` (the scaled map, uint8, e.g. a memmap; zeros where no window reaches) from the windows
-    ``tiles``, one band of window rows at a time; returns the number of windows predicted."""
+    ``tiles``, one band of window rows at a time; returns the windows predicted and the window passes (run x
+    window) whose decoder ``settings.skip_empty`` skipped."""
     spec = settings.spec
     size, stride = spec.out, max(1, spec.stride // spec.scale)
     weights = window_weights(size, stride, settings.stitch)
@@ -117,7 +130,7 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
     band_w = np.zeros_like(band_sum)
     band_top = 0  # the scaled row that band row 0 stands for
     prepare = _WindowInputs(runs)
-    done = 0
+    done = passes_skipped = 0
 
     def flush(until: int) -> None:  # scaled rows [band_top, until) are final: out, then the band moves down
         nonlocal band_top
@@ -139,14 +152,15 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
         for start in range(0, len(row), settings.batch_size):
             batch = row[start:start + settings.batch_size]
             images = [read_tile_image(slide, t["tile"]["y"], t["tile"]["x"], spec) for t in batch]
-            probs = _window_probabilities(runs, prepare, images, settings.tta, size)
+            probs, skipped = _window_probabilities(runs, prepare, images, settings.tta, size, settings.skip_empty)
+            passes_skipped += skipped
             for t, p in zip(batch, probs, strict=True):
                 left, r = t["tile"]["x"] // spec.scale, top - band_top
                 band_sum[r:r + size, left:left + size] += p * weights
                 band_w[r:r + size, left:left + size] += weights
             done += len(batch)
     flush(rows + size + stride)
-    return done
+    return done, passes_skipped
 
 
 def upsampled(prob: np.ndarray, scale: int, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -191,8 +205,9 @@ def overlay_png(slide: Slide, prob: np.ndarray, cut: int, max_side: int = 1024) 
 
 
 def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: SlideSettings, out_dir: Path,
-                  ident: str, progress: bool = True) -> tuple[str, int]:
-    """Predict one slide into ``out_dir`` (see the module doc); returns its RLE string and windows predicted."""
+                  ident: str, progress: bool = True) -> tuple[str, int, int]:
+    """Predict one slide into ``out_dir`` (see the module doc); returns its RLE string, the windows predicted and
+    the window passes whose decoder was skipped."""
     spec = settings.spec
     plan = plan_tiles(path, spec, settings.tissue)
     cut = int(np.floor(255 * settings.threshold))
@@ -200,14 +215,14 @@ def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: S
         height, width = slide.level_shape(0)
         shape = (-(-height // spec.scale), -(-width // spec.scale))
         prob = np.lib.format.open_memmap(out_dir / f"{ident}_prob.npy", mode="w+", dtype=np.uint8, shape=shape)
-        windows = stitch_probabilities(slide, plan.tiles, runs, settings, prob, progress)
+        windows, skipped = stitch_probabilities(slide, plan.tiles, runs, settings, prob, progress)
         prob.flush()
         write_slide(out_dir / f"{ident}.tif", _mask_source(prob, spec.scale, cut), height, width, channels=1,
                     levels=3)
         write_png(out_dir / f"{ident}_overlay.png", overlay_png(slide, prob, cut))
         rle = slide_rle(prob, (height, width), spec.scale, cut)
         del prob
-    return rle, windows
+    return rle, windows, skipped
 
 
 def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out: str | Path,
@@ -222,13 +237,15 @@ def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out:
         for path in slides:
             chosen = [runs[k] for k in assignments[path]] if assignments is not None else list(runs)
             try:
-                rle, windows = predict_slide(path, chosen, settings, tmp, file_id(path), progress)
+                rle, windows, skipped = predict_slide(path, chosen, settings, tmp, file_id(path), progress)
             except (SlideError, ValueError, OSError) as err:
                 problems.skip(path, str(err).removeprefix(f"{path}: "))
                 continue
             rows.append((file_id(path), rle))
             problems.count("slides")
             problems.count("windows", windows)
+            if settings.skip_empty is not None:
+                problems.count("decoder passes skipped", skipped)
         if not rows:
             raise NothingWrittenError(f"{out}: every slide was skipped; nothing written")
         write_rle_csv(rows, tmp / "predictions.csv")
