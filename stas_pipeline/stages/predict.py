@@ -19,6 +19,11 @@ Image-level runs (a classification bundle; the task is read from ``best.json``) 
 predictions, for the CV AUC); ``--tta`` also takes ``two-crop`` and ``ten-crop`` for them. See
 stas_pipeline/tasks/classification/inference.py.
 
+Whole slides (``--slides``, or ``--datalist`` of a tile datalist written by ``stas tile``, whose window and
+tissue settings become the defaults; with ``--out-of-fold`` each training slide by the runs of its fold): windows
+over tissue at the training scale, stitched into ``--out/<id>_prob.npy``, ``<id>.tif`` (level-0 mask),
+``<id>_overlay.png`` and ``predictions.csv`` (RLE). See stas_pipeline/tasks/slide/inference.py.
+
 ``--estimate [N]`` (any task) writes nothing: it loads the checkpoints, predicts a warm-up batch, then times the
 first N images (8; at least one batch) with the full settings (every checkpoint, TTA, mode, batch size,
 workers, device; segmentation outputs go to a temporary folder, removed) and prints the projected wall time
