@@ -190,6 +190,32 @@ def test_stas_predict_and_evaluate_whole_slides(slides, trained, tmp_path):
                          "--out", str(tmp_path / name)]) == 0
     assert np.array_equal(np.load(tmp_path / "none_skipped" / "s3_prob.npy"), prob)
     assert not np.load(tmp_path / "all_skipped" / "s3_prob.npy").any()
+    # a pseudo-label round from the test slide's prediction: confident tiles join training with its mask
+    test_tiles = json.loads((out / "datalist.json").read_text())["test"]
+    strict = [t["tile"] for t in test_tiles]  # with --low 0 --high 1 and no uncertain pixel allowed: tiles of 0/255
+    strict = [t for t in strict if not np.any((prob[t["y"] // SCALE:(t["y"] + SIZE) // SCALE,
+                                                     t["x"] // SCALE:(t["x"] + SIZE) // SCALE] % 255) > 0)]
+    assert cli.main(["pseudo-label", "--datalist", str(out / "datalist.json"), "--predictions", str(pred),
+                     "--high", "1", "--low", "0", "--max-uncertain", "0", "--out", str(tmp_path / "strict.json")]) == 0
+    assert json.loads((tmp_path / "strict.json").read_text())["pseudo_rounds"][-1]["tiles_added"] == len(strict)
+    assert cli.main(["pseudo-label", "--datalist", str(out / "datalist.json"), "--predictions", str(pred),
+                     "--high", "0.6", "--low", "0.4", "--max-uncertain", "1", "--out", str(tmp_path / "r1.json")]) == 0
+    round1 = json.loads((tmp_path / "r1.json").read_text())
+    pseudo = [e for e in round1["training"] if e.get("source") == "pseudo"]
+    record = round1["pseudo_rounds"][-1]
+    assert record["round"] == 1 and record["tiles_added"] == len(pseudo) == len(test_tiles)
+    assert all("fold" not in e and e["label_id"] == "s3" and e["pseudo_round"] == 1 for e in pseudo)
+    (mask_row,) = (tmp_path / "r1_pseudo_masks.csv").read_text().splitlines()[1:]
+    expected = np.repeat(np.repeat(prob >= 153, SCALE, 0), SCALE, 1)  # 0.6 x 255 = 153
+    assert mask_row == f"s3,{encode(expected)}"
+    items = load_decathlon_datalist(str(tmp_path / "r1.json"), True, "training")
+    assert cli.main(["build-lmdb", "--datalist", str(tmp_path / "r1.json"), "--out", str(tmp_path / "cache"),
+                     "--bundle", "deeplab_lite0", "--image-size", str(SIZE // SCALE), "--no-progress"]) == 0
+    cached = LMDBCacheDataset(items, tmp_path / "cache", Preprocessing.resize(SIZE // SCALE))
+    k = next(i for i, e in enumerate(items) if e.get("source") == "pseudo")
+    t = items[k]["tile"]
+    assert np.array_equal(cached[k]["label"][0].numpy(),
+                          expected[t["y"]:t["y"] + SIZE:SCALE, t["x"]:t["x"] + SIZE:SCALE].astype(np.uint8))
     datalist = json.loads((out / "datalist.json").read_text())
     fold0 = sorted({e["group"] for e in datalist["training"] if e["fold"] == 0})
     assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(out / "datalist.json"),

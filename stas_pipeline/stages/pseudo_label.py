@@ -263,7 +263,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--datalist", type=Path, required=True, help="datalist JSON of the previous round")
     parser.add_argument("--predictions", type=Path, required=True,
-                        help="predictions CSV of stas predict (image,prob,...), e.g. of the datalist's test images")
+                        help="predictions CSV of stas predict (image,prob,...), e.g. of the datalist's test images; "
+                             "or a folder of stas predict on slides: pixel-level pseudo labels for the test tiles "
+                             "of a tile datalist (see --max-uncertain)")
+    parser.add_argument("--max-uncertain", type=unit_interval, default=0.01,
+                        help="slides: a test tile joins training when at most this share of its pixels lies "
+                             "between --low and --high (0.01); its mask is the pixels at or above --high")
     parser.add_argument("--out", type=Path, required=True, help="datalist JSON to write for the next round")
     parser.add_argument("--high", type=unit_interval, default=0.98, help="prob >= this: pseudo label 1 (0.98)")
     parser.add_argument("--low", type=unit_interval, default=0.02, help="prob <= this: pseudo label 0 (0.02)")
@@ -276,9 +281,67 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def pseudo_label_slides(datalist: dict, datalist_path: str | Path, predictions: Path, out: str | Path,
+                        high: float, low: float, max_uncertain: float, problems: Problems
+                        ) -> tuple[dict, Path, list[tuple[str, str]]]:
+    """The next round's datalist from slide predictions (see tasks/slide/pseudo_labels.py), the pseudo-mask CSV
+    it names, and that CSV's rows."""
+    from stas_pipeline.tasks.slide.pseudo_labels import pseudo_tiles
+
+    base, new_base = Path(os.path.abspath(datalist_path)).parent, Path(os.path.abspath(out)).parent
+    round_no = next_round(datalist)
+    masks_csv = new_base / f"{Path(out).stem}_pseudo_masks.csv"
+    rles, tiles, counts = pseudo_tiles(datalist.get("test", []), predictions, high, low, max_uncertain, problems)
+    training = _rebase(datalist["training"], base, new_base)
+    earlier = {(e["image"], json.dumps(e["tile"], sort_keys=True)) for e in training if _is_pseudo(e) and "tile" in e}
+    added = []
+    for entry in _rebase(tiles, base, new_base):
+        if (entry["image"], json.dumps(entry["tile"], sort_keys=True)) in earlier:
+            counts["tiles_already_pseudo"] = counts.get("tiles_already_pseudo", 0) + 1
+            continue
+        entry = {k: v for k, v in entry.items() if k != "fold"}
+        added.append({**entry, "label": _relative(masks_csv, new_base), "source": "pseudo", "pseudo_round": round_no})
+    record = {"round": round_no, "predictions": _relative(predictions, new_base), "high": high, "low": low,
+              "max_uncertain": max_uncertain, "masks": _relative(masks_csv, new_base), **counts,
+              "tiles_added": len(added)}
+    new: dict[str, Any] = {}
+    for section, value in datalist.items():
+        is_entries = isinstance(value, list) and any(isinstance(e, dict) and "image" in e for e in value)
+        new[section] = _rebase(value, base, new_base) if is_entries else value
+    new["training"] = new["training"] + added
+    new["pseudo_rounds"] = [*datalist.get("pseudo_rounds", []), record]
+    return new, masks_csv, sorted(rles.items())
+
+
+def _main_slides(args: argparse.Namespace) -> int:
+    from stas_pipeline.tasks.slide.rle import write_rle_csv
+
+    problems = Problems(STAGE)
+    try:
+        if not args.low < args.high:
+            raise PseudoLabelError(f"--low {args.low} must be below --high {args.high}")
+        if args.out.exists() and not args.overwrite:
+            raise OutputExistsError(args.out)
+        new, masks_csv, rows = pseudo_label_slides(read_datalist(args.datalist), args.datalist, args.predictions,
+                                                   args.out, args.high, args.low, args.max_uncertain, problems)
+        if rows:
+            write_rle_csv(rows, masks_csv, overwrite=args.overwrite)
+        write_json(args.out, new, overwrite=args.overwrite)
+    except (PseudoLabelError, OutputExistsError, OSError, ValueError) as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        return 2
+    r = new["pseudo_rounds"][-1]
+    print(f"round {r['round']}: {r['tiles_added']} confident tiles of {r['slides']} slides added as pseudo labels "
+          f"({r['positive_tiles']} with foreground); {r['tiles_uncertain']} tiles left out (more than "
+          f"{args.max_uncertain:g} of their pixels between {args.low:g} and {args.high:g}); masks in {masks_csv}")
+    return problems.finish()
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the stage; 0 when written, 1 when written with rows skipped, 2 when nothing could be written."""
     args = build_parser(prog).parse_args(argv)
+    if args.predictions.is_dir():
+        return _main_slides(args)
     problems = Problems(STAGE)
     new_base = Path(os.path.abspath(args.out)).parent
     try:
