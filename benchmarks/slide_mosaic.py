@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -26,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from stage_runs import REPO, STAS, measured
 
 from stas_pipeline.tasks.slide.reader import Slide, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips
 
-REPO = Path(__file__).resolve().parents[1]
-STAS = [sys.executable, "-m", "stas_pipeline.cli"]
 GLASS = 242
 TILE = {"size": 1024, "stride": 512, "scale": 4}
 
@@ -87,19 +85,6 @@ class Mosaic:
         strips = (self.window("mask", 0, x, self.shape[0], min(512, self.shape[1] - x))
                   for x in range(0, self.shape[1], 512))
         return encode_strips(strips, self.shape[0])
-
-
-def measured(name: str, argv: list[str], out: Path, results: dict) -> None:
-    report = out / f"{name}.time"
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *argv], cwd=REPO, text=True,
-                          capture_output=True)
-    seconds = time.perf_counter() - start
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}); see {out / f'{name}.log'}")
-    results[name] = {"seconds": round(seconds, 1), "peak_rss_mib": round(int(report.read_text().split()[-1]) / 1024)}
-    print(name, results[name], flush=True)
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -13,29 +13,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from stage_runs import STAS, measured
+
 from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
-
-REPO = Path(__file__).resolve().parents[1]
-STAS = [sys.executable, "-m", "stas_pipeline.cli"]
-
-
-def measured(name: str, argv: list[str], out: Path, results: dict) -> None:
-    """Run ``argv`` under /usr/bin/time; record its wall time and peak RSS under ``name``."""
-    report = out / f"{name}.time"
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *argv], cwd=REPO, text=True,
-                          capture_output=True)
-    seconds = time.perf_counter() - start
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}); see {out / f'{name}.log'}")
-    results[name] = {"seconds": round(seconds, 1), "peak_rss_mib": round(int(report.read_text().split()[-1]) / 1024)}
-    print(name, results[name], flush=True)
 
 
 def main() -> None:
