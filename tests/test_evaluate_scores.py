@@ -298,7 +298,9 @@ def test_unreadable_image_is_a_grey_tile(tmp_path, capsys):
     "argv, match",
     [
         (["--pred", "p", "--predictions", "x.csv"], "not allowed with argument"),
-        ([], "one of the arguments --pred --predictions is required"),
+        ([], "one of the arguments --pred --predictions --slides is required"),
+        (["--slides", "s", "--out", "o"], "--slides needs --masks and --out"),
+        (["--pred", "p", "--ref", "r", "--masks", "m.csv"], "--masks belongs to the slides mode"),
         (["--predictions", "x.csv", "--datalist", "d.json", "--out", "o", "--ref", "r"],
          "--ref belong to the masks mode"),
         (["--pred", "p", "--ref", "r", "--out", "o"], "--out belong to the image-level mode"),
@@ -306,18 +308,19 @@ def test_unreadable_image_is_a_grey_tile(tmp_path, capsys):
         (["--pred", "p"], "--pred needs --ref"),
     ],
 )
-def test_two_exclusive_modes(capsys, argv, match):
+def test_exclusive_modes(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(argv)
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
 
 
-def test_help_shows_both_modes(capsys):
+def test_help_shows_every_mode(capsys):
     with pytest.raises(SystemExit):
         cli.main(["evaluate", "--help"])
     out = capsys.readouterr().out
     assert "usage: stas evaluate --pred DIR --ref DIR" in out
     assert "stas evaluate --predictions CSV --datalist JSON --out DIR" in out
+    assert "stas evaluate --slides DIR --masks SOURCE --out DIR" in out
     assert "positive where prob >= T" in out
 
 
