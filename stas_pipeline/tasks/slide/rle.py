@@ -31,7 +31,8 @@ ID_COLUMNS, ENCODING_COLUMNS = ("id", "image", "image_id"), ("encoding", "predic
 
 def _runs_of(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """0-based starts and lengths of the nonzero runs of a 1-D array."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], (flat != 0).view(np.int8), [0]))))
+    pad = np.zeros(1, np.int8)  # int8 throughout: a Python [0] would promote a strip of a slide to int64
+    edges = np.flatnonzero(np.diff(np.concatenate((pad, (flat != 0).view(np.int8), pad))))
     return edges[0::2], edges[1::2] - edges[0::2]
 
 
