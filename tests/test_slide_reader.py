@@ -49,6 +49,19 @@ def test_the_file_is_a_tiled_pyramid_other_readers_see(slide_path):
         assert [level.shape for level in tif.series[0].levels] == [(600, 900, 3), (300, 450, 3), (150, 225, 3)]
 
 
+def test_an_ome_tiff_pyramid_reads_by_window(tmp_path):
+    """An OME-TIFF as tifffile writes one (tiled, two SubIFD levels): windows of each level."""
+    image = gradient(0, 0, 300, 500)
+    path = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(image, tile=(64, 64), photometric="rgb", subifds=1)
+        tw.write(image[::2, ::2], tile=(64, 64), photometric="rgb", subfiletype=1)
+    with Slide(path) as slide:
+        assert slide.level_count == 2 and slide.level_shape(1) == (150, 250)
+        assert np.array_equal(slide.read(40, 70, 100, 200), image[40:140, 70:270])
+        assert np.array_equal(slide.read(10, 20, 30, 40, level=1), image[::2, ::2][10:40, 20:60])
+
+
 def test_grey_slides_have_one_channel(tmp_path):
     path = write_slide(tmp_path / "g.tif", lambda y, x, h, w: np.full((h, w, 1), 9, np.uint8), 100, 70, channels=1,
                        tile=32)

@@ -73,6 +73,16 @@ def test_tile_lays_tiles_over_tissue_with_folds_by_slide(slides, tmp_path):
     assert len(shifted) > len(training) and any(e["tile"]["y"] % (SIZE // 2) == SIZE // 4 for e in shifted)
 
 
+def test_groups_keep_a_patients_slides_in_one_fold(slides, tmp_path):
+    root, _ = slides
+    (tmp_path / "patients.csv").write_text("image,group\ns0,patient_a\ns1,patient_a\ns2,patient_b\n")
+    assert tile(root, tmp_path, "--folds", "2", "--groups", str(tmp_path / "patients.csv")) == 0
+    training = json.loads((tmp_path / "datalist.json").read_text())["training"]
+    folds = {g: {e["fold"] for e in training if e["group"] == g} for g in ("patient_a", "patient_b")}
+    assert all(len(f) == 1 for f in folds.values()) and folds["patient_a"] != folds["patient_b"]
+    assert {Path(e["image"]).stem for e in training if e["group"] == "patient_a"} == {"s0", "s1"}
+
+
 def test_bad_slides_and_rle_rows_are_named_and_the_rest_tiled(slides, tmp_path, capsys):
     root, made = slides
     bad = tmp_path / "bad"
