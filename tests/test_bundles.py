@@ -153,7 +153,8 @@ def test_missing_cache_names_the_command_to_build_it(synthetic_dataset, tmp_path
     assert "no complete LMDB cache here; build it with: stas build-lmdb" in error_chain(err.value)
 
 
-@pytest.mark.parametrize("meta", ["metadata.json", "metadata_classification.json", "metadata_grading.json"])
+@pytest.mark.parametrize("meta", ["metadata.json", "metadata_classification.json", "metadata_grading.json",
+                                  "metadata_slide.json"])
 def test_metadata_passes_monai_schema(meta):
     schema = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
     if not schema.exists():
