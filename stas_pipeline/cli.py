@@ -19,7 +19,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "build-lmdb": (
         "stas_pipeline.stages.build_lmdb", "run the bundle's declared preprocessing chain once into an LMDB cache"),
     "predict": (
-        "stas_pipeline.stages.predict", "checkpoints -> masks at the original size, or a CSV of image probabilities"),
+        "stas_pipeline.stages.predict",
+        "checkpoints -> masks at the original size, a CSV of image scores, or whole slides stitched from windows"),
     "ensemble": (
         "stas_pipeline.stages.ensemble", "vote or mean of prediction folders, or of prediction CSVs"),
     "postprocess": (
@@ -44,7 +45,8 @@ def _usage() -> str:
     lines = [
         "usage: stas <stage> [options]    (stas <stage> --help for a stage's options)",
         "",
-        "Challenge pipeline (STAS segmentation, image-level classification). Stages, in pipeline order:",
+        "Challenge pipeline (STAS segmentation, image classification and grading, whole-slide tiles). Stages, in "
+        "pipeline order:",
     ]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
     lines += [
