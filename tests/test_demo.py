@@ -186,3 +186,19 @@ def test_grading_demo_runs_three_heads_and_their_ensembles(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "grading" and set(summary["ensembles"]) == {"mean", "label-average", "scaled-average"}
     assert all(v is None or -1 <= v <= 1 for v in summary["ensembles"].values())
+
+
+def test_slide_demo_tiles_trains_and_predicts_whole_slides(tmp_path):
+    """``stas demo --task slide`` on three small runs of its synthetic slides: two labelled (one per fold), one held
+    out; out-of-fold and held-out slides predicted whole and scored, the threshold chosen out of fold."""
+    out = tmp_path / "out"
+    code = main(["--task", "slide", "--n-images", "3", "--epochs", "1", "--batch-size", "8", "--weights", "none",
+                 "--device", "cpu", "--out", str(out)], prog="stas demo")
+    assert code == 0
+    for split, ident in (("oof", "slide0"), ("oof", "slide1"), ("test", "slide2")):
+        assert {f"{ident}.tif", f"{ident}_prob.npy", f"{ident}_overlay.png"} <= {
+            p.name for p in (out / "predictions" / split).iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "slide" and 0 <= summary["test_dice_at_threshold"] <= 1
+    assert summary["threshold"] == json.loads((out / "evaluation" / "oof" / "metrics.json").read_text())[
+        "best_threshold"]
