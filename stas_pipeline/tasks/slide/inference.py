@@ -17,6 +17,7 @@ stitched with Gaussian weights (MONAI's importance map) or centre weights (a win
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from stas_pipeline.core.fileio import atomic_folder, write_png
-from stas_pipeline.core.lmdb_cache import to_uint8
+from stas_pipeline.core.lmdb_cache import describe, to_uint8
 from stas_pipeline.core.mask_io import NothingWrittenError
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TTA_FLIPS
@@ -73,15 +74,19 @@ class _WindowInputs:
     """A window (out, out, C) uint8 as each distinct chain of the runs makes it a model input (C, H, W)."""
 
     def __init__(self, runs: Sequence[SegmentationRun]):
-        self.runs = runs
+        keys = [json.dumps([describe(r.preprocessing.transforms[1:]), describe(r.transform)], default=str)
+                for r in runs]
+        distinct = list(dict.fromkeys(keys))  # the folds of one bundle share their chain: made once per window
+        self.chains = [runs[keys.index(k)] for k in distinct]
+        self.index = [distinct.index(k) for k in keys]  # run -> its chain
 
     def __call__(self, window: np.ndarray) -> list[torch.Tensor]:
         inputs = []
-        for run in self.runs:
+        for run in self.chains:
             data = run.preprocessing.after_load({"image": MetaTensor(window, meta={"original_channel_dim": -1})})
             image = torch.from_numpy(to_uint8(data["image"]))
             inputs.append(torch.as_tensor(run.transform({"image": image})["image"]).float())
-        return inputs
+        return [inputs[k] for k in self.index]
 
 
 @torch.no_grad()
