@@ -318,12 +318,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def _main_slides(args: argparse.Namespace) -> int:
     from stas_pipeline.stages.tile import mask_sources
     from stas_pipeline.tasks.slide.evaluation import (
+        open_prediction,
         plot_curve,
         predicted_slides,
         probability_histograms,
         threshold_curve,
     )
-    from stas_pipeline.tasks.slide.reader import Slide, SlideError
+    from stas_pipeline.tasks.slide.reader import SlideError
     from stas_pipeline.tasks.slide.tiling import open_mask
 
     problems = Problems("evaluate")
@@ -335,10 +336,7 @@ def _main_slides(args: argparse.Namespace) -> int:
             try:
                 if ident not in sources:
                     raise ValueError(f"no mask for {ident} in {args.masks}")
-                with Slide(args.slides / f"{ident}.tif") as predicted:
-                    shape = predicted.level_shape(0)
-                prob = np.load(prob_path, mmap_mode="r")
-                scale = round(shape[0] / prob.shape[0])
+                prob, shape, scale = open_prediction(prob_path)
                 mask = open_mask(sources[ident][0], sources[ident][1], shape)
                 histograms[ident] = probability_histograms(prob, mask, shape, scale)
             except (SlideError, ValueError, OSError) as err:

@@ -17,6 +17,7 @@ import numpy as np
 
 from stas_pipeline.core.fileio import atomic_path
 from stas_pipeline.tasks.slide.inference import RLE_STRIP, upsampled
+from stas_pipeline.tasks.slide.reader import Slide
 from stas_pipeline.tasks.slide.tiling import MaskWindow
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -70,6 +71,15 @@ def plot_curve(result: dict, path: Path) -> None:
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def open_prediction(prob_path: Path) -> tuple[np.ndarray, tuple[int, int], int]:
+    """A predicted slide's map (memory-mapped), its level-0 (height, width) read from the ``<id>.tif`` beside it,
+    and the scale between them."""
+    with Slide(prob_path.with_name(prob_path.name.removesuffix("_prob.npy") + ".tif")) as mask:
+        shape = mask.level_shape(0)
+    prob = np.load(prob_path, mmap_mode="r")
+    return prob, shape, round(shape[0] / prob.shape[0])
 
 
 def predicted_slides(folder: Path) -> dict[str, Path]:

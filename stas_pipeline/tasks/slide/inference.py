@@ -40,6 +40,7 @@ from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips, file_id, write_rle_csv
 from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, plan_tiles, read_tile_image
+from stas_pipeline.tasks.slide.tissue import thumbnail
 
 STITCH_MODES = ("gaussian", "centre")
 RLE_STRIP = 1024  # level-0 columns per RLE strip
@@ -197,8 +198,6 @@ def slide_rle(prob: np.ndarray, shape: tuple[int, int], scale: int, cut: int) ->
 
 def overlay_png(slide: Slide, prob: np.ndarray, cut: int, max_side: int = 1024) -> np.ndarray:
     """A thumbnail of the slide with the predicted mask's outline in green."""
-    from stas_pipeline.tasks.slide.tissue import thumbnail
-
     thumb, _ = thumbnail(slide, max_side)
     rgb = thumb[..., :3] if thumb.shape[-1] >= 3 else np.repeat(thumb, 3, axis=-1)
     small = np.asarray(Image.fromarray(((prob > cut) * 255).astype(np.uint8)).resize(

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.tasks.slide.evaluation import predicted_slides
-from stas_pipeline.tasks.slide.inference import RLE_STRIP, upsampled
-from stas_pipeline.tasks.slide.reader import Slide
-from stas_pipeline.tasks.slide.rle import encode_strips, file_id
+from stas_pipeline.tasks.slide.evaluation import open_prediction, predicted_slides
+from stas_pipeline.tasks.slide.inference import slide_rle
+from stas_pipeline.tasks.slide.rle import file_id
 
 
 def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, max_uncertain: float,
@@ -29,6 +28,7 @@ def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, m
     probs = predicted_slides(predictions)
     lo, hi = math.floor(255 * low), math.ceil(255 * high)  # uncertain: lo < v < hi; positive: v >= hi
     rles: dict[str, str] = {}
+    opened: dict[str, tuple[np.ndarray, int]] = {}  # slide id -> its map and scale, opened once
     kept: list[dict] = []
     counts = {"slides": 0, "tiles_added": 0, "tiles_uncertain": 0, "positive_tiles": 0}
     for entry in test:
@@ -37,17 +37,13 @@ def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, m
         ident = file_id(entry["image"])
         if ident not in probs:
             continue
-        prob = np.load(probs[ident], mmap_mode="r")
-        if ident not in rles:
-            with Slide(predictions / f"{ident}.tif") as mask:
-                height, width = mask.level_shape(0)
-            scale = round(height / prob.shape[0])
-            strips = (upsampled(prob, scale, 0, x, height, min(RLE_STRIP, width - x)) >= hi
-                      for x in range(0, width, RLE_STRIP))
-            rles[ident] = encode_strips(strips, height)
+        if ident not in opened:
+            prob, shape, scale = open_prediction(probs[ident])
+            opened[ident] = prob, scale
+            rles[ident] = slide_rle(prob, shape, scale, hi - 1)  # v >= hi
             counts["slides"] += 1
+        prob, scale = opened[ident]
         t = entry["tile"]
-        scale = t["scale"]
         window = np.asarray(prob[t["y"] // scale:(t["y"] + t["size"]) // scale,
                                  t["x"] // scale:(t["x"] + t["size"]) // scale])
         if window.size == 0 or np.mean((window > lo) & (window < hi)) > max_uncertain:
