@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
+from monai.losses import DiceLoss
 from torchvision.ops import sigmoid_focal_loss
 
-from stas_pipeline.core.losses import SmoothedBCELoss
+from stas_pipeline.core.losses import DiceWithAuxLoss, SmoothedBCELoss
 
 
 def bce(x: float, t: float) -> float:
@@ -91,3 +92,16 @@ def test_declared_in_a_bundle():
                        "focal_gamma": "@focal_gamma"}}
     loss = ConfigParser(config).get_parsed_content("loss")
     assert isinstance(loss, SmoothedBCELoss) and (loss.smoothing, loss.focal_gamma) == (0.1, 0.0)
+
+
+def test_dice_plus_bce_adds_the_weighted_pixelwise_bce():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.7).float()
+    dice = DiceLoss(sigmoid=True)(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    assert torch.allclose(DiceWithAuxLoss(bce_weight=0.0)(logits, target), dice)
+    assert torch.allclose(DiceWithAuxLoss(bce_weight=0.5)(logits, target), dice + 0.5 * bce)
+    aux = torch.randn(2, 1)
+    has_fg = target.flatten(1).amax(1, keepdim=True)
+    expected = dice + 0.5 * bce + 0.1 * F.binary_cross_entropy_with_logits(aux, has_fg)
+    assert torch.allclose(DiceWithAuxLoss(aux_weight=0.1, bce_weight=0.5)((logits, aux), target), expected)

@@ -11,21 +11,24 @@ from torch import nn
 
 
 class DiceWithAuxLoss(nn.Module):
-    """``DiceLoss(sigmoid=True)`` on the mask logits; when the prediction is ``(mask_logits, class_logits)``
-    (a model with an auxiliary head, in training) adds ``aux_weight`` x BCE of the class logits against
-    "the mask has foreground"."""
+    """``DiceLoss(sigmoid=True)`` on the mask logits, plus ``bce_weight`` x the pixelwise BCE when > 0 (Dice + BCE,
+    nnU-Net's loss); when the prediction is ``(mask_logits, class_logits)`` (a model with an auxiliary head, in
+    training) adds ``aux_weight`` x BCE of the class logits against "the mask has foreground"."""
 
-    def __init__(self, aux_weight: float = 0.1, **dice_kwargs):
+    def __init__(self, aux_weight: float = 0.1, bce_weight: float = 0.0, **dice_kwargs):
         super().__init__()
         self.dice = DiceLoss(sigmoid=True, **dice_kwargs)
-        self.aux_weight = aux_weight
+        self.aux_weight, self.bce_weight = aux_weight, bce_weight
 
     def forward(self, pred: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        if isinstance(pred, (tuple, list)):
-            masks, logits = pred
+        masks, logits = pred if isinstance(pred, (tuple, list)) else (pred, None)
+        loss = self.dice(masks, target)
+        if self.bce_weight > 0:
+            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(masks.float(), target.float())
+        if logits is not None:
             has_fg = target.flatten(1).amax(dim=1, keepdim=True).float()
-            return self.dice(masks, target) + self.aux_weight * F.binary_cross_entropy_with_logits(logits, has_fg)
-        return self.dice(pred, target)
+            loss = loss + self.aux_weight * F.binary_cross_entropy_with_logits(logits, has_fg)
+        return loss
 
 
 class SmoothedBCELoss(nn.Module):

@@ -11,7 +11,10 @@ knobs), rounded to uint8 as the cache stores it, then ``task#val_transforms``. E
 Modes: ``resize`` (the reference recipe: the whole chain, which resizes to the training size, predict, resize
 the probabilities back, bilinear) and ``sliding_window`` (the chain without its resizing, then MONAI's
 SlidingWindowInferer at the original resolution, Gaussian-weighted overlapping windows of the training size, for
-images larger than it). Memory does not grow with the number of images.
+images larger than it). Runs trained on crops (a bundle's ``crop_size``) are predicted in either mode by
+Gaussian-weighted windows of their crop size over their whole chain's output (the training scale), the
+probabilities resized back. ``--datalist D --out-of-fold``: each training image by the runs of its fold only.
+Memory does not grow with the number of images.
 
 Image-level runs (a classification bundle; the task is read from ``best.json``) write ``--out`` as a CSV
 ``image,prob,<run>...`` instead (fold mean in ``prob``), each image through the run's own declared chain; with
@@ -72,9 +75,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source.add_argument("--slides", nargs="+", type=Path, metavar="SLIDE",
                         help="whole slides (files or folders of TIFF/SVS) predicted window by window")
     parser.add_argument("--out-of-fold", action="store_true",
-                        help="image-level runs or a datalist of tiles, with --datalist: predict each training image "
-                             "(slide) with the runs of its own fold only (those that did not train on it): "
-                             "out-of-fold predictions")
+                        help="with --datalist: predict each training image (slide) with the runs of its own fold "
+                             "only (those that did not train on it): out-of-fold predictions, e.g. to choose "
+                             "post-processing or cut points on")
     parser.add_argument("--out", required=True,
                         help="segmentation: output folder for the binary masks <image stem>.png (0/255); "
                              "image-level tasks: the predictions CSV (image,prob,<run>...)")
@@ -187,16 +190,12 @@ def _slides(args: argparse.Namespace, infos: list[dict], tiles: dict) -> tuple[l
     assignments = None
     if args.slides:
         slides = find_slides(args.slides, problems)
+    elif args.out_of_fold:
+        assignments = _out_of_fold(args.datalist, infos)
+        slides = list(assignments)
     else:
-        section = "training" if args.out_of_fold else "test"
-        entries = load_decathlon_datalist(args.datalist, is_segmentation=True, data_list_key=section)
+        entries = load_decathlon_datalist(args.datalist, is_segmentation=True, data_list_key="test")
         slides = list(dict.fromkeys(Path(e["image"]) for e in entries))
-        if args.out_of_fold:
-            fold_of = {Path(e["image"]): e.get("fold") for e in entries}
-            assignments = {p: [k for k, info in enumerate(infos) if info.get("fold") == fold_of[p]] for p in slides}
-            slides = [p for p in slides if assignments[p]]
-            if not slides:
-                raise ValueError("--out-of-fold: no training slide has a run of its fold among the checkpoints")
 
     def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
         if not estimating:
@@ -210,21 +209,40 @@ def _slides(args: argparse.Namespace, infos: list[dict], tiles: dict) -> tuple[l
     return slides, predict
 
 
-def _segmentation(args: argparse.Namespace) -> tuple[list[Path], Predictor]:
+def _out_of_fold(datalist: str, infos: list[dict]) -> dict[Path, list[int]]:
+    """Each training image (slide) of ``datalist`` that a run of its fold is given for: the indices of those
+    runs."""
+    from monai.data import load_decathlon_datalist
+
+    entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key="training")
+    fold_of = {Path(e["image"]): e.get("fold") for e in entries}
+    assignments = {p: [k for k, info in enumerate(infos) if info.get("fold") == f] for p, f in fold_of.items()}
+    assignments = {p: ks for p, ks in assignments.items() if ks}
+    if not assignments:
+        raise ValueError("--out-of-fold: no training image (slide) has a run of its fold among the checkpoints")
+    return assignments
+
+
+def _segmentation(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
     """The images to predict and their predictor, for segmentation runs."""
     from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
 
-    images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
+    assignments = _out_of_fold(args.datalist, infos) if args.out_of_fold else None
+    if assignments:
+        images = list(assignments)
+    else:
+        images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
     models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
     settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
                 args.amp)
 
     def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
         if not estimating:
-            return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite)
+            return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite,
+                                  assignments=assignments)
         with tempfile.TemporaryDirectory() as tmp:  # written as the run would write them, then removed
             probs = Path(tmp, "probs") if args.save_probs else None
-            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True)
+            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True, assignments=assignments)
 
     return images, predict
 
@@ -262,14 +280,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         whole_slides = bool(args.slides or tiles)
         if whole_slides and task.image_level:
             raise ValueError("whole slides are predicted by segmentation runs")
-        if args.out_of_fold and (args.datalist is None or not (task.image_level or whole_slides)):
-            raise ValueError("--out-of-fold needs --datalist, and image-level runs or a datalist of tiles")
+        if args.out_of_fold and args.datalist is None:
+            raise ValueError("--out-of-fold needs --datalist")
         if args.tta not in TTA_FLIPS and not task.image_level:
             raise ValueError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
         if task.image_level:
             images, predict = _image_level(args, infos, task)
         else:
-            images, predict = _slides(args, infos, tiles) if whole_slides else _segmentation(args)
+            images, predict = _slides(args, infos, tiles) if whole_slides else _segmentation(args, infos)
         if args.estimate:
             print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))
             return 0

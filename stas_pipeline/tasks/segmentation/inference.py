@@ -4,8 +4,10 @@ Each image goes through every run's declared chain as validation saw it: the bun
 (with the run's recorded knobs), rounded to uint8 as the cache stores it, then ``task#val_transforms``; each image
 is decoded once. ``resize`` mode (the reference recipe): the whole chain, which resizes to the training size, the
 model, the probabilities resized back (bilinear). ``sliding_window`` mode: the chain without its resizing, then
-MONAI's Gaussian-weighted SlidingWindowInferer at the original resolution. Runs and flip TTA are averaged in
-probability space; memory does not grow with the number of images. ``stas predict`` is the command.
+MONAI's Gaussian-weighted SlidingWindowInferer at the original resolution. A run trained on crops (its
+``window``, the bundle's ``crop_size``) is always predicted by Gaussian-weighted windows of that size over the
+output of its whole chain (the scale it was trained at), the probabilities resized back. Runs and flip TTA are
+averaged in probability space; memory does not grow with the number of images. ``stas predict`` is the command.
 """
 
 from __future__ import annotations
@@ -39,24 +41,26 @@ RESIZING = (Resized,)  # the chain's steps left out in sliding_window mode
 @dataclass
 class SegmentationRun:
     """A trained segmentation model, its training image size and the chain its images go through: the declared
-    ``task#preprocessing`` (rounded to uint8, as the cache stores it), then ``task#val_transforms``."""
+    ``task#preprocessing`` (rounded to uint8, as the cache stores it), then ``task#val_transforms``; ``window``:
+    the crop size of a run trained on crops (predicted by windows of it), else None."""
 
     model: nn.Module
     image_size: int | tuple[int, int]
     preprocessing: Preprocessing
     transform: Callable
+    window: int | tuple[int, int] | None = None
 
     @classmethod
     def of(cls, spec: SegmentationRun | Sequence) -> SegmentationRun:
         """A run; ``(model, image_size)`` with the segmentation bundle's chain at that size; or
-        ``[model, image_size, preprocessing, transform]`` as a bundle declares them."""
+        ``[model, image_size, preprocessing, transform[, crop_size]]`` as a bundle declares them."""
         if isinstance(spec, SegmentationRun):
             return spec
         if len(spec) == 2:
             model, size = spec
             return cls(model, size, Preprocessing.resize(size), default_val_transform())
-        model, size, preprocessing, transform = spec
-        return cls(model, size, Preprocessing.of(preprocessing), transform)
+        model, size, preprocessing, transform, *window = spec
+        return cls(model, size, Preprocessing.of(preprocessing), transform, (window or [None])[0] or None)
 
 
 def default_val_transform() -> Compose:
@@ -71,7 +75,8 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -
     info = run_info_of(checkpoint)
     if "bundle" in info:
         run = load_trained_run(checkpoint, info, device)  # any task's recorded network and declared chain
-        return SegmentationRun(run.model, info["image_size"], run.preprocessing, run.transform)
+        return SegmentationRun(run.model, info["image_size"], run.preprocessing, run.transform,
+                               info.get("crop_size") or None)
     if "network" in info:
         model = build_network(**{**info["network"], "encoder_weights": None})
     else:  # runs recorded before the network definition was
@@ -100,8 +105,9 @@ class _Prepared:
 
 
 class _Chains:
-    """The runs' chains after loading (without the resizing in ``sliding_window`` mode), each distinct one once:
-    ``index[k]`` is the chain of run ``k``. Every run must load images with the same ``LoadImaged``."""
+    """The runs' chains after loading (without the resizing in ``sliding_window`` mode, but for runs trained on
+    crops), each distinct one once: ``index[k]`` is the chain of run ``k``. Every run must load images with the
+    same ``LoadImaged``."""
 
     def __init__(self, runs: Sequence[SegmentationRun], mode: str):
         if len({json.dumps(r.preprocessing.spec[0], default=str) for r in runs}) > 1:
@@ -111,7 +117,8 @@ class _Chains:
         self.index: list[int] = []
         keys: list[str] = []
         for run in runs:
-            steps = [t for t in run.preprocessing.transforms[1:] if mode == "resize" or not isinstance(t, RESIZING)]
+            steps = [t for t in run.preprocessing.transforms[1:]
+                     if mode == "resize" or run.window or not isinstance(t, RESIZING)]
             key = json.dumps([describe(steps), describe(run.transform)], default=str)
             if key not in keys:
                 keys.append(key)
@@ -139,20 +146,25 @@ def _probabilities(runs: Sequence[SegmentationRun], index: Sequence[int], images
     """Mean probability maps (1, H, W) of ``runs`` at each image's original size."""
     device = next(runs[0].model.parameters()).device
     totals = [torch.zeros((1, 1, *image.size), device=device) for image in images]
+
+    def add(total: torch.Tensor, p: torch.Tensor) -> None:
+        total += p if p.shape[-2:] == total.shape[-2:] else \
+            F.interpolate(p, size=total.shape[-2:], mode="bilinear", align_corners=False)
+
     for run, k in zip(runs, index, strict=True):
         run.model.eval()
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            if mode == "resize":
+            if mode == "resize" and not run.window:
                 x = torch.stack([image.inputs[k] for image in images]).to(device)
-                probs = flip_tta(run.model, x, TTA_FLIPS[tta]).float()
-                for total, p in zip(totals, probs, strict=True):
-                    total += F.interpolate(p[None], size=total.shape[-2:], mode="bilinear", align_corners=False)
+                for total, p in zip(totals, flip_tta(run.model, x, TTA_FLIPS[tta]).float(), strict=True):
+                    add(total, p[None])
             else:
-                inferer = SlidingWindowInferer(roi_size=image_size_pair(run.image_size), sw_batch_size=sw_batch_size,
-                                               overlap=overlap, mode="gaussian", padding_mode="reflect")
+                inferer = SlidingWindowInferer(roi_size=image_size_pair(run.window or run.image_size),
+                                               sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
+                                               padding_mode="reflect")
                 for total, image in zip(totals, images, strict=True):
                     x = image.inputs[k][None].to(device)
-                    total += inferer(x, lambda xi, m=run.model: flip_tta(m, xi, TTA_FLIPS[tta])).float()
+                    add(total, inferer(x, lambda xi, m=run.model: flip_tta(m, xi, TTA_FLIPS[tta])).float())
     return [(total / len(runs))[0] for total in totals]
 
 
@@ -206,10 +218,12 @@ def predict_images(
     amp: bool = False,
     overwrite: bool = False,
     problems: Problems | None = None,
+    assignments: dict[Path, list[int]] | None = None,
 ) -> Problems:
     """Predict every image with ``models`` (runs, see :meth:`SegmentationRun.of`) into ``out`` (and
     ``save_probs``), ``batch_size`` images at a time, decoded and put through the runs' chains by ``num_workers``
-    processes; each output folder appears only when complete."""
+    processes; each output folder appears only when complete. ``assignments`` (out-of-fold prediction): the
+    indices of the runs that predict each image (by its path), instead of all of them."""
     problems = problems or Problems(STAGE)
     if mode not in MODES or tta not in TTA_FLIPS:
         raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
@@ -225,8 +239,13 @@ def predict_images(
             for path, error in batch:
                 if isinstance(error, str):
                     problems.skip(path, f"cannot read image: {error}")
-            probs = _probabilities(runs, chains.index, [inputs for _, inputs in readable], mode, tta, overlap,
-                                   batch_size, amp) if readable else []
+            if assignments is None:
+                probs = _probabilities(runs, chains.index, [inputs for _, inputs in readable], mode, tta, overlap,
+                                       batch_size, amp) if readable else []
+            else:
+                probs = [_probabilities([runs[k] for k in assignments[path]],
+                                        [chains.index[k] for k in assignments[path]], [inputs], mode, tta, overlap,
+                                        batch_size, amp)[0] for path, inputs in readable]
             for (path, _), prob in zip(readable, probs, strict=True):
                 prob = prob[0].cpu().numpy()
                 write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))

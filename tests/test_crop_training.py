@@ -1,0 +1,104 @@
+"""Crop training (a segmentation bundle's ``crop_size``): the cache at an aspect-keeping scale, foreground-biased
+random crops in training, Gaussian-weighted windows of the crop size in validation and inference, out-of-fold
+prediction of the training images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import load_decathlon_datalist
+from PIL import Image
+from test_bundles import history, run_bundle
+
+from stas_pipeline import cli
+from stas_pipeline.core.bundles import parsed_content
+from stas_pipeline.core.lmdb_cache import LMDBCacheDataset, Preprocessing, build_cache, to_uint8
+from stas_pipeline.tasks.segmentation.inference import load_run_model, predict_probabilities
+
+KNOBS = {"image_size": 64, "crop_size": 32, "encoder_weights": "none"}
+
+
+def crop_chain(**knobs) -> tuple[Preprocessing, object]:
+    pre, train = parsed_content("deeplab_lite0_crops", ["task#preprocessing", "task#train_transforms"],
+                                {**KNOBS, **knobs})
+    return Preprocessing.of(pre), train
+
+
+def items_of(datalist: Path) -> list[dict]:
+    return load_decathlon_datalist(str(datalist), True, "training")
+
+
+def test_cache_keeps_the_aspect_and_training_draws_foreground_crops(synthetic_dataset, tmp_path):
+    pre, train = crop_chain(crops_per_image=3, crop_pos_ratio=1.0)
+    items = items_of(synthetic_dataset / "tiny.json")
+    build_cache(items, tmp_path / "cache", pre, progress=False)
+    cached = LMDBCacheDataset(items, tmp_path / "cache", pre)[0]
+    assert tuple(cached["image"].shape) == (3, 53, 64)  # 80 x 96 with its longer side at 64: 53.3 x 64
+    assert cached["orig_size"] == (80, 96)
+
+    crops = LMDBCacheDataset(items, tmp_path / "cache", pre, train)[0]
+    assert isinstance(crops, list) and len(crops) == 3
+    for crop in crops:
+        assert tuple(crop["image"].shape) == (3, 32, 32) and tuple(crop["label"].shape) == (1, 32, 32)
+        assert crop["label"].sum() > 0  # every crop is centred on a foreground pixel at pos ratio 1
+        assert 0.0 <= float(crop["image"].min()) and float(crop["image"].max()) <= 1.0
+
+
+def test_crop_bundle_trains_validates_and_predicts_by_windows(synthetic_dataset, tmp_path):
+    """MONAI's runner trains the crop bundle; the run is rebuilt with its window and aspect-keeping chain;
+    every forward pass of inference sees one window of the crop size; out-of-fold prediction writes each
+    training image that a run of its fold exists for, as predicting it alone does."""
+    datalist = synthetic_dataset / "tiny.json"
+    pre, _ = crop_chain()
+    build_cache(items_of(datalist), tmp_path / "cache", pre, progress=False)
+    run_bundle("deeplab_lite0_crops", dataset_dir=str(synthetic_dataset), datalist=str(datalist),
+               cache_dir=str(tmp_path / "cache"), crops_per_image=2, epochs=1, batch_size=2,
+               output_dir=str(tmp_path / "runs"), **KNOBS)
+    run_dir = tmp_path / "runs" / "deeplab_lite0_crops" / "fold0"
+    (row,) = history(run_dir)
+    assert 0.0 <= row["val_dice"] <= 1.0 and row["loss"] > 0
+    info = json.loads((run_dir / "best.json").read_text())
+    assert info["crop_size"] == 32 and info["keep_aspect"] is True and info["image_size"] == 64
+
+    seg_run = load_run_model(run_dir / "best.pt")
+    assert seg_run.window == 32 and seg_run.preprocessing.spec == pre.spec
+    seen = []
+    seg_run.model.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+    val = json.loads(datalist.read_text())["training"][-1]
+    image = synthetic_dataset / val["image"]
+    prob = predict_probabilities([seg_run], [image], mode="resize", tta="hv")[0]
+    assert prob.shape == (1, 80, 96) and {shape[1:] for shape in seen} == {(3, 32, 32)}
+    assert sum(shape[0] for shape in seen) == 4 * 2 * 3  # 4 flips x 2 x 3 windows over the 53 x 64 scale
+
+    out = tmp_path / "oof"
+    assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(datalist),
+                     "--out-of-fold", "--out", str(out / "masks"), "--save-probs", str(out / "probs"),
+                     "--probs-format", "npy", "--tta", "hv", "--device", "cpu", "--workers", "0"]) == 0
+    assert [p.stem for p in (out / "masks").glob("*.png")] == [Path(val["image"]).stem]  # only fold 0 has a run
+    np.testing.assert_allclose(np.load(out / "probs" / f"{image.stem}.npy"), prob[0].numpy(), atol=1e-6)
+    mask = np.asarray(Image.open(out / "masks" / f"{image.stem}.png"))
+    assert np.array_equal(mask > 0, prob[0].numpy() > 0.5)
+
+
+def test_windows_cover_the_scaled_image_and_come_back_at_the_original_size(synthetic_dataset):
+    """A pointwise model run by windows over the aspect-kept scale: the same as that model over the whole scaled
+    image (Gaussian weights sum to one everywhere), resized back; the resize mode of a whole-image run differs."""
+    pre, _ = crop_chain()
+    val = json.loads((synthetic_dataset / "tiny.json").read_text())["training"][-1]
+    image = synthetic_dataset / val["image"]
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 1, kernel_size=1).eval()
+    _, transform = parsed_content("deeplab_lite0_crops", ["task#preprocessing", "task#val_transforms"], KNOBS)
+    windowed = predict_probabilities([[model, 64, pre, transform, 32]], [image])[0]
+    scaled = transform({"image": torch.from_numpy(to_uint8(pre({"image": str(image)})["image"]))})["image"]
+    with torch.no_grad():
+        whole = F.interpolate(torch.sigmoid(model(scaled[None].float())), size=(80, 96), mode="bilinear",
+                              align_corners=False)[0]
+    torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=0)
+    squashed = predict_probabilities([[model, 64, Preprocessing.resize(64), transform]], [image])[0]
+    assert not torch.allclose(windowed, squashed, atol=1e-3)
+
