@@ -46,7 +46,7 @@ def test_demo_runs_every_stage_and_writes_every_output(demo_run):
     assert test_stems and not train_stems & set(test_stems) and len(train_stems) + len(test_stems) == 14
     assert {e["fold"] for e in datalist["training"]} >= {0, 1}
     assert sorted(p.stem for p in (out / "split" / "test_masks").glob("*.png")) == test_stems
-    assert (out / "cache_64" / "data.mdb").is_file()
+    assert (out / "cache_deeplab_lite0_64" / "data.mdb").is_file()
     for fold in (0, 1):
         run_dir = out / "runs" / "deeplab_lite0" / f"fold{fold}"
         assert (run_dir / "best.pt").is_file() and (run_dir / "metrics.json").is_file()
@@ -61,6 +61,21 @@ def test_demo_runs_every_stage_and_writes_every_output(demo_run):
     with zipfile.ZipFile(out / "submission.zip") as zf:
         assert sorted(zf.namelist()) == [f"{s}.png" for s in test_stems]
     assert (out / MARKER).is_file()
+
+
+def test_crop_recipe_demo_trains_on_crops_and_predicts_by_windows(tmp_path):
+    out = tmp_path / "out"
+    args = [*TINY, "--recipe", "crops", "--crop-size", "32", "--batch-size", "2", "--folds-to-train", "1"]
+    assert main([*args, "--out", str(out)], prog="stas demo") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["bundle"] == "deeplab_lite0_crops" and summary["settings"]["crop_size"] == 32
+    info = json.loads((out / "runs" / "deeplab_lite0_crops" / "fold0" / "best.json").read_text())
+    assert info["crop_size"] == 32 and info["keep_aspect"] is True and info["image_size"] == 64
+    assert (out / "cache_deeplab_lite0_crops_64" / "data.mdb").is_file()
+    test_stems = sorted(Path(e["image"]).stem for e in json.loads((out / "datalist.json").read_text())["test"])
+    assert sorted(p.stem for p in (out / "predictions" / "ensemble").glob("*.png")) == test_stems
+    assert 0.0 <= summary["ensemble"]["test_dice"] <= 1.0
+    assert main([*TINY, "--recipe", "crops", "--crop-size", "40", "--out", str(tmp_path / "odd")]) == 2
 
 
 def test_demo_summary_holds_every_dice_and_timing(demo_run):

@@ -20,8 +20,8 @@ Output layout (``OUT``, default ``demo_output``)::
     masks/                                       every annotation as a 0/255 PNG mask
     split/{train,test}_{images,masks}/           links to the training pool and the held-out test split
     datalist.json                                k folds of the training pool, the held-out images as "test"
-    cache_<size>/                                LMDB cache of the training pool
-    runs/deeplab_lite0/fold<k>/                  checkpoints, metrics.json, curves.png, TensorBoard logs
+    cache_<bundle>_<size>/                       LMDB cache of the training pool
+    runs/<bundle>/fold<k>/                       checkpoints, metrics.json, curves.png, TensorBoard logs
     predictions/fold<k>/, predictions/fold<k>_probs/, predictions/ensemble/
     evaluation/<member>.csv                      per-image Dice/IoU/precision/recall on the held-out images
     overlays/                                    the worst held-out images: reference green, prediction red
@@ -44,7 +44,7 @@ from pathlib import Path
 from stas_pipeline.core.cli_types import open_fraction, positive_int
 from stas_pipeline.core.problems import Problems
 
-BUNDLE = "deeplab_lite0"
+BUNDLE = "deeplab_lite0"  # the whole-image recipe's bundle, which repository_root() looks for
 STAGE_NAMES = ("data", "masks", "datalist", "cache", "train", "predict", "ensemble", "evaluate", "export")
 MARKER = ".stas-demo"
 # what the demo writes into OUT; --overwrite removes these and nothing else
@@ -54,6 +54,10 @@ OUTPUTS = ("data", "masks", "split", "datalist.json", "runs", "predictions", "ev
 # defaults per kind of data: the synthetic set is small and easy, the real images are 1716 x 942
 SYNTHETIC_DEFAULTS = {"image_size": 160, "epochs": 20, "batch_size": 4, "lr": 2e-3}
 REAL_DEFAULTS = {"image_size": 256, "epochs": 16, "batch_size": 4, "lr": 2e-3}
+# the crop recipe (deeplab_lite0_crops: aspect-keeping scale, crops, Gaussian windows); image_size is the longer side
+CROP_BUNDLE = "deeplab_lite0_crops"
+CROP_SYNTHETIC_DEFAULTS = {"image_size": 320, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 128}
+CROP_REAL_DEFAULTS = {"image_size": 858, "epochs": 6, "batch_size": 2, "lr": 2e-3, "crop_size": 256}
 SYNTHETIC_SHAPE = (176, 320)  # height, width of the synthetic images: the challenge's aspect ratio, smaller
 
 
@@ -87,11 +91,10 @@ def _folds(text: str) -> int:
 
 
 
-def _multiple_of_16(text: str) -> int:
-    value = positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (DeepLabV3+'s output stride), got {value}")
-    return value
+def _defaults(recipe: str, synthetic: bool) -> dict:
+    if recipe == "crops":
+        return CROP_SYNTHETIC_DEFAULTS if synthetic else CROP_REAL_DEFAULTS
+    return SYNTHETIC_DEFAULTS if synthetic else REAL_DEFAULTS
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -117,9 +120,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--n-images", type=positive_int, metavar="N",
                         help="number of synthetic images to draw (default: 40, 96 for classification, 120 for "
                         "grading; slides for --task slide: 6, the last held out; ignored with --data)")
-    parser.add_argument("--image-size", type=_multiple_of_16, metavar="PX",
-                        help="training size, a multiple of 16 (default: "
-                        f"{SYNTHETIC_DEFAULTS['image_size']} synthetic, {REAL_DEFAULTS['image_size']} with --data)")
+    parser.add_argument("--recipe", choices=("whole", "crops"), default="whole",
+                        help="segmentation: whole (default): deeplab_lite0 on whole images squashed to a square; "
+                        f"crops: {CROP_BUNDLE}, the images at an aspect-keeping scale, trained on random crops "
+                        "(half of them centred on STAS), predicted by Gaussian-weighted windows (defaults: "
+                        f"{CROP_REAL_DEFAULTS['image_size']} px longer side, {CROP_REAL_DEFAULTS['crop_size']} px "
+                        f"crops, {CROP_REAL_DEFAULTS['epochs']} epochs, batch {CROP_REAL_DEFAULTS['batch_size']} "
+                        f"images x 4 crops with --data; {CROP_SYNTHETIC_DEFAULTS['image_size']} / "
+                        f"{CROP_SYNTHETIC_DEFAULTS['crop_size']} / {CROP_SYNTHETIC_DEFAULTS['epochs']} synthetic)")
+    parser.add_argument("--image-size", type=positive_int, metavar="PX",
+                        help="training size, a multiple of 16; with --recipe crops the cached images' longer side "
+                        f"(default: {SYNTHETIC_DEFAULTS['image_size']} synthetic, {REAL_DEFAULTS['image_size']} "
+                        "with --data)")
+    parser.add_argument("--crop-size", type=positive_int, metavar="PX",
+                        help="--recipe crops: side of the training crops and inference windows, a multiple of 16 "
+                        f"(default: {CROP_SYNTHETIC_DEFAULTS['crop_size']} synthetic, "
+                        f"{CROP_REAL_DEFAULTS['crop_size']} with --data)")
     parser.add_argument("--epochs", type=positive_int, metavar="N",
                         help=f"training epochs per fold (default: {SYNTHETIC_DEFAULTS['epochs']} synthetic, "
                         f"{REAL_DEFAULTS['epochs']} with --data)")
@@ -190,8 +206,14 @@ class Demo:
         self.n_images = args.n_images or 40
         self.out = args.out.resolve()
         self.synthetic = args.data is None
-        defaults = SYNTHETIC_DEFAULTS if self.synthetic else REAL_DEFAULTS
+        defaults = _defaults(getattr(args, "recipe", "whole"), self.synthetic)
+        self.bundle = CROP_BUNDLE if getattr(args, "recipe", "whole") == "crops" else BUNDLE
+        self.knobs = {"crop_size": getattr(args, "crop_size", None) or defaults["crop_size"]} \
+            if self.bundle == CROP_BUNDLE else {}
         self.image_size = args.image_size or defaults["image_size"]
+        side = ("--crop-size", self.knobs["crop_size"]) if self.knobs else ("--image-size", self.image_size)
+        if side[1] % 16:
+            raise StageError(f"{side[0]} must be a multiple of 16 (DeepLabV3+'s output stride), got {side[1]}")
         self.epochs = args.epochs or defaults["epochs"]
         self.batch_size = args.batch_size or defaults["batch_size"]
         self.lr = args.lr or defaults["lr"]
@@ -201,7 +223,7 @@ class Demo:
         self.masks = self.out / "masks"
         self.split = self.out / "split"
         self.datalist = self.out / "datalist.json"
-        self.cache = self.out / f"cache_{self.image_size}"
+        self.cache = self.out / f"cache_{self.bundle}_{self.image_size}"
         self.runs = self.out / "runs"
         self.predictions = self.out / "predictions"
         self.evaluation = self.out / "evaluation"
@@ -294,11 +316,13 @@ class Demo:
     def stage_cache(self) -> None:
         from monai.data import load_decathlon_datalist
 
-        from stas_pipeline.core.lmdb_cache import build_cache
+        from stas_pipeline.core.bundles import parsed_content
+        from stas_pipeline.core.lmdb_cache import Preprocessing, build_cache
 
         items = load_decathlon_datalist(str(self.datalist), is_segmentation=True, data_list_key="training")
         problems = Problems("build-lmdb")
-        stats = build_cache(items, self.cache, self.image_size, problems)
+        (chain,) = parsed_content(self.bundle, ["task#preprocessing"], {"image_size": self.image_size, **self.knobs})
+        stats = build_cache(items, self.cache, Preprocessing.of(chain), problems)
         _check_problems(problems, "samples")
         print(f"{self.cache}: {stats.written + stats.reused} samples, {stats.bytes_on_disk / 2**20:.1f} MiB")
 
@@ -310,15 +334,15 @@ class Demo:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cwd = os.getcwd()
         for fold in range(self.args.folds_to_train):
-            print(f"training {BUNDLE} fold {fold} of {self.folds} ({self.epochs} epochs, {self.image_size} px, "
+            print(f"training {self.bundle} fold {fold} of {self.folds} ({self.epochs} epochs, {self.image_size} px, "
                   f"batch {self.batch_size}, {self.weights} weights, {device})", flush=True)
             os.chdir(root)  # the bundles reference bundles/common.json from the repository root
             try:
-                run(run_id="training", config_file=f"bundles/{BUNDLE}.json", dataset_dir=str(self.out),
+                run(run_id="training", config_file=f"bundles/{self.bundle}.json", dataset_dir=str(self.out),
                     datalist=str(self.datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
                     image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
                     encoder_weights=self.weights, device=device, amp=False, num_workers=0,
-                    output_dir=str(self.runs), seed=self.args.seed)
+                    output_dir=str(self.runs), seed=self.args.seed, **self.knobs)
             finally:
                 os.chdir(cwd)
             metrics_file = self.run_dir(fold) / "metrics.json"
@@ -384,7 +408,7 @@ class Demo:
     # --- summary ---------------------------------------------------------------------------------------------
 
     def run_dir(self, fold: int) -> Path:
-        return self.runs / BUNDLE / f"fold{fold}"
+        return self.runs / self.bundle / f"fold{fold}"
 
     def outputs(self) -> dict[str, str]:
         folds = range(self.args.folds_to_train)
@@ -409,7 +433,7 @@ class Demo:
                   if self.synthetic else str(self.data))
         return {
             "data": source,
-            "settings": {"bundle": BUNDLE, "image_size": self.image_size, "epochs": self.epochs,
+            "settings": {"bundle": self.bundle, "image_size": self.image_size, **self.knobs, "epochs": self.epochs,
                          "batch_size": self.batch_size, "lr": self.lr, "encoder_weights": self.weights,
                          "folds": self.folds, "folds_trained": self.args.folds_to_train,
                          "test_fraction": self.args.test_fraction, "seed": self.args.seed,
@@ -433,7 +457,7 @@ class Demo:
         lines = ["", "=" * 78,
                  f"stas demo: {summary['data']}",
                  f"{self.n_train} training images in {self.folds} folds, {self.n_test} held out as the test split; "
-                 f"{BUNDLE}, {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, "
+                 f"{s['bundle']}, {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, "
                  f"{s['encoder_weights']} weights", "",
                  f"{'stage':<10} {'seconds':>8}"]
         lines += [f"{name:<10} {sec:>8.1f}" for name, sec in summary["seconds"].items()]
