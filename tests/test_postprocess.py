@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,31 @@ def test_stas_postprocess_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["postprocess", "--help"])
     assert exit_info.value.code == 0 and "usage: stas postprocess" in capsys.readouterr().out
+
+
+def test_study_scores_every_setting_and_prints_the_best(tmp_path, capsys):
+    """Probability maps whose reference is the > 0.6 region plus a hole: the study finds the 0.6 cut and hole
+    filling; a speck of 0.9 smaller than 100 pixels is removed by min size 100."""
+    probs, refs = tmp_path / "probs", tmp_path / "refs"
+    probs.mkdir()
+    refs.mkdir()
+    ramp = np.tile(np.linspace(0, 1, 80), (60, 1))
+    ref = ramp > 0.6
+    pred = ramp.copy()
+    pred[25:35, 60:70] = 0.0  # a hole in the prediction, not in the reference
+    pred[5:9, 5:9] = 0.9  # a 16-pixel speck
+    for name in ("a", "b"):
+        Image.fromarray(np.rint(pred * 255).astype(np.uint8)).save(probs / f"{name}.png")
+        Image.fromarray(ref.astype(np.uint8) * 255).save(refs / f"{name}.png")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(probs / "c.png")  # no reference: not scored
+    csv_path = tmp_path / "study.csv"
+    assert main(["--pred", str(probs), "--ref", str(refs), "--study", str(csv_path), "--thresholds", "0.5", "0.6",
+                 "--min-sizes", "0", "100"]) == 0
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 2 * 2 * 2 and rows[0]["images"] == "2"
+    assert (rows[0]["threshold"], rows[0]["min_size"], rows[0]["fill_holes"]) == ("0.6", "100", "True")
+    assert float(rows[0]["dice"]) == pytest.approx(1.0, abs=2e-3) and rows[0]["better"] == "2"
+    assert "--threshold 0.6 --min-size 100 --fill-holes" in capsys.readouterr().out
+    assert main(["--pred", str(probs), "--ref", str(refs), "--study", str(csv_path)]) == 2  # exists: refused
+    with pytest.raises(SystemExit):
+        main(["--pred", str(probs), "--study", str(tmp_path / "x.csv")])  # --study needs --ref
