@@ -7,15 +7,18 @@ predicted out of fold (by the run that did not train on it), scored against the 
         --bundle deeplab_lite0_crops
 
 Writes ``OUT/datalist.json`` (5 folds, seed 0, shared by every recipe), ``OUT/<name>/``: the cache, ``runs/``,
-``oof/`` (masks), ``oof_probs/``, ``per_image.csv``, ``overlays/`` (the worst images) and ``results.json``:
-per-fold wall time, peak RSS and best validation Dice, out-of-fold mean Dice. Each fold that already has its
-``best.pt`` and timing is kept, so an interrupted run goes on where it stopped.
+``oof/`` (masks), ``oof_probs/``, ``per_image.csv``, ``overlays/`` (the worst images), ``oof_study.csv``
+(post-processing chosen on the out-of-fold maps) and ``results.json``: per-fold wall time, peak RSS and best
+validation Dice, out-of-fold mean Dice, the best post-processing. Each fold that already has its
+``best.pt`` and timing is kept, so an interrupted run goes on where it stopped; runs of this script with
+``--only-folds`` may train folds side by side (one thread each), and a last run without it predicts.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import statistics
@@ -45,8 +48,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     datalist = args.out.resolve() / "datalist.json"
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.update(bundle=args.bundle, knobs=args.set, threads=args.threads)
+    results = {"bundle": args.bundle, "knobs": args.set, "threads": args.threads}
     if not datalist.is_file():
         measured("datalist", [*STAS, "make-datalist", "--images", str(args.data / "Train_Images"), "--masks",
                               str(args.data / "reference_masks"), "--out", str(datalist), "--folds",
@@ -62,7 +64,7 @@ def main() -> None:
     runs = out / "runs"
     for fold in args.only_folds if args.only_folds is not None else range(args.folds):
         name = f"train_fold{fold}"
-        if name in results and (runs / args.bundle / f"fold{fold}" / "best.pt").is_file():
+        if name in _saved(results_path) and (runs / args.bundle / f"fold{fold}" / "best.pt").is_file():
             continue
         measured(name, [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
                         f"bundles/{args.bundle}.json", "--dataset_dir", str(out), "--datalist", str(datalist),
@@ -70,16 +72,18 @@ def main() -> None:
                         "--num_workers", "1", "--encoder_weights", "imagenet", *overrides], out, results)
         best = json.loads((runs / args.bundle / f"fold{fold}" / "best.json").read_text())
         results[name]["val_dice"] = best.get("val_dice")
-        results_path.write_text(json.dumps(results, indent=2))
+        _save(results_path, results)
     checkpoints = sorted(str(p) for p in (runs / args.bundle).glob("fold*/best.pt"))
     if len(checkpoints) < args.folds:
-        results_path.write_text(json.dumps(results, indent=2))
+        _save(results_path, results)
         print(f"{len(checkpoints)} of {args.folds} folds trained; out-of-fold prediction waits for all")
         return
-    measured("predict_oof", [*STAS, "predict", "--checkpoint", *checkpoints, "--datalist", str(datalist),
-                             "--out-of-fold", "--out", str(out / "oof"), "--save-probs", str(out / "oof_probs"),
-                             "--tta", args.tta, "--workers", "1", "--batch-size", "4", "--device", "cpu",
-                             "--overwrite"], out, results)
+    results = {**_saved(results_path), **results}
+    if "predict_oof" not in results or not (out / "oof_probs").is_dir():
+        measured("predict_oof", [*STAS, "predict", "--checkpoint", *checkpoints, "--datalist", str(datalist),
+                                 "--out-of-fold", "--out", str(out / "oof"), "--save-probs", str(out / "oof_probs"),
+                                 "--tta", args.tta, "--workers", "1", "--batch-size", "4", "--device", "cpu",
+                                 "--overwrite"], out, results)
     measured("evaluate_oof", [*STAS, "evaluate", "--pred", str(out / "oof"), "--ref",
                               str(args.data / "reference_masks"), "--csv", str(out / "per_image.csv"),
                               "--overlays", str(out / "overlays"), "--images", str(args.data / "Train_Images"),
@@ -91,8 +95,25 @@ def main() -> None:
     results["oof_fold_dice"] = {k: round(statistics.fmean(d for s, d in dice.items() if folds[s] == k), 4)
                                 for k in sorted(set(folds.values()))}
     results["worst"] = sorted(dice, key=dice.get)[:6]
-    results_path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    measured("postprocess_study", [*STAS, "postprocess", "--pred", str(out / "oof_probs"), "--ref",
+                                   str(args.data / "reference_masks"), "--study", str(out / "oof_study.csv"),
+                                   "--overwrite"], out, results)
+    with open(out / "oof_study.csv") as f:
+        results["oof_study_best"] = next(csv.DictReader(f))
+    print(json.dumps(_save(results_path, results), indent=2))
+
+
+def _saved(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(path: Path, results: dict) -> dict:
+    """Merge ``results`` into the file (folds trained by parallel runs of this script each add theirs)."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**_saved(path), **results}
+        path.write_text(json.dumps(merged, indent=2))
+    return merged
 
 
 CACHE_KNOBS = ("keep_aspect",)  # knobs of the cached chain besides image_size
