@@ -7,10 +7,10 @@ predicted out of fold (by the run that did not train on it), scored against the 
         --bundle deeplab_lite0_crops
 
 Writes ``OUT/datalist.json`` (5 folds, seed 0, shared by every recipe), ``OUT/<name>/``: the cache, ``runs/``,
-``oof/`` (masks), ``oof_probs/``, ``per_image.csv``, ``overlays/`` (the worst images), ``oof_study.csv``
-(post-processing chosen on the out-of-fold maps) and ``results.json``: per-fold wall time, peak RSS and best
-validation Dice, out-of-fold mean Dice, the best post-processing. Each fold that already has its
-``best.pt`` and timing is kept, so an interrupted run goes on where it stopped; runs of this script with
+``oof/`` (masks), ``oof_probs/``, ``per_image.csv``, ``overlays/`` and ``worst.jpg`` (the worst images),
+``oof_study.csv`` (post-processing chosen on the out-of-fold maps) and ``results.json``: per-fold wall time,
+peak RSS and best validation Dice, out-of-fold mean Dice, the best post-processing. Each fold that already has
+its ``best.pt`` and timing is kept, so an interrupted run goes on where it stopped; runs of this script with
 ``--only-folds`` may train folds side by side (one thread each), and a last run without it predicts.
 """
 
@@ -95,12 +95,27 @@ def main() -> None:
     results["oof_fold_dice"] = {k: round(statistics.fmean(d for s, d in dice.items() if folds[s] == k), 4)
                                 for k in sorted(set(folds.values()))}
     results["worst"] = sorted(dice, key=dice.get)[:6]
+    montage(sorted((out / "overlays").glob("*_overlay.png")), out / "worst.jpg")
     measured("postprocess_study", [*STAS, "postprocess", "--pred", str(out / "oof_probs"), "--ref",
                                    str(args.data / "reference_masks"), "--study", str(out / "oof_study.csv"),
                                    "--overwrite"], out, results)
     with open(out / "oof_study.csv") as f:
         results["oof_study_best"] = next(csv.DictReader(f))
     print(json.dumps(_save(results_path, results), indent=2))
+
+
+def montage(overlays: list[Path], path: Path, width: int = 1200) -> None:
+    """The worst images' overlays (reference green, prediction red) two across, scaled to ``width``, as a JPEG."""
+    from PIL import Image
+
+    tiles = [Image.open(p).convert("RGB") for p in overlays]
+    w = width // 2
+    tiles = [t.resize((w, round(t.height * w / t.width))) for t in tiles]
+    h = max(t.height for t in tiles)
+    sheet = Image.new("RGB", (width, h * ((len(tiles) + 1) // 2)), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % 2) * w, (i // 2) * h))
+    sheet.save(path, quality=85)
 
 
 def _saved(path: Path) -> dict:
