@@ -55,7 +55,7 @@ def test_crop_bundle_trains_validates_and_predicts_by_windows(synthetic_dataset,
     datalist = synthetic_dataset / "tiny.json"
     pre, _ = crop_chain()
     build_cache(items_of(datalist), tmp_path / "cache", pre, progress=False)
-    run_bundle("deeplab_lite0_crops", dataset_dir=str(synthetic_dataset), datalist=str(datalist),
+    run_bundle("deeplab_lite0_crops", dataset_dir=str(synthetic_dataset), datalist=str(datalist), val_interval=1,
                cache_dir=str(tmp_path / "cache"), crops_per_image=2, epochs=1, batch_size=2,
                output_dir=str(tmp_path / "runs"), **KNOBS)
     run_dir = tmp_path / "runs" / "deeplab_lite0_crops" / "fold0"

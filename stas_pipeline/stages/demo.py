@@ -208,13 +208,14 @@ class Demo:
         self.synthetic = args.data is None
         defaults = _defaults(getattr(args, "recipe", "whole"), self.synthetic)
         self.bundle = CROP_BUNDLE if getattr(args, "recipe", "whole") == "crops" else BUNDLE
-        self.knobs = {"crop_size": getattr(args, "crop_size", None) or defaults["crop_size"]} \
-            if self.bundle == CROP_BUNDLE else {}
         self.image_size = args.image_size or defaults["image_size"]
+        self.epochs = args.epochs or defaults["epochs"]
+        # the crop bundle validates every other epoch; an odd number of epochs validates each, so the last counts
+        self.knobs = {"crop_size": getattr(args, "crop_size", None) or defaults["crop_size"],
+                      "val_interval": 2 if self.epochs % 2 == 0 else 1} if self.bundle == CROP_BUNDLE else {}
         side = ("--crop-size", self.knobs["crop_size"]) if self.knobs else ("--image-size", self.image_size)
         if side[1] % 16:
             raise StageError(f"{side[0]} must be a multiple of 16 (DeepLabV3+'s output stride), got {side[1]}")
-        self.epochs = args.epochs or defaults["epochs"]
         self.batch_size = args.batch_size or defaults["batch_size"]
         self.lr = args.lr or defaults["lr"]
         self.weights = args.weights or ("imagenet" if lite0_weights_installed() else "none")
