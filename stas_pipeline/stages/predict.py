@@ -87,7 +87,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.5, help="foreground where probability > this (0.5)")
     parser.add_argument("--mode", choices=MODES, default="resize",
                         help="segmentation: resize: to the training size and back (the recipe's); sliding_window: "
-                             "overlapping windows of the training size at the original resolution (default resize)")
+                             "overlapping windows of the training size at the original resolution (default resize); "
+                             "runs trained on crops: Gaussian windows of their crop size at their training scale "
+                             "in either mode")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     parser.add_argument("--tta", choices=list(TTA_MODES), default="none",
                         help="test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips); "
