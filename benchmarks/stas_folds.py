@@ -74,9 +74,9 @@ def main() -> None:
         results[name]["val_dice"] = best.get("val_dice")
         _save(results_path, results)
     checkpoints = sorted(str(p) for p in (runs / args.bundle).glob("fold*/best.pt"))
-    if len(checkpoints) < args.folds:
+    if args.only_folds is not None or len(checkpoints) < args.folds:
         _save(results_path, results)
-        print(f"{len(checkpoints)} of {args.folds} folds trained; out-of-fold prediction waits for all")
+        print(f"{len(checkpoints)} of {args.folds} folds trained; a run without --only-folds predicts out of fold")
         return
     results = {**_saved(results_path), **results}
     if "predict_oof" not in results or not (out / "oof_probs").is_dir():
