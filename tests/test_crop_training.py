@@ -102,3 +102,16 @@ def test_windows_cover_the_scaled_image_and_come_back_at_the_original_size(synth
     squashed = predict_probabilities([[model, 64, Preprocessing.resize(64), transform]], [image])[0]
     assert not torch.allclose(windowed, squashed, atol=1e-3)
 
+
+
+def test_a_recipe_bundle_takes_crops_of_its_square_image(synthetic_dataset, tmp_path):
+    """The 800 px GPU bundles' option: crops of the cached square image, validated by windows."""
+    run_bundle("deeplab_effb6", dataset_dir=str(synthetic_dataset), datalist=str(synthetic_dataset / "tiny.json"),
+               image_size=64, crop_size=32, crops_per_image=2, epochs=1, batch_size=2, encoder_weights="none",
+               output_dir=str(tmp_path))
+    run_dir = tmp_path / "deeplab_effb6" / "fold0"
+    (row,) = history(run_dir)
+    assert 0.0 <= row["val_dice"] <= 1.0
+    info = json.loads((run_dir / "best.json").read_text())
+    assert info["crop_size"] == 32 and info["keep_aspect"] is False and info["network"]["image_size"] == 32
+    assert load_run_model(run_dir / "best.pt").window == 32
