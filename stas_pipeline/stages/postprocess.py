@@ -119,9 +119,15 @@ def study(pred: str | Path, ref: str | Path, thresholds: Sequence[float], min_si
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             problems.skip(preds[stem][0], str(e))
             continue
-        for key in scores:
-            t, n, fill = key
-            scores[key].append(_dice(postprocess_mask(value > t * 255, n, fill), truth))
+        for t in sorted({t for t, _, _ in scores}):
+            binary = value > t * 255
+            labels = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))[0] if binary.any() else None
+            sizes = np.bincount(labels.ravel()) if labels is not None else None
+            for n in sorted({n for k, n, _ in scores if k == t}):
+                kept = binary if n <= 1 or labels is None else np.concatenate([[False], sizes[1:] >= n])[labels]
+                for fill in sorted({f for k, m, f in scores if (k, m) == (t, n)}):
+                    mask = ndimage.binary_fill_holes(kept) if fill else kept
+                    scores[(t, n, fill)].append(_dice(mask, truth))
     if not scores[settings[0]]:
         raise NothingWrittenError(f"{pred}: no image could be scored")
     base = np.asarray(scores[(0.5, 0, False)])
