@@ -209,12 +209,12 @@ class Demo:
         self.n_images = args.n_images or 40
         self.out = args.out.resolve()
         self.synthetic = args.data is None
-        defaults = _defaults(getattr(args, "recipe", "whole"), self.synthetic)
-        self.bundle = CROP_BUNDLE if getattr(args, "recipe", "whole") == "crops" else BUNDLE
+        defaults = _defaults(args.recipe, self.synthetic)
+        self.bundle = CROP_BUNDLE if args.recipe == "crops" else BUNDLE
         self.image_size = args.image_size or defaults["image_size"]
         self.epochs = args.epochs or defaults["epochs"]
         # the crop bundle validates every other epoch; an odd number of epochs validates each, so the last counts
-        self.knobs = {"crop_size": getattr(args, "crop_size", None) or defaults["crop_size"],
+        self.knobs = {"crop_size": args.crop_size or defaults["crop_size"],
                       "val_interval": 2 if self.epochs % 2 == 0 else 1} if self.bundle == CROP_BUNDLE else {}
         side = ("--crop-size", self.knobs["crop_size"]) if self.knobs else ("--image-size", self.image_size)
         if side[1] % 16:
