@@ -239,13 +239,15 @@ def predict_images(
             for path, error in batch:
                 if isinstance(error, str):
                     problems.skip(path, f"cannot read image: {error}")
-            if assignments is None:
-                probs = _probabilities(runs, chains.index, [inputs for _, inputs in readable], mode, tta, overlap,
-                                       batch_size, amp) if readable else []
-            else:
-                probs = [_probabilities([runs[k] for k in assignments[path]],
-                                        [chains.index[k] for k in assignments[path]], [inputs], mode, tta, overlap,
-                                        batch_size, amp)[0] for path, inputs in readable]
+            groups: dict[tuple[int, ...], list[int]] = {}  # the images of the batch that the same runs predict
+            for i, (path, _) in enumerate(readable):
+                groups.setdefault(tuple(assignments[path]) if assignments else tuple(range(len(runs))), []).append(i)
+            probs: list = [None] * len(readable)
+            for ks, members in groups.items():
+                out = _probabilities([runs[k] for k in ks], [chains.index[k] for k in ks],
+                                     [readable[i][1] for i in members], mode, tta, overlap, batch_size, amp)
+                for i, prob in zip(members, out, strict=True):
+                    probs[i] = prob
             for (path, _), prob in zip(readable, probs, strict=True):
                 prob = prob[0].cpu().numpy()
                 write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))
