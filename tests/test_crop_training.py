@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import load_decathlon_datalist
+from monai.transforms import Compose
 from PIL import Image
 from test_bundles import history, run_bundle
 
@@ -33,7 +35,7 @@ def items_of(datalist: Path) -> list[dict]:
 
 
 def test_cache_keeps_the_aspect_and_training_draws_foreground_crops(synthetic_dataset, tmp_path):
-    pre, train = crop_chain(crops_per_image=3, crop_pos_ratio=1.0)
+    pre, train = crop_chain(crops_per_image=3, crop_pos_ratio=1.0, color_jitter=0.0)
     items = items_of(synthetic_dataset / "tiny.json")
     build_cache(items, tmp_path / "cache", pre, progress=False)
     cached = LMDBCacheDataset(items, tmp_path / "cache", pre)[0]
@@ -46,6 +48,42 @@ def test_cache_keeps_the_aspect_and_training_draws_foreground_crops(synthetic_da
         assert tuple(crop["image"].shape) == (3, 32, 32) and tuple(crop["label"].shape) == (1, 32, 32)
         assert crop["label"].sum() > 0  # every crop is centred on a foreground pixel at pos ratio 1
         assert 0.0 <= float(crop["image"].min()) and float(crop["image"].max()) <= 1.0
+
+
+def test_zoom_and_colour_jitter_augment_before_the_crops(synthetic_dataset, tmp_path):
+    """``zoom_range`` rescales image and mask together (a new size before the crops; the same size on whole images),
+    ``color_jitter`` scales and shifts each channel on its own; both at 0 leave the cached image as it is."""
+    pre, _ = crop_chain()
+    items = items_of(synthetic_dataset / "tiny.json")
+    build_cache(items, tmp_path / "cache", pre, progress=False)
+    cached = LMDBCacheDataset(items, tmp_path / "cache", pre)[0]
+    scaled = {"image": cached["image"].float() / 255.0, "label": cached["label"]}
+    (none,) = parsed_content("deeplab_lite0_crops", ["task#augment"], {**KNOBS, "zoom_range": 0, "color_jitter": 0})
+    for step in none:
+        assert torch.equal(torch.as_tensor(step(dict(scaled))["image"]), scaled["image"])
+
+    (augment,) = parsed_content("deeplab_lite0_crops", ["task#augment"], {**KNOBS, "zoom_range": 0.5,
+                                                                         "color_jitter": 0.2})
+    zoom, *jitter = augment
+    zoom.set_random_state(0)
+    sizes = {tuple(zoom(dict(scaled))["image"].shape[1:]) for _ in range(8)}
+    assert len(sizes) > 1 and all(53 / 1.5 - 1 <= h <= 53 * 1.5 + 1 and w / h == pytest.approx(64 / 53, rel=0.1)
+                                  for h, w in sizes)
+    zoomed = zoom(dict(scaled))
+    assert set(torch.unique(torch.as_tensor(zoomed["label"])).tolist()) <= {0.0, 1.0}
+    assert zoomed["image"].shape[1:] == zoomed["label"].shape[1:]
+    (whole_zoom, *_), = parsed_content("deeplab_lite0", ["task#augment"], {**KNOBS, "crop_size": 0, "zoom_range": 0.5})
+    assert whole_zoom(dict(scaled))["image"].shape == scaled["image"].shape
+
+    x = scaled["image"]
+    y = torch.as_tensor(Compose(jitter)(dict(scaled))["image"])
+    fits = [np.polyfit(x[c].flatten().numpy(), y[c].flatten().numpy(), 1) for c in range(3)]
+    assert all(0.8 - 1e-4 <= a <= 1.2 + 1e-4 and abs(b) <= 0.1 + 1e-4 for a, b in fits)
+    assert len({round(float(a), 4) for a, _ in fits}) == 3  # each channel its own factor
+
+    (train,) = parsed_content("deeplab_lite0_crops", ["task#train_transforms"], KNOBS)
+    names = [type(t).__name__ for t in train.transforms]
+    assert names.index("ScaleIntensityd") < names.index("RandZoomd") < names.index("RandCropByPosNegLabeld")
 
 
 def test_crop_bundle_trains_validates_and_predicts_by_windows(synthetic_dataset, tmp_path):

@@ -60,7 +60,7 @@ REAL_DEFAULTS = {"image_size": 256, "epochs": 16, "batch_size": 4, "lr": 2e-3}
 # the crop recipe (deeplab_lite0_crops: aspect-keeping scale, crops, Gaussian windows); image_size is the longer side
 CROP_BUNDLE = "deeplab_lite0_crops"
 CROP_SYNTHETIC_DEFAULTS = {"image_size": 320, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 128}
-CROP_REAL_DEFAULTS = {"image_size": 858, "epochs": 6, "batch_size": 2, "lr": 2e-3, "crop_size": 256}
+CROP_REAL_DEFAULTS = {"image_size": 858, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 256}
 SYNTHETIC_SHAPE = (176, 320)  # height, width of the synthetic images: the challenge's aspect ratio, smaller
 
 
