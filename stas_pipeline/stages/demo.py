@@ -13,9 +13,10 @@ Defaults, measured on a 2-core CPU with the shipped ImageNet weights of Efficien
 (40 images, 160 px, 20 epochs, batch 4) takes about 2 minutes, held-out Dice about 0.95; the 131 real images of
 ``stas_public`` (256 px, 16 epochs, batch 4) about 9-12 minutes, held-out Dice about 0.65 (far below the
 recipe's 800 px models: a CPU-sized model, a fifth of the resolution, 84 training images per fold).
-``--recipe crops`` trains ``deeplab_lite0_crops`` instead (crops of the half-size image, Gaussian windows): in
-5 folds on the 131 real images it scored 0.711 out of fold against 0.692 for the whole-image recipe, at more
-than its training time (docs/benchmarks.md), so it is not the default.
+``--recipe crops`` trains ``deeplab_lite0_crops`` instead (crops of the half-size image, zoom and colour
+jitter, 12 epochs, Gaussian windows): in 5 folds on the 131 real images it scored 0.737 out of fold against
+0.692 for the whole-image recipe, at 16-22 minutes a fold against 12 (docs/benchmarks.md), so it is not the
+default.
 
 Output layout (``OUT``, default ``demo_output``)::
 
