@@ -15,8 +15,8 @@ Defaults, measured on a 2-core CPU with the shipped ImageNet weights of Efficien
 recipe's 800 px models: a CPU-sized model, a fifth of the resolution, 84 training images per fold).
 ``--recipe crops`` trains ``deeplab_lite0_crops`` instead (crops of the half-size image, zoom and colour
 jitter, 12 epochs, Gaussian windows): in 5 folds on the 131 real images it scored 0.737 out of fold against
-0.692 for the whole-image recipe, at 16-22 minutes a fold against 12 (docs/benchmarks.md), so it is not the
-default.
+0.692 for the whole-image recipe, at 16-22 minutes a fold on two threads against 12 on one (docs/benchmarks.md),
+so it is not the default.
 
 Output layout (``OUT``, default ``demo_output``)::
 
