@@ -34,11 +34,16 @@ def items_of(datalist: Path) -> list[dict]:
     return load_decathlon_datalist(str(datalist), True, "training")
 
 
+def cached_first(dataset: Path, tmp_path: Path, pre: Preprocessing) -> tuple[list[dict], dict]:
+    """The tiny datalist's items, cached by ``pre`` under ``tmp_path/cache``, and the first cached item."""
+    items = items_of(dataset / "tiny.json")
+    build_cache(items, tmp_path / "cache", pre, progress=False)
+    return items, LMDBCacheDataset(items, tmp_path / "cache", pre)[0]
+
+
 def test_cache_keeps_the_aspect_and_training_draws_foreground_crops(synthetic_dataset, tmp_path):
     pre, train = crop_chain(crops_per_image=3, crop_pos_ratio=1.0, color_jitter=0.0)
-    items = items_of(synthetic_dataset / "tiny.json")
-    build_cache(items, tmp_path / "cache", pre, progress=False)
-    cached = LMDBCacheDataset(items, tmp_path / "cache", pre)[0]
+    items, cached = cached_first(synthetic_dataset, tmp_path, pre)
     assert tuple(cached["image"].shape) == (3, 53, 64)  # 80 x 96 with its longer side at 64: 53.3 x 64
     assert cached["orig_size"] == (80, 96)
 
@@ -53,10 +58,7 @@ def test_cache_keeps_the_aspect_and_training_draws_foreground_crops(synthetic_da
 def test_zoom_and_colour_jitter_augment_before_the_crops(synthetic_dataset, tmp_path):
     """``zoom_range`` rescales image and mask together (a new size before the crops; the same size on whole images),
     ``color_jitter`` scales and shifts each channel on its own; both at 0 leave the cached image as it is."""
-    pre, _ = crop_chain()
-    items = items_of(synthetic_dataset / "tiny.json")
-    build_cache(items, tmp_path / "cache", pre, progress=False)
-    cached = LMDBCacheDataset(items, tmp_path / "cache", pre)[0]
+    _, cached = cached_first(synthetic_dataset, tmp_path, crop_chain()[0])
     scaled = {"image": cached["image"].float() / 255.0, "label": cached["label"]}
     (none,) = parsed_content("deeplab_lite0_crops", ["task#augment"], {**KNOBS, "zoom_range": 0, "color_jitter": 0})
     for step in none:
@@ -139,7 +141,6 @@ def test_windows_cover_the_scaled_image_and_come_back_at_the_original_size(synth
     torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=0)
     squashed = predict_probabilities([[model, 64, Preprocessing.resize(64), transform]], [image])[0]
     assert not torch.allclose(windowed, squashed, atol=1e-3)
-
 
 
 def test_a_recipe_bundle_takes_crops_of_its_square_image(synthetic_dataset, tmp_path):

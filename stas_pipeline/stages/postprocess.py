@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +34,30 @@ from stas_pipeline.core.problems import Problems
 STAGE = "postprocess"
 
 
+def small_component_remover(mask: np.ndarray) -> Callable[[int], np.ndarray]:
+    """``mask`` labelled once (full connectivity, any dimension): a function of ``min_size`` that returns the
+    mask without its foreground components of fewer than ``min_size`` pixels."""
+    mask = np.asarray(mask).astype(bool)
+    if not mask.any():
+        return lambda _: mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    sizes = np.bincount(labels.ravel())
+
+    def without_small(min_size: int) -> np.ndarray:
+        if min_size <= 1:
+            return mask
+        keep = sizes >= min_size
+        keep[0] = False
+        return keep[labels]
+
+    return without_small
+
+
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop the foreground components of fewer than ``min_size`` pixels (full connectivity, any dimension)."""
-    mask = np.asarray(mask).astype(bool)
-    if min_size <= 1 or not mask.any():
-        return mask
-    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    keep = np.bincount(labels.ravel()) >= min_size
-    keep[0] = False
-    return keep[labels]
+    if min_size <= 1:
+        return np.asarray(mask).astype(bool)
+    return small_component_remover(mask)(min_size)
 
 
 def postprocess_mask(mask: np.ndarray, min_size: int = 0, fill_holes: bool = False) -> np.ndarray:
@@ -120,11 +135,9 @@ def study(pred: str | Path, ref: str | Path, thresholds: Sequence[float], min_si
             problems.skip(preds[stem][0], str(e))
             continue
         for t in sorted({t for t, _, _ in scores}):
-            binary = value > t * 255
-            labels = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))[0] if binary.any() else None
-            sizes = np.bincount(labels.ravel()) if labels is not None else None
+            without_small = small_component_remover(value > t * 255)  # labelled once per threshold
             for n in sorted({n for k, n, _ in scores if k == t}):
-                kept = binary if n <= 1 or labels is None else np.concatenate([[False], sizes[1:] >= n])[labels]
+                kept = without_small(n)
                 for fill in sorted({f for k, m, f in scores if (k, m) == (t, n)}):
                     mask = ndimage.binary_fill_holes(kept) if fill else kept
                     scores[(t, n, fill)].append(_dice(mask, truth))
