@@ -132,3 +132,42 @@ def test_every_image_level_bundle_builds_its_classifier(bundle):
 def test_fixed_size_classifier_refuses_another_size():
     with pytest.raises(ValueError, match="deit_base_patch16_224 takes 224x224 images, not image_size 512"):
         build_classifier("deit_base_patch16_224", image_size=512)
+
+
+def test_frozen_stages_keep_loaded_weights_through_training_and_decoder_channels_apply(tmp_path):
+    """``frozen_stages=2`` freezes the stem and the blocks through stride 4 after the weights are loaded: no
+    gradients, batch-norm statistics fixed in training mode; the rest trains. ``decoder_channels`` reaches smp,
+    and a checkpoint loads into a network built with the same arguments."""
+    weights = reference_weights(seed=3)
+    torch.save(weights, tmp_path / "lite0.pth")
+    kwargs = {"aux_head": True, "decoder_channels": 64, "frozen_stages": 2}
+    model = build_model(ENCODER, encoder_weights=str(tmp_path / "lite0.pth"), **kwargs)
+    assert model.model.segmentation_head[0].in_channels == 64
+    before = {k: v.clone() for k, v in encoder_state(model).items()}
+    assert torch.equal(before["bn1.running_mean"], weights["bn1.running_mean"])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    masks, labels = model(torch.rand(2, 3, 64, 64) * 5)
+    (masks.mean() + labels.mean()).backward()
+    optimizer.step()
+    after = encoder_state(model)
+    frozen = [k for k in before if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    trained = [k for k in before if k.startswith("blocks.2.") and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in trained)
+    assert model.model.encoder.model.conv_stem.weight.grad is None
+    rebuilt = build_model(ENCODER, **kwargs)
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_frozen_stages_follow_any_timm_encoder_and_are_checked():
+    from segmentation_models_pytorch import Unet
+
+    from stas_pipeline.core.models import freeze_encoder_stages
+
+    encoder = Unet("tu-resnet18", encoder_weights=None).encoder.model
+    assert freeze_encoder_stages(encoder, 2) == ["conv1", "bn1", "act1", "maxpool", "layer1"]
+    assert not encoder.layer1[0].conv1.weight.requires_grad and encoder.layer2[0].conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="frozen_stages 6: the encoder has 5 feature levels"):
+        build_model(ENCODER, frozen_stages=6)

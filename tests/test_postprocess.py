@@ -143,10 +143,39 @@ def test_study_scores_every_setting_and_prints_the_best(tmp_path, capsys):
     assert main(["--pred", str(probs), "--ref", str(refs), "--study", str(csv_path), "--thresholds", "0.5", "0.6",
                  "--min-sizes", "0", "100"]) == 0
     rows = list(csv.DictReader(open(csv_path)))
-    assert len(rows) == 2 * 2 * 2 and rows[0]["images"] == "2"
-    assert (rows[0]["threshold"], rows[0]["min_size"], rows[0]["fill_holes"]) == ("0.6", "100", "True")
+    assert len(rows) == (4 + 3) * 2 * 2 and rows[0]["images"] == "2"  # seeds 0 0.6 0.7 0.8 at cut 0.5; 0 0.7 0.8
+    assert (rows[0]["threshold"], rows[0]["min_size"], rows[0]["seed_threshold"], rows[0]["fill_holes"]) == (
+        "0.6", "100", "0.0", "True")
     assert float(rows[0]["dice"]) == pytest.approx(1.0, abs=2e-3) and rows[0]["better"] == "2"
     assert "--threshold 0.6 --min-size 100 --fill-holes" in capsys.readouterr().out
     assert main(["--pred", str(probs), "--ref", str(refs), "--study", str(csv_path)]) == 2  # exists: refused
     with pytest.raises(SystemExit):
         main(["--pred", str(probs), "--study", str(tmp_path / "x.csv")])  # --study needs --ref
+
+
+def test_seed_threshold_drops_faint_components_a_low_cut_keeps(tmp_path, capsys):
+    """A double threshold: the reference is the > 0.5 part of a ramp; a faint 0.55 blob outside it survives the
+    0.5 cut, and a 0.6 cut loses the ramp's 0.5-0.6 band; cut 0.5 with seed 0.6 gets both right, in the study
+    and in the folder stage."""
+    probs, refs, out = tmp_path / "probs", tmp_path / "refs", tmp_path / "out"
+    probs.mkdir()
+    refs.mkdir()
+    ramp = np.tile(np.linspace(0, 1, 80), (60, 1))
+    ref = ramp > 0.5
+    pred = ramp.copy()
+    pred[5:20, 5:20] = 0.55  # 225 pixels, peak 0.55, not in the reference
+    Image.fromarray(np.rint(pred * 255).astype(np.uint8)).save(probs / "a.png")
+    Image.fromarray(ref.astype(np.uint8) * 255).save(refs / "a.png")
+    csv_path = tmp_path / "study.csv"
+    assert main(["--pred", str(probs), "--ref", str(refs), "--study", str(csv_path), "--thresholds", "0.5", "0.6",
+                 "--min-sizes", "0", "--seed-thresholds", "0.6"]) == 0
+    rows = {(r["threshold"], r["seed_threshold"], r["fill_holes"]): float(r["dice"])
+            for r in csv.DictReader(open(csv_path))}
+    assert set(rows) == {(t, s, f) for t, s in [("0.5", "0.0"), ("0.5", "0.6"), ("0.6", "0.0")]
+                         for f in ("False", "True")}
+    assert rows[("0.5", "0.6", "False")] == pytest.approx(1.0, abs=5e-3)
+    assert max(rows[("0.5", "0.0", "False")], rows[("0.6", "0.0", "False")]) < 0.98
+    assert "--threshold 0.5 --min-size 0 --seed-threshold 0.6" in capsys.readouterr().out
+    assert main(["--pred", str(probs), "--out", str(out), "--threshold", "0.5", "--seed-threshold", "0.6"]) == 0
+    kept = np.asarray(Image.open(out / "a.png")) > 0
+    assert not kept[5:20, 5:20].any() and np.array_equal(kept, ref & ~(pred == 0.55))

@@ -65,16 +65,21 @@ def build_model(
     aux_head: bool = False,
     aux_dropout: float = 0.4,
     image_size: int | tuple[int, int] | None = None,
+    decoder_channels: int | Sequence[int] | None = None,
+    frozen_stages: int = 0,
 ) -> nn.Module:
     """An smp ``arch`` with the timm encoder ``encoder_name`` (``tu-`` prefix added).
 
     With ``aux_head`` the model also has a classification head (avg pooling, ``aux_dropout``, ``classes``
     outputs), see :class:`AuxOutputInTraining`. ``image_size`` is checked against the encoder's stride.
+    ``decoder_channels`` is the arch's own argument (its default when ``None``); ``frozen_stages`` freezes the
+    encoder through its first feature levels after the weights are loaded (see :func:`freeze_encoder_stages`).
     """
     check_encoder_name(encoder_name)
     aux = {"classes": classes, "dropout": aux_dropout, "pooling": "avg"} if aux_head else None
+    decoder = {} if decoder_channels is None else {"decoder_channels": decoder_channels}
     model = smp.create_model(arch, encoder_name=f"tu-{encoder_name}", encoder_weights=None,
-                             in_channels=in_channels, classes=classes, aux_params=aux)
+                             in_channels=in_channels, classes=classes, aux_params=aux, **decoder)
     if image_size is not None:
         stride = model.encoder.output_stride
         sizes = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -83,7 +88,26 @@ def build_model(
                              f"{encoder_name} needs; use e.g. {max(stride, round(sizes[0] / stride) * stride)}")
     if encoder_weights not in (None, "", "none", "None"):
         load_encoder_weights(model.encoder.model, encoder_name, str(encoder_weights))
+    freeze_encoder_stages(model.encoder.model, frozen_stages)
     return AuxOutputInTraining(model) if aux_head else model
+
+
+def freeze_encoder_stages(encoder: nn.Module, stages: int) -> list[str]:
+    """Freeze a timm features encoder from its input through the module that outputs feature level ``stages``
+    (1: stride 2, the stem; 2: through stride 4; ...), as mmsegmentation's ``frozen_stages`` does: no gradients,
+    and batch norms become timm's ``FrozenBatchNorm2d`` (fixed statistics in training too). Cheaper steps, since
+    the backward pass stops there. Returns the frozen modules' names, in forward (definition) order."""
+    levels = encoder.feature_info.module_name()
+    if not 0 <= stages <= len(levels):
+        raise ValueError(f"frozen_stages {stages}: the encoder has {len(levels)} feature levels ({levels})")
+    if not stages:
+        return []
+    names = [name for name, _ in encoder.named_modules() if name]
+    last = levels[stages - 1]
+    before = [n for n in names[: names.index(last) + 1] if not last.startswith(f"{n}.")]
+    frozen = [n for n in before if not any(n.startswith(f"{m}.") for m in before)]
+    timm.utils.freeze(encoder, frozen)
+    return frozen
 
 
 def build_classifier(

@@ -1,15 +1,17 @@
-"""Clean predicted masks: remove small connected components, fill holes.
+"""Clean predicted masks: remove small or faint connected components, fill holes.
 
-``stas postprocess --pred DIR --out DIR [--min-size N] [--fill-holes]`` binarises every ``DIR/<stem>.png``
-(``value / 255 > --threshold``, default any value > 0), removes the foreground components (8-connected) of
-fewer than N pixels, then fills the holes (background regions not connected to the image border), and writes
-``OUT/<stem>.png`` (mode L, 0/255). Both steps are off by default. ``OUT`` is written atomically, as by
+``stas postprocess --pred DIR --out DIR [--min-size N] [--seed-threshold S] [--fill-holes]`` binarises every
+``DIR/<stem>.png`` (``value / 255 > --threshold``, default any value > 0), removes the foreground components
+(8-connected) of fewer than N pixels and, on probability maps, those whose peak ``value / 255`` stays below S
+(a double threshold: a low cut traces the outline, a component must reach S somewhere to be kept), then fills
+the holes (background regions not connected to the image border), and writes ``OUT/<stem>.png`` (mode L,
+0/255). Every step is off by default. ``OUT`` is written atomically, as by
 ``stas ensemble``. See docs/postprocess.md for what each step does to Dice on the STAS sample.
 
 ``stas postprocess --pred PROBS --ref MASKS --study study.csv`` chooses the settings instead of applying them:
-every combination of ``--thresholds``, ``--min-sizes`` and hole filling is scored on the images of both folders
-(mean per-image Dice, images better / worse than the plain 0.5 cut), written to the CSV best first, and the
-best one printed as the command that applies it. Run it on out-of-fold probability maps
+every combination of ``--thresholds``, ``--min-sizes``, ``--seed-thresholds`` and hole filling is scored on the
+images of both folders (mean per-image Dice, images better / worse than the plain 0.5 cut), written to the CSV
+best first, and the best one printed as the command that applies it. Run it on out-of-fold probability maps
 (``stas predict --datalist D --out-of-fold --save-probs PROBS``), never on the test images.
 """
 
@@ -34,36 +36,40 @@ from stas_pipeline.core.problems import Problems
 STAGE = "postprocess"
 
 
-def small_component_remover(mask: np.ndarray) -> Callable[[int], np.ndarray]:
-    """``mask`` labelled once (full connectivity, any dimension): a function of ``min_size`` that returns the
-    mask without its foreground components of fewer than ``min_size`` pixels."""
+def component_filter(mask: np.ndarray, value: np.ndarray | None = None) -> Callable[..., np.ndarray]:
+    """``mask`` labelled once (full connectivity, any dimension): a function of ``min_size`` and ``seed`` that
+    returns the mask without its foreground components of fewer than ``min_size`` pixels or whose peak ``value``
+    (the map the mask was cut from; the mask itself when None) is below ``seed``."""
     mask = np.asarray(mask).astype(bool)
     if not mask.any():
-        return lambda _: mask
-    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+        return lambda min_size, seed=0.0: mask
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
     sizes = np.bincount(labels.ravel())
+    peaks = np.concatenate([[0.0], ndimage.maximum(mask if value is None else value, labels,
+                                                   np.arange(1, count + 1))])
 
-    def without_small(min_size: int) -> np.ndarray:
-        if min_size <= 1:
+    def kept(min_size: int, seed: float = 0.0) -> np.ndarray:
+        if min_size <= 1 and seed <= 0:
             return mask
-        keep = sizes >= min_size
+        keep = (sizes >= min_size) & (peaks >= seed)
         keep[0] = False
         return keep[labels]
 
-    return without_small
+    return kept
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop the foreground components of fewer than ``min_size`` pixels (full connectivity, any dimension)."""
     if min_size <= 1:
         return np.asarray(mask).astype(bool)
-    return small_component_remover(mask)(min_size)
+    return component_filter(mask)(min_size)
 
 
-def postprocess_mask(mask: np.ndarray, min_size: int = 0, fill_holes: bool = False) -> np.ndarray:
-    """Binary mask (nonzero = foreground) without components under ``min_size`` pixels, holes filled if
-    ``fill_holes``."""
-    out = remove_small_components(mask, min_size)
+def postprocess_mask(mask: np.ndarray, min_size: int = 0, fill_holes: bool = False,
+                     value: np.ndarray | None = None, seed: float = 0.0) -> np.ndarray:
+    """Binary mask (nonzero = foreground) without components under ``min_size`` pixels or whose peak ``value``
+    is below ``seed``, holes filled if ``fill_holes``."""
+    out = component_filter(mask, value)(min_size, seed)
     return ndimage.binary_fill_holes(out) if fill_holes else out
 
 
@@ -74,6 +80,7 @@ def postprocess_folder(
     fill_holes: bool = False,
     threshold: float = 0.0,
     overwrite: bool = False,
+    seed_threshold: float = 0.0,
 ) -> Problems:
     """Post-process every ``pred/<stem>.png`` into ``out/<stem>.png``; ``out`` is written atomically.
 
@@ -92,12 +99,13 @@ def postprocess_folder(
             try:
                 if len(paths) > 1:
                     raise ValueError(f"more than one file for this image: {', '.join(map(str, paths))}")
-                mask = read_grey_png(paths[0], problems) > threshold * 255
+                value = read_grey_png(paths[0], problems)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 with tqdm.external_write_mode(file=sys.stderr):
                     problems.skip(paths[0], str(e))
                 continue
-            result = postprocess_mask(mask, min_size, fill_holes)
+            mask = value > threshold * 255
+            result = postprocess_mask(mask, min_size, fill_holes, value, seed_threshold * 255)
             write_png(tmp / f"{stem}.png", result.astype(np.uint8) * 255)
             problems.count("written")
             problems.count("pixels removed", int(np.count_nonzero(mask & ~result)))
@@ -115,8 +123,9 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def study(pred: str | Path, ref: str | Path, thresholds: Sequence[float], min_sizes: Sequence[int],
-          problems: Problems | None = None) -> list[dict]:
-    """Mean per-image Dice of every (threshold, min_size, fill_holes) on the stems of both folders, best first;
+          problems: Problems | None = None, seeds: Sequence[float] = (0.0,)) -> list[dict]:
+    """Mean per-image Dice of every (threshold, min_size, seed_threshold, fill_holes) on the stems of both folders,
+    best first (a seed threshold at or below the cut changes nothing and is left out, but 0);
     ``better`` / ``worse``: images whose Dice went up / down against threshold 0.5 alone. Unreadable or
     mismatched pairs are reported to ``problems`` and left out."""
     problems = problems or Problems(STAGE)
@@ -124,8 +133,9 @@ def study(pred: str | Path, ref: str | Path, thresholds: Sequence[float], min_si
     stems = sorted(set(preds) & set(refs))
     if not stems:
         raise InputFolderError(f"{pred} and {ref}: no <stem>.png in both")
-    settings = [(t, n, f) for t in thresholds for n in min_sizes for f in (False, True)]
-    scores: dict[tuple, list[float]] = {k: [] for k in [*settings, (0.5, 0, False)]}
+    settings = [(t, n, s, f) for t in thresholds for n in min_sizes for s in sorted({0.0, *seeds})
+                for f in (False, True) if not 0 < s <= t]
+    scores: dict[tuple, list[float]] = {k: [] for k in [*settings, (0.5, 0, 0.0, False)]}
     for stem in tqdm(stems, desc=f"{STAGE} study", unit="image", file=sys.stderr):
         try:
             value, truth = read_grey_png(preds[stem][0], problems), read_grey_png(refs[stem][0], problems) > 0
@@ -134,19 +144,18 @@ def study(pred: str | Path, ref: str | Path, thresholds: Sequence[float], min_si
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             problems.skip(preds[stem][0], str(e))
             continue
-        for t in sorted({t for t, _, _ in scores}):
-            without_small = small_component_remover(value > t * 255)  # labelled once per threshold
-            for n in sorted({n for k, n, _ in scores if k == t}):
-                kept = without_small(n)
-                for fill in sorted({f for k, m, f in scores if (k, m) == (t, n)}):
-                    mask = ndimage.binary_fill_holes(kept) if fill else kept
-                    scores[(t, n, fill)].append(_dice(mask, truth))
+        for t in sorted({k[0] for k in scores}):
+            kept = component_filter(value > t * 255, value)  # labelled once per threshold
+            for n, s in sorted({k[1:3] for k in scores if k[0] == t}):
+                mask = kept(n, s * 255)
+                for fill in sorted({k[3] for k in scores if k[:3] == (t, n, s)}):
+                    scores[(t, n, s, fill)].append(_dice(ndimage.binary_fill_holes(mask) if fill else mask, truth))
     if not scores[settings[0]]:
         raise NothingWrittenError(f"{pred}: no image could be scored")
-    base = np.asarray(scores[(0.5, 0, False)])
-    rows = [{"threshold": t, "min_size": n, "fill_holes": f, "dice": round(float(np.mean(v)), 4),
+    base = np.asarray(scores[(0.5, 0, 0.0, False)])
+    rows = [{"threshold": t, "min_size": n, "seed_threshold": s, "fill_holes": f, "dice": round(float(np.mean(v)), 4),
              "better": int(np.sum(np.asarray(v) > base + 1e-9)), "worse": int(np.sum(np.asarray(v) < base - 1e-9)),
-             "images": len(v)} for (t, n, f), v in ((k, scores[k]) for k in settings)]
+             "images": len(v)} for (t, n, s, f), v in ((k, scores[k]) for k in settings)]
     return sorted(rows, key=lambda r: -r["dice"])
 
 
@@ -154,27 +163,39 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Post-process predicted masks: remove connected components smaller than --min-size "
-        "pixels, fill holes. Writes --out/<stem>.png (mode L, 0/255) atomically; both steps are off by "
-        "default.",
+        "pixels or fainter than --seed-threshold, fill holes. Writes --out/<stem>.png (mode L, 0/255) "
+        "atomically; every step is off by default.",
     )
     parser.add_argument("--pred", type=Path, required=True,
                         help="folder of predicted <stem>.png masks (or probability maps, p * 255)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--out", type=Path, help="output folder (written only when complete)")
     mode.add_argument("--study", type=Path, metavar="CSV",
-                      help="score every combination of --thresholds, --min-sizes and hole filling against --ref "
+                      help="score every combination of --thresholds, --min-sizes, --seed-thresholds and hole "
+                      "filling against --ref "
                       "instead (use out-of-fold probability maps): the table, best first, goes to CSV")
     parser.add_argument("--ref", type=Path, help="--study: folder of reference <stem>.png masks (nonzero = fg)")
     parser.add_argument("--thresholds", type=probability_threshold, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
                         metavar="T", help="--study: cuts of value / 255 (default: 0.3 0.4 0.5 0.6 0.7)")
     parser.add_argument("--min-sizes", type=non_negative_int, nargs="+", default=[0, 100, 500, 2000, 5000],
                         metavar="N", help="--study: smallest kept components (default: 0 100 500 2000 5000)")
+    parser.add_argument("--seed-thresholds", type=probability_threshold, nargs="+", default=[0.6, 0.7, 0.8],
+                        metavar="S", help="--study: peak values a kept component must reach, tried besides none "
+                        "(default: 0.6 0.7 0.8; those at or below a cut are skipped for it)")
     parser.add_argument(
         "--min-size",
         type=non_negative_int,
         default=0,
         metavar="N",
         help="remove 8-connected foreground components of fewer than N pixels (default: 0, keep all)",
+    )
+    parser.add_argument(
+        "--seed-threshold",
+        type=probability_threshold,
+        default=0.0,
+        metavar="S",
+        help="on probability maps: remove components whose highest value / 255 is below S, so that a low "
+        "--threshold traces outlines without keeping faint blobs (default: 0, keep all)",
     )
     parser.add_argument(
         "--fill-holes", action="store_true", help="fill background regions enclosed by foreground"
@@ -206,6 +227,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             fill_holes=args.fill_holes,
             threshold=args.threshold,
             overwrite=args.overwrite,
+            seed_threshold=args.seed_threshold,
         )
     except NothingWrittenError as e:
         print(f"ERROR {e}", file=sys.stderr)
@@ -219,7 +241,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def _main_study(args: argparse.Namespace) -> int:
     problems = Problems(STAGE)
     try:
-        rows = study(args.pred, args.ref, args.thresholds, args.min_sizes, problems)
+        rows = study(args.pred, args.ref, args.thresholds, args.min_sizes, problems, args.seed_thresholds)
         with atomic_path(args.study, args.overwrite) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -227,13 +249,16 @@ def _main_study(args: argparse.Namespace) -> int:
     except (InputFolderError, OutputExistsError, NothingWrittenError) as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 2
-    plain = next((r for r in rows if (r["threshold"], r["min_size"], r["fill_holes"]) == (0.5, 0, False)), None)
+    plain = next((r for r in rows if (r["threshold"], r["min_size"], r["seed_threshold"], r["fill_holes"])
+                  == (0.5, 0, 0.0, False)), None)
     best = rows[0]
     for row in ([plain] if plain else []) + [best]:
-        print(f"threshold {row['threshold']}, min size {row['min_size']}, fill holes {row['fill_holes']}: "
-              f"mean Dice {row['dice']:.4f} ({row['better']} better, {row['worse']} worse, {row['images']} images)")
+        print(f"threshold {row['threshold']}, min size {row['min_size']}, seed threshold {row['seed_threshold']}, "
+              f"fill holes {row['fill_holes']}: mean Dice {row['dice']:.4f} ({row['better']} better, "
+              f"{row['worse']} worse, {row['images']} images)")
     print(f"best: stas postprocess --pred PRED --out OUT --threshold {best['threshold']} --min-size "
-          f"{best['min_size']}" + (" --fill-holes" if best["fill_holes"] else ""))
+          f"{best['min_size']}" + (f" --seed-threshold {best['seed_threshold']}" if best["seed_threshold"] else "")
+          + (" --fill-holes" if best["fill_holes"] else ""))
     problems.count("scored", best["images"])
     return problems.finish()
 
