@@ -97,14 +97,16 @@ def test_crop_bundle_trains_validates_and_predicts_by_windows(synthetic_dataset,
     build_cache(items_of(datalist), tmp_path / "cache", pre, progress=False)
     run_bundle("deeplab_lite0_crops", dataset_dir=str(synthetic_dataset), datalist=str(datalist), val_interval=1,
                cache_dir=str(tmp_path / "cache"), crops_per_image=2, epochs=1, batch_size=2,
-               output_dir=str(tmp_path / "runs"), **KNOBS)
+               output_dir=str(tmp_path / "runs"), frozen_stages=2, decoder_channels=64, **KNOBS)
     run_dir = tmp_path / "runs" / "deeplab_lite0_crops" / "fold0"
     (row,) = history(run_dir)
     assert 0.0 <= row["val_dice"] <= 1.0 and row["loss"] > 0
     info = json.loads((run_dir / "best.json").read_text())
     assert info["crop_size"] == 32 and info["keep_aspect"] is True and info["image_size"] == 64
+    assert (info["network"]["frozen_stages"], info["network"]["decoder_channels"]) == (2, 64)
 
-    seg_run = load_run_model(run_dir / "best.pt")
+    seg_run = load_run_model(run_dir / "best.pt")  # rebuilt frozen and narrow, so that the checkpoint loads
+    assert type(seg_run.model.model.encoder.model.bn1).__name__ == "FrozenBatchNormAct2d"
     assert seg_run.window == 32 and seg_run.preprocessing.spec == pre.spec
     seen = []
     seg_run.model.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
