@@ -12,9 +12,17 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from segmentation_models_pytorch import Unet
 
 from stas_pipeline.core.bundles import parsed_content
-from stas_pipeline.core.models import OFFLINE_WEIGHTS, WeightsError, build_classifier, build_model, build_network
+from stas_pipeline.core.models import (
+    OFFLINE_WEIGHTS,
+    WeightsError,
+    build_classifier,
+    build_model,
+    build_network,
+    freeze_encoder_stages,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = "tf_efficientnet_lite0"
@@ -162,10 +170,6 @@ def test_frozen_stages_keep_loaded_weights_through_training_and_decoder_channels
 
 
 def test_frozen_stages_follow_any_timm_encoder_and_are_checked():
-    from segmentation_models_pytorch import Unet
-
-    from stas_pipeline.core.models import freeze_encoder_stages
-
     encoder = Unet("tu-resnet18", encoder_weights=None).encoder.model
     assert freeze_encoder_stages(encoder, 2) == ["conv1", "bn1", "act1", "maxpool", "layer1"]
     assert not encoder.layer1[0].conv1.weight.requires_grad and encoder.layer2[0].conv1.weight.requires_grad
