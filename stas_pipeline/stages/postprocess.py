@@ -37,21 +37,25 @@ STAGE = "postprocess"
 
 
 def component_filter(mask: np.ndarray, value: np.ndarray | None = None) -> Callable[..., np.ndarray]:
-    """``mask`` labelled once (full connectivity, any dimension): a function of ``min_size`` and ``seed`` that
-    returns the mask without its foreground components of fewer than ``min_size`` pixels or whose peak ``value``
-    (the map the mask was cut from; the mask itself when None) is below ``seed``."""
+    """A function of ``min_size`` and ``seed`` that returns ``mask`` without its foreground components (full
+    connectivity, any dimension) of fewer than ``min_size`` pixels or whose peak ``value`` (the map the mask was
+    cut from; the mask itself when None) is below ``seed``. The mask is labelled once, at the first call that
+    removes anything, and the peaks measured once, at the first call with a seed."""
     mask = np.asarray(mask).astype(bool)
-    if not mask.any():
-        return lambda min_size, seed=0.0: mask
-    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    sizes = np.bincount(labels.ravel())
-    peaks = np.concatenate([[0.0], ndimage.maximum(mask if value is None else value, labels,
-                                                   np.arange(1, count + 1))])
+    parts: dict[str, np.ndarray] = {}
 
     def kept(min_size: int, seed: float = 0.0) -> np.ndarray:
-        if min_size <= 1 and seed <= 0:
+        if (min_size <= 1 and seed <= 0) or not mask.any():
             return mask
-        keep = (sizes >= min_size) & (peaks >= seed)
+        if "labels" not in parts:
+            parts["labels"] = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))[0]
+            parts["sizes"] = np.bincount(parts["labels"].ravel())
+        labels = parts["labels"]
+        keep = parts["sizes"] >= min_size
+        if seed > 0:
+            if "peaks" not in parts:
+                parts["peaks"] = ndimage.maximum(mask if value is None else value, labels, np.arange(len(keep)))
+            keep &= parts["peaks"] >= seed
         keep[0] = False
         return keep[labels]
 
@@ -60,8 +64,6 @@ def component_filter(mask: np.ndarray, value: np.ndarray | None = None) -> Calla
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop the foreground components of fewer than ``min_size`` pixels (full connectivity, any dimension)."""
-    if min_size <= 1:
-        return np.asarray(mask).astype(bool)
     return component_filter(mask)(min_size)
 
 
@@ -172,8 +174,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mode.add_argument("--out", type=Path, help="output folder (written only when complete)")
     mode.add_argument("--study", type=Path, metavar="CSV",
                       help="score every combination of --thresholds, --min-sizes, --seed-thresholds and hole "
-                      "filling against --ref "
-                      "instead (use out-of-fold probability maps): the table, best first, goes to CSV")
+                      "filling against --ref instead (use out-of-fold probability maps): the table, best first, "
+                      "goes to CSV")
     parser.add_argument("--ref", type=Path, help="--study: folder of reference <stem>.png masks (nonzero = fg)")
     parser.add_argument("--thresholds", type=probability_threshold, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
                         metavar="T", help="--study: cuts of value / 255 (default: 0.3 0.4 0.5 0.6 0.7)")
