@@ -1,12 +1,25 @@
-"""``stas``: one command with a sub-command per pipeline stage.
+"""``stas``: one command with a sub-command per pipeline stage, and the one error path of every stage.
 
-Each stage is a module with ``main(argv) -> int``; ``stas <stage> --help`` shows the stage's own options.
+Each stage is a module with ``main(argv, prog) -> int`` wrapped by :func:`command`; ``stas <stage> --help`` shows
+the stage's own options. Exit codes (core/errors.py): 0 done, 1 some inputs skipped (each named on its own line),
+2 nothing could be done or bad usage, 3 an internal fault, whose traceback is printed with ``--debug`` (or
+``STAS_DEBUG=1``) and otherwise saved to a log file that the one-line message names.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+
+from stas_pipeline.core.errors import EXIT_INTERNAL, StasError
+
+StageMain = Callable[..., int]
 
 # stage name -> (module, one-line description); the order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
@@ -54,12 +67,56 @@ def _usage() -> str:
         "Training and validation run as MONAI bundles, between build-lmdb and predict:",
         "  python -m monai.bundle run training --config_file bundles/deeplab_effb6.json --dataset_dir DATA",
         "  python -m monai.bundle run training --config_file bundles/fundus_b0.json --dataset_dir DATA",
+        "",
+        "Exit codes: 0 done, 1 some inputs skipped, 2 nothing could be done or bad usage, 3 an internal fault "
+        "(stas --debug <stage> ... or STAS_DEBUG=1 prints its traceback).",
     ]
     return "\n".join(lines)
 
 
+def _internal_fault(prog: str, debug: bool) -> str:
+    """The one line for an internal fault; its traceback goes to a log file (or stderr when debugging)."""
+    if debug:
+        traceback.print_exc()
+        return f"INTERNAL ERROR in {prog}: see the traceback above"
+    fd, log = tempfile.mkstemp(prefix=f"stas-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(fd, "w") as handle:
+        traceback.print_exc(file=handle)
+    kind, err = sys.exc_info()[:2]
+    return (f"INTERNAL ERROR in {prog}: {kind.__name__}: {err} (a bug, not your input: traceback in {log}; "
+            "run again with --debug to print it)")
+
+
+def command(stage_main: StageMain) -> StageMain:
+    """A stage's ``main``: a :class:`StasError` becomes ``ERROR <file>: <reason>`` and its exit code, any other
+    exception an internal fault (exit 3); ``--debug`` anywhere in ``argv`` prints the traceback instead."""
+
+    @functools.wraps(stage_main)
+    def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = os.environ.get("STAS_DEBUG", "") not in ("", "0") or "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        try:
+            return stage_main(argv, prog)
+        except StasError as err:
+            if debug:
+                traceback.print_exc()
+            print(f"ERROR {err}", file=sys.stderr, flush=True)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print(f"{prog or stage_main.__module__}: interrupted", file=sys.stderr, flush=True)
+            return 130
+        except Exception:  # noqa: BLE001 - every other failure is an internal fault, reported in one line
+            print(_internal_fault(prog or stage_main.__module__, debug), file=sys.stderr, flush=True)
+            return EXIT_INTERNAL
+
+    return main
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--debug"]:  # stas --debug <stage> ...: the stage's own --debug
+        argv = [*argv[1:2], "--debug", *argv[2:]]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -1,14 +1,123 @@
-"""Reading the decathlon-style datalist that ``make-datalist`` writes."""
+"""The datalist: the one reader and writer of the file that ``make-datalist`` and ``tile`` write and every later
+stage reads.
+
+Layout (a MONAI decathlon datalist, paths relative to the file)::
+
+    {"task": "segmentation",                       # the task that wrote it (tasks/base.py); its label kind
+     "label_kind": "mask",                         # "mask": label is a mask path; "number": a number; "": none
+     "training": [{"image": rel, "label": rel-or-number, "fold": k, ...}, ...],
+     "test": [{"image": rel[, "label": ...]}, ...],
+     ...}                                          # what the task adds: "tiles" settings, "classes", ...
+
+An entry may also name a window of its image (``"tile": {"y", "x", "size", "scale"}``: a tile of a slide);
+entries without ``fold`` (pseudo labels) train in every fold. :func:`read_datalist` checks the layout and
+resolves paths against the file's folder; :func:`entries` gives one section; :func:`load_fold` one fold's
+training and validation parts; :func:`mask_of` and :func:`number_of` read an entry's label as its kind says.
+
+Datalists written before ``task`` was recorded are read as the task their labels show (a ``tiles`` block:
+slide; numbers: classification; mask paths or no labels: segmentation); write them again with
+``make-datalist`` (or ``tile``) to record it.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from monai.data import load_decathlon_datalist
+from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.fileio import write_json
+
+SECTIONS = ("training", "test")
+LABEL_KINDS = ("mask", "number", "")
 
 
-class DatalistError(ValueError):
-    """A datalist that is missing or cannot give the requested fold."""
+class DatalistError(StasError, ValueError):
+    """A datalist that is missing, malformed, or cannot give what a stage asks of it."""
+
+
+@dataclass
+class Datalist:
+    """A datalist as written (``raw``, paths relative to ``path``'s folder) with its declared task."""
+
+    path: Path
+    task: str
+    label_kind: str
+    raw: dict = field(repr=False)
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def entries(self, section: str = "training") -> list[dict]:
+        """The entries of ``section`` with their ``image`` (and mask ``label``) paths made absolute."""
+        return [resolve_entry(e, self.base, self.label_kind) for e in self.raw.get(section) or []]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A block the task added (``tiles``, ``classes``, ``pseudo_rounds``, ...)."""
+        return self.raw.get(key, default)
+
+
+def resolve_entry(entry: dict, base: Path, label_kind: str) -> dict:
+    """``entry`` with its image path (and its label, when the label is a mask path) joined to ``base``."""
+    out = dict(entry)
+    out["image"] = os.path.normpath(base / entry["image"])
+    if label_kind == "mask" and isinstance(entry.get("label"), str):
+        out["label"] = os.path.normpath(base / entry["label"])
+    return out
+
+
+def _legacy_task(raw: dict) -> tuple[str, str]:
+    """(task, label kind) of a datalist written before they were recorded, from what its labels are."""
+    if "tiles" in raw:
+        return "slide", "mask"
+    labels = [e.get("label") for s in SECTIONS for e in raw.get(s) or [] if e.get("label") is not None]
+    if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels):
+        return "classification", "number"
+    return "segmentation", "mask" if labels else ""
+
+
+def read_datalist(path: str | Path) -> Datalist:
+    """The datalist at ``path``, its layout checked; DatalistError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(f"{path}: no such datalist (make one with: stas make-datalist)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatalistError(f"{path}: cannot read the datalist: {err}") from None
+    except json.JSONDecodeError as err:
+        raise DatalistError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("training", []), list):
+        raise DatalistError(f"{path}: not a datalist (a JSON object with a 'training' list)")
+    for section in SECTIONS:
+        entries = raw.get(section, [])
+        if not (isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("image"), str)
+                                                  for e in entries)):
+            raise DatalistError(f"{path}: every '{section}' entry must be an object with an 'image' path")
+    if "task" in raw:
+        task, kind = raw["task"], raw.get("label_kind", "")
+        if not isinstance(task, str) or kind not in LABEL_KINDS:
+            raise DatalistError(f"{path}: 'task' must be a task name and 'label_kind' one of {LABEL_KINDS}")
+    else:
+        task, kind = _legacy_task(raw)
+    return Datalist(path, task, kind, raw)
+
+
+def entries(path: str | Path, section: str = "training") -> list[dict]:
+    """The entries of one section of the datalist at ``path``, paths absolute."""
+    return read_datalist(path).entries(section)
+
+
+def write_datalist(path: str | Path, datalist: dict, task: str, label_kind: str, overwrite: bool = False) -> None:
+    """Write ``datalist`` (paths relative to ``path``'s folder) declaring ``task`` and ``label_kind``, atomically;
+    an existing file raises OutputExistsError unless ``overwrite``."""
+    if label_kind not in LABEL_KINDS:
+        raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
+    write_json(path, {"task": task, "label_kind": label_kind, **datalist}, overwrite=overwrite)
 
 
 def load_fold(datalist: str | Path, fold: int, section: str = "training") -> tuple[list[dict], list[dict]]:
@@ -17,13 +126,32 @@ def load_fold(datalist: str | Path, fold: int, section: str = "training") -> tup
     ``fold = -1`` trains on every entry and validates on none. Entries without a fold (pseudo-labelled ones)
     are in the training part of every fold. Raises DatalistError naming the bad value.
     """
-    if not Path(datalist).is_file():
-        raise DatalistError(f"datalist {datalist!s}: no such file (make one with: stas make-datalist)")
-    entries = load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=section)
-    folds = sorted({e.get("fold") for e in entries if e.get("fold") is not None})
+    items = entries(datalist, section)
+    folds = sorted({e.get("fold") for e in items if e.get("fold") is not None})
     if not isinstance(fold, int) or (fold != -1 and fold not in folds):
         raise DatalistError(f"fold {fold!r} is out of range: {datalist} has folds {folds} (or -1 for all data)")
     if fold == -1:
-        return entries, []
-    return [e for e in entries if e.get("fold") != fold], [e for e in entries if e.get("fold") == fold]
+        return items, []
+    return [e for e in items if e.get("fold") != fold], [e for e in items if e.get("fold") == fold]
 
+
+def test_images(path: str | Path) -> list[Path]:
+    """The ``image`` paths of the datalist's ``test`` list (each once, in order); DatalistError when empty."""
+    images = list(dict.fromkeys(Path(e["image"]) for e in entries(path, "test")))
+    if not images:
+        raise DatalistError(f"{path}: the 'test' list is empty")
+    return images
+
+
+def mask_of(entry: dict, key: str = "label") -> str | None:
+    """The mask path of an entry whose label is a mask, else None."""
+    value = entry.get(key)
+    return value if isinstance(value, (str, os.PathLike)) else None
+
+
+def number_of(entry: dict, key: str = "label") -> float | None:
+    """The numeric label of an entry, or None (no label, or a mask path)."""
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)

@@ -1,9 +1,14 @@
-"""One line, not a traceback, when a bundle refuses its input (a stale cache, a bad datalist, missing weights).
+"""The one error family of the pipeline and its exit codes.
+
+Every refusal a user can act on (a missing file, a bad option, a stale cache, ...) is a :class:`StasError`:
+``stas`` prints it as one line ``ERROR <file>: <reason>`` and exits with its :attr:`~StasError.exit_code`
+(:func:`stas_pipeline.cli.command`). Anything else is an internal fault (exit :data:`EXIT_INTERNAL`).
 
 MONAI's ``python -m monai.bundle run`` lets every exception end the process with a long traceback, our error
 buried in it behind "Failed to instantiate ...". The bundles call :func:`one_line_errors` first thing in
-``initialize``; from then on an uncaught exception whose chain holds one of :data:`INPUT_ERRORS` prints
-``error: <its message>`` alone (exit status 1). Any other exception keeps its full traceback.
+``initialize``; from then on an uncaught exception whose chain holds a :class:`StasError` (or a
+``FileExistsError``) prints ``ERROR <its message>`` alone (exit status 1). Any other exception keeps its full
+traceback.
 """
 
 from __future__ import annotations
@@ -11,20 +16,29 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-from stas_pipeline.core.bundles import BundleError
-from stas_pipeline.core.datalist import DatalistError
-from stas_pipeline.core.lmdb_cache import CacheError
-from stas_pipeline.core.models import WeightsError
-from stas_pipeline.core.run_recorder import CheckpointError
+EXIT_DONE = 0  # every input done
+EXIT_SKIPPED = 1  # some inputs skipped, each named on its own line
+EXIT_NOTHING = 2  # nothing could be done, or bad usage
+EXIT_INTERNAL = 3  # an internal fault (a bug): the traceback is shown with --debug or saved to a log file
 
-INPUT_ERRORS = (CacheError, DatalistError, WeightsError, CheckpointError, BundleError, FileExistsError)
+
+class StasError(Exception):
+    """A refusal the user can act on; the message names the file at fault first, then the reason."""
+
+    exit_code = EXIT_NOTHING
+
+
+class NothingWrittenError(StasError, RuntimeError):
+    """Every input was skipped (each already reported); the output was left as it was."""
+
+    exit_code = EXIT_SKIPPED
 
 
 def input_error(err: BaseException | None) -> BaseException | None:
-    """The first of :data:`INPUT_ERRORS` in ``err``'s chain of causes, if any."""
+    """The first :class:`StasError` (or ``FileExistsError``) in ``err``'s chain of causes, if any."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, INPUT_ERRORS):
+        if isinstance(err, (StasError, FileExistsError)):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
@@ -36,7 +50,7 @@ def _hook(kind: type[BaseException], err: BaseException, tb: TracebackType | Non
     if found is None:
         fallback(kind, err, tb)
     else:
-        print(f"error: {found}", file=sys.stderr, flush=True)
+        print(f"ERROR {found}", file=sys.stderr, flush=True)
 
 
 def one_line_errors() -> bool:
