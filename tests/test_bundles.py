@@ -14,6 +14,11 @@ import pytest
 import torch
 from monai.bundle import run
 
+from stas_pipeline.core.datalist import write_datalist
+from stas_pipeline.core.synthetic import make_dataset
+from stas_pipeline.stages import build_lmdb
+from stas_pipeline.tasks.segmentation.datalist import make_datalist
+
 REPO = Path(__file__).resolve().parents[1]
 
 CPU = {"device": "cpu", "amp": False, "num_workers": 0}
@@ -166,12 +171,9 @@ def test_metadata_passes_monai_schema(meta):
 
 
 def test_an_image_left_out_of_the_cache_ends_the_bundle_with_one_line(tmp_path):
-    from stas_pipeline.core.synthetic import make_dataset
-    from stas_pipeline.stages import build_lmdb
-    from stas_pipeline.stages.make_datalist import make_datalist, write_datalist
-
     images, masks = make_dataset(tmp_path, n=10, height=48, width=64)
-    write_datalist(tmp_path / "datalist.json", make_datalist(images, masks, tmp_path, folds=2, seed=0))
+    write_datalist(tmp_path / "datalist.json", make_datalist(images, masks, tmp_path, folds=2, seed=0), "segmentation",
+                   "mask")
     broken = sorted(Path(images).iterdir())[3]
     broken.write_bytes(broken.read_bytes()[:200])  # truncated after make-datalist read it
     argv = ["--datalist", str(tmp_path / "datalist.json"), "--out", str(tmp_path / "cache_64"), "--image-size", "64",
@@ -182,5 +184,5 @@ def test_an_image_left_out_of_the_cache_ends_the_bundle_with_one_line(tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and broken.name in last and "left out when the cache was built" in last
+    assert last.startswith("ERROR ") and broken.name in last and "left out when the cache was built" in last
     assert "cannot decode image: OSError" in last and "build it with" not in last

@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from stas_pipeline.cli import STAGES
+from stas_pipeline.core.demo_runner import MARKER
 from stas_pipeline.core.synthetic import make_challenge_dataset
-from stas_pipeline.stages.demo import MARKER, main
-from stas_pipeline.stages.labelme_to_masks import convert_folder
+from stas_pipeline.stages.demo import main
+from stas_pipeline.tasks.segmentation.demo import SegmentationDemo
+from stas_pipeline.tasks.segmentation.labelme import convert_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n-images", "14", "--image-size", "64", "--epochs", "1", "--weights", "none", "--batch-size", "4",
@@ -108,8 +110,6 @@ def test_data_without_annotations_fails_in_the_masks_stage(tmp_path, capsys):
 
 
 def test_overwrite_removes_only_the_demos_own_outputs(tmp_path, capsys, monkeypatch):
-    import stas_pipeline.stages.demo as demo
-
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)
     (out / "cache_64").mkdir()
@@ -118,7 +118,7 @@ def test_overwrite_removes_only_the_demos_own_outputs(tmp_path, capsys, monkeypa
     def stop(self):
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(demo.Demo, "stage_data", stop)
+    monkeypatch.setattr(SegmentationDemo, "stage_data", stop)
     assert main(["--out", str(out), "--overwrite"]) == 1
     assert "demo: stage 'data' failed: RuntimeError: stop here" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "mine.txt"]

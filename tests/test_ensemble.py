@@ -1,4 +1,5 @@
-"""Tests of stas_pipeline.stages.ensemble: vote and mean cores, member reading, errors, the atomic output folder."""
+"""Tests of stas ensemble of folders (tasks/segmentation/ensemble.py): vote and mean cores, member reading,
+errors, the atomic output folder."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from PIL import Image
 
 from stas_pipeline import cli
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder
-from stas_pipeline.core.mask_io import InputFolderError
-from stas_pipeline.stages import ensemble
-from stas_pipeline.stages.ensemble import ensemble_folders, main, mean_probability, vote
+from stas_pipeline.core.images import InputFolderError
+from stas_pipeline.stages.ensemble import main
+from stas_pipeline.tasks.segmentation import ensemble
+from stas_pipeline.tasks.segmentation.ensemble import ensemble_folders, mean_probability, vote
 
 REPO = Path(__file__).resolve().parents[1]
 STAS_PUBLIC = Path(__file__).resolve().parents[2] / "shared/data/stas_public"

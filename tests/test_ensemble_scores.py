@@ -13,8 +13,8 @@ from PIL import Image
 
 from stas_pipeline import cli
 from stas_pipeline.core.fileio import OutputExistsError
-from stas_pipeline.core.mask_io import InputFolderError
-from stas_pipeline.stages.ensemble import csv_member_names, ensemble_csvs
+from stas_pipeline.core.images import InputFolderError
+from stas_pipeline.tasks.classification.ensemble import csv_member_names, ensemble_csvs
 
 
 def write_csv(path: Path, probs: dict[str, float | str], members: dict[str, list] | None = None) -> Path:
@@ -146,7 +146,8 @@ def test_mixing_csvs_and_folders_is_one_line_exit_2(tmp_path, three, capsys):
     (tmp_path / "folder").mkdir()
     assert stas(three[0], tmp_path / "folder", "--out", tmp_path / "ens.csv") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "mix .csv files and folders" in err[0]
+    assert len(err) == 1 and "predictions of different tasks" in err[0]
+    assert "ensemble either prediction CSVs or folders" in err[0]
 
 
 def test_unusable_csvs_and_outputs(tmp_path, three, capsys):

@@ -1,4 +1,5 @@
-"""Tests of stas_pipeline.stages.evaluate: metrics on hand-computed cases, the CSV, overlays, errors."""
+"""Tests of stas evaluate --pred (stages/evaluate.py, tasks/segmentation/evaluation.py): metrics on
+hand-computed cases, the CSV, overlays, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from stas_pipeline import cli
-from stas_pipeline.stages.evaluate import CAPTION, dice_iou_precision_recall, evaluate_folders, main, summarize
+from stas_pipeline.stages.evaluate import main
+from stas_pipeline.tasks.segmentation.evaluation import CAPTION, dice_iou_precision_recall, evaluate_folders, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 10, 12

@@ -1,5 +1,5 @@
-"""Tests of stas_pipeline.stages.experiments: runs found recursively, CV mean/std, differing vs common knobs,
-eval summaries, sorting, CSV/markdown outputs, fold inconsistencies, bad files."""
+"""Tests of stas experiments (core/runs.py, core/experiments_table.py): runs found recursively, CV mean/std,
+differing vs common knobs, eval summaries, sorting, CSV/markdown outputs, fold inconsistencies, bad files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from stas_pipeline import cli
+from stas_pipeline.core.experiments_table import build_table, to_markdown
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.stages.experiments import build_table, find_runs, main, read_run, read_runs, to_markdown
+from stas_pipeline.core.runs import find_runs, read_run, read_runs
+from stas_pipeline.stages.experiments import main
 
 BASE_INFO = {
     "bundle": "glaucoma_b0", "task": "classification",

@@ -1,4 +1,4 @@
-"""Tests of stas_pipeline.stages.export: zip contents, refusals, --allow-missing, no overwriting."""
+"""Tests of stas export (tasks/segmentation/export.py): zip contents, refusals, --allow-missing, no overwriting."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_test_images_needed(tmp_path, capsys):
         main(["--pred", str(pred), "--out", str(tmp_path / "s.zip")])
     (tmp_path / "none").mkdir()
     assert run(tmp_path / "none", pred, tmp_path / "s.zip") == 2
-    assert "no test images" in capsys.readouterr().err
+    assert "none: no images (" in capsys.readouterr().err  # core.images.images_in_folder's message
 
 
 def test_module_help():

@@ -1,4 +1,5 @@
-"""Tests of stas_pipeline.stages.labelme_to_masks: every shape type, the CLI, bad input, clipping, overwriting."""
+"""Tests of stas labelme-to-masks (tasks/segmentation/labelme.py): every shape type, the CLI, bad input, clipping,
+overwriting."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from stas_pipeline.stages.labelme_to_masks import ConversionError, convert_folder, main, rasterize_shapes
+from stas_pipeline.stages.labelme_to_masks import main
+from stas_pipeline.tasks.segmentation.labelme import ConversionError, convert_folder, rasterize_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 STAS_PUBLIC = Path(__file__).resolve().parents[2] / "shared/data/stas_public"

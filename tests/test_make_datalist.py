@@ -1,4 +1,6 @@
-"""Tests of stas_pipeline.stages.make_datalist: pairing, problem reporting, folds, output layout and CLI."""
+"""Tests of ``stas make-datalist`` and what it is made of (core/splits.py, core/images.py, core/datalist_tables.py,
+tasks/segmentation/datalist.py, tasks/classification/label_sources.py): pairing, problem reporting, folds, output
+layout and CLI."""
 
 from __future__ import annotations
 
@@ -15,19 +17,14 @@ import pytest
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
+from stas_pipeline.core.datalist import read_datalist
+from stas_pipeline.core.datalist_tables import fold_table
+from stas_pipeline.core.images import pair_by_stem
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.stages.make_datalist import (
-    Source,
-    area_strata,
-    assign_folds,
-    build_parser,
-    fold_table,
-    main,
-    make_datalist,
-    make_label_datalist,
-    pair_by_stem,
-    split_weighted,
-)
+from stas_pipeline.core.splits import area_strata, assign_folds, split_weighted
+from stas_pipeline.stages.make_datalist import build_parser, main
+from stas_pipeline.tasks.classification.label_sources import Source, make_label_datalist
+from stas_pipeline.tasks.segmentation.datalist import make_datalist
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 16, 10
@@ -696,7 +693,7 @@ def test_library_call_with_sources(tmp_path):
                              problems=problems)
     assert {e["source"] for e in dl["training"] + dl["test"]} == {"mine"}
     assert len(dl["test"]) == 2 and not problems.skipped
-    assert "fold" in fold_table(dl)
+    assert "fold" in fold_table(dl, "number")
 
 
 # --- grading (APTOS layout): image-size groups, label counts, bad grades ----------------------------------
@@ -745,8 +742,8 @@ def test_aptos_layout_grouped_by_image_size_with_label_counts(tmp_path, capsys):
     assert all(len(parts) == 1 for parts in part_of_size.values())  # a size is never split
     assert {e["fold"] for e in dl["training"]} == {0, 1, 2} and dl["test"]
     # the counts per part, stored beside the file's other keys
-    assert list(dl) == ["description", "folds", "seed", "classes", "test_fraction", "label_counts", "training",
-                        "test"]
+    assert list(dl) == ["task", "label_kind", "description", "folds", "seed", "classes", "test_fraction",
+                        "label_counts", "training", "test"]
     expected = {f"fold{f}": Counter(str(e["label"]) for e in dl["training"] if e["fold"] == f) for f in range(3)}
     expected["test"] = Counter(str(e["label"]) for e in dl["test"])
     assert dl["label_counts"] == {part: {str(g): c[str(g)] for g in range(5)} for part, c in expected.items()}
@@ -804,7 +801,7 @@ def test_group_table_sums_the_groups_beyond_15_as_other():
                      for i in range(20 - g)]
     datalist = {"folds": 3, "training": training, "test": []}
 
-    lines = [line.split() for line in fold_table(datalist, by_group=True).splitlines()]
+    lines = [line.split() for line in fold_table(datalist, "number", by_group=True).splitlines()]
 
     start = lines.index(["group", "count", "fold", "0", "1"])
     rows = lines[start + 1:]
@@ -812,7 +809,7 @@ def test_group_table_sums_the_groups_beyond_15_as_other():
     assert rows[0] == ["1x9", "20", "0", "20", "0"] and rows[14] == ["15x9", "6", "2", "6", "0"]
     assert rows[15] == ["other", str(5 + 4 + 3), "-", "4", str(5 + 3)]  # 16x9 (label 1), 17x9 (0), 18x9 (1)
     assert not any(line[:1] == ["group"] for line in lines[:start])
-    assert "group" not in fold_table(datalist)  # the group table only when asked for
+    assert "group" not in fold_table(datalist, "number")  # the group table only when asked for
 
 
 def test_label_counts_only_for_integer_labels(tmp_path):
@@ -872,3 +869,41 @@ def test_group_by_goes_with_no_other_group_option(tmp_path, capsys):
     with pytest.raises(ValueError, match="group_by must be one of image-size"):
         make_label_datalist(["a.csv"], tmp_path, group_by="clinic")
     assert "--group-by" in build_parser("stas make-datalist").format_help()
+
+
+# --- the task: declared in the datalist, from --task or the label options -----------------------------------
+
+
+def test_the_datalist_declares_the_task_of_its_label_options(tmp_path):
+    make_pairs(tmp_path, {"a": 0, "b": 5, "c": 9})
+    rc, _ = run(tmp_path, "--folds", "2")
+    written = read_datalist(tmp_path / "datalist.json")
+    assert rc == 0 and (written.task, written.label_kind) == ("segmentation", "mask")
+
+    csv_path = labelled_set(tmp_path / "data", n=12)
+    rc, _ = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "2", out=tmp_path / "labels.json")
+    written = read_datalist(tmp_path / "labels.json")
+    assert rc == 0 and (written.task, written.label_kind) == ("classification", "number")
+
+
+def test_task_grading_takes_the_labels_of_classification(tmp_path):
+    csv_path = labelled_set(tmp_path / "data", n=12)
+    rc, dl = run_labels(tmp_path, "--labels-csv", csv_path, "--folds", "2", "--task", "grading")
+    assert rc == 0 and (dl["task"], dl["label_kind"]) == ("grading", "number")
+    assert len(dl["training"]) == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--labels-csv", "a.csv", "--task", "segmentation"], "--task segmentation goes with --masks"),
+        (["--images", "i", "--masks", "m", "--task", "classification"],
+         "--task classification goes with --labels-csv/--class-folders"),
+        (["--images", "i", "--masks", "m", "--task", "nonesuch"], "invalid choice: 'nonesuch'"),
+    ],
+)
+def test_task_without_its_own_options_is_a_usage_error(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "dl.json"), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "dl.json").exists()

@@ -1,4 +1,5 @@
-"""Tests of stas_pipeline.stages.postprocess: small-component removal, hole filling, the folder stage."""
+"""Tests of stas postprocess (tasks/segmentation/postprocess.py): small-component removal, hole filling,
+the folder stage."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from stas_pipeline import cli
-from stas_pipeline.stages.postprocess import main, postprocess_mask, remove_small_components
+from stas_pipeline.stages.postprocess import main
+from stas_pipeline.tasks.segmentation.postprocess import postprocess_mask, remove_small_components
 
 REPO = Path(__file__).resolve().parents[1]
 

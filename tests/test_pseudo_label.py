@@ -1,5 +1,5 @@
-"""Tests of stas_pipeline.stages.pseudo_label: thresholds, rounds, where pseudo entries go (never a fold, never
-the test list), relative paths, load_fold on the result, the falling-CV warning, bad CSVs."""
+"""Tests of stas pseudo-label (tasks/classification/pseudo_labels.py): thresholds, rounds, where pseudo entries
+go (never a fold, never the test list), relative paths, load_fold on the result, the falling-CV warning, bad CSVs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from monai.data import load_decathlon_datalist
 
 from stas_pipeline import cli
 from stas_pipeline.core.datalist import load_fold
-from stas_pipeline.stages.pseudo_label import main, next_round
+from stas_pipeline.stages.pseudo_label import main
+from stas_pipeline.tasks.classification.pseudo_labels import next_round
 
 TRAIN = [f"train/t{i}.png" for i in range(6)]
 TEST = [f"test/x{i}.png" for i in range(6)]

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stas_pipeline.core.mask_io import InputFolderError
+from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.images import InputFolderError
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(StasError, FileExistsError):
     """Raised when a write would replace an existing file and overwriting was not asked for."""
 
     def __init__(self, path: str | Path):

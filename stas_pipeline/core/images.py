@@ -1,11 +1,22 @@
-"""The one list of suffixes per kind of input file, and finding such files in a folder."""
+"""The one list of suffixes per kind of input file, finding such files in a folder, pairing them by stem, and
+decoding images in full (on a few threads) to find the ones that cannot be used."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
+
+from PIL import Image
+from tqdm import tqdm
 
 from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.problems import Problems
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")  # images: training, test, prediction inputs
 MASK_SUFFIXES = (".png",)  # masks of images (single-channel PNG)
@@ -48,3 +59,90 @@ def images_in_folder(folder: str | Path) -> list[Path]:
     if not files:
         raise InputFolderError(f"{folder}: no images ({' '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def index_by_stem(files: Iterable[Path], problems: Problems) -> dict[str, Path]:
+    """Map stem -> file; a stem held by several files is skipped (each file named) and left out."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path)
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            names = ", ".join(str(p) for p in paths)
+            for path in paths:
+                problems.skip(path, f"duplicate stem {stem!r} ({names}); stem left out")
+    return {stem: paths[0] for stem, paths in by_stem.items() if len(paths) == 1}
+
+
+def pair_by_stem(
+    images: Iterable[Path], masks: Iterable[Path], problems: Problems
+) -> list[tuple[Path, Path]]:
+    """Pair images and masks with the same stem, sorted by stem; unpaired or ambiguous files are skipped."""
+    image_files, mask_files = list(images), list(masks)
+    by_image, by_mask = index_by_stem(image_files, problems), index_by_stem(mask_files, problems)
+    image_dups = {p.stem for p in image_files} - by_image.keys()
+    mask_dups = {p.stem for p in mask_files} - by_mask.keys()
+    for stem, path in by_image.items():
+        if stem not in by_mask:
+            problems.skip(path, f"no {'unique ' if stem in mask_dups else ''}mask with stem {stem!r}")
+    for stem, path in by_mask.items():
+        if stem not in by_image:
+            problems.skip(path, f"no {'unique ' if stem in image_dups else ''}image with stem {stem!r}")
+    return [(by_image[s], by_mask[s]) for s in sorted(by_image.keys() & by_mask.keys())]
+
+
+def decode_image(path: str | Path) -> tuple[int, int]:
+    """Decode the whole image (not only its header) and return its (width, height).
+
+    Raises whatever PIL raises for a file it cannot decode: ``UnidentifiedImageError`` for a non-image,
+    ``OSError("image file is truncated ...")`` for a truncated JPEG (``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+    left False on purpose), and others for broken streams.
+    """
+    with Image.open(path) as img:
+        img.load()
+        return img.size
+
+
+def decode_size(path: str | Path) -> tuple[int, int] | str:
+    """The image's (width, height) when it decodes in full, else the reason (a str) it does not."""
+    try:
+        return decode_image(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to decode means the image cannot be used
+        return str(exc) or type(exc).__name__
+
+
+def map_threads(fn: Callable[[_T], _R], items: Sequence[_T], desc: str, unit: str) -> list[_R]:
+    """``[fn(x) for x in items]`` on a few threads (PIL decodes without the GIL), with a progress bar."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(items)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=None))
+
+
+def decode_sizes(paths: Sequence[Path], desc: str = "decoding images") -> list[tuple[int, int] | str]:
+    """Per path: :func:`decode_size`, on a few threads."""
+    return map_threads(decode_size, paths, desc, "image")
+
+
+def decode_errors(paths: Sequence[Path], desc: str = "decoding images") -> list[str | None]:
+    """Per path: None when the image decodes in full, else the reason it does not."""
+    return [r if isinstance(r, str) else None for r in decode_sizes(paths, desc)]
+
+
+def relpath(path: str | Path, base_dir: str | Path) -> str:
+    """``path`` relative to ``base_dir`` (a datalist's folder), with ``/`` separators."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir)).replace(os.sep, "/")
+
+
+def unlabelled_test(test_images: str | Path, base_dir: str | Path, problems: Problems) -> list[dict]:
+    """Datalist ``test`` entries (``{"image": rel}``) of the images in ``test_images`` that decode in full; a
+    duplicated stem or an undecodable image is reported to ``problems`` and left out."""
+    by_stem = index_by_stem(list_files(test_images, IMAGE_SUFFIXES), problems)
+    paths = sorted(by_stem.values())
+    test = []
+    for path, reason in zip(paths, decode_errors(paths, "decoding test images"), strict=True):
+        if reason is None:
+            test.append({"image": relpath(path, base_dir)})
+        else:
+            problems.skip(path, f"cannot decode image: {reason}")
+    problems.count("test images", len(test))
+    return test

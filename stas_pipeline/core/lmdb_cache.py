@@ -32,19 +32,28 @@ from typing import Any
 import lmdb
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
+from PIL import Image
 from tqdm import tqdm
 
+from stas_pipeline.core.datalist import mask_of
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.problems import Problems
 
 CACHE_VERSION = 2
 META_KEY = b"__meta__"
 _HEADER = struct.Struct("<I")
 _COMMIT_EVERY = 16
+EntryLoader = Callable[[dict, "Preprocessing", Sequence[str]], dict]  # (entry, chain, keys) -> loaded arrays
 
 
-class CacheError(RuntimeError):
+class CacheError(StasError, RuntimeError):
     """The cache is missing, incomplete, built with other preprocessing, or stale for some sources."""
+
+
+class ChainError(CacheError, ValueError):
+    """A preprocessing chain the cache cannot take (it must start with LoadImaged)."""
 
 
 class Preprocessing:
@@ -59,7 +68,7 @@ class Preprocessing:
     def __init__(self, transforms: Sequence[Callable] | Compose):
         transforms = list(transforms.transforms if isinstance(transforms, Compose) else transforms)
         if not transforms or not isinstance(transforms[0], LoadImaged):
-            raise ValueError("a cached preprocessing chain starts with LoadImaged, got "
+            raise ChainError("a cached preprocessing chain starts with LoadImaged, got "
                              f"{[type(t).__name__ for t in transforms]}")
         self.transforms = transforms
         self.spec = describe(transforms)
@@ -146,23 +155,28 @@ def sample_key(item: dict, image_key: str = "image") -> bytes:
     return key.encode()
 
 
-def load_entry(item: dict, pre: Preprocessing, keys: Sequence[str]) -> dict:
-    """The loading step for one entry (``keys``: its image key, then its mask key if any): the chain's loader on
-    its files, or, for a tile entry (a ``tile`` field), the tile read from its slide and mask source
-    (``tasks/slide/tiling.py``) as (H, W[, C]) arrays that the rest of the chain takes as it takes loaded files."""
-    if "tile" not in item:
+def load_entry(item: dict, pre: Preprocessing, keys: Sequence[str], loader: EntryLoader | None = None) -> dict:
+    """The loading step for one entry (``keys``: its image key, then its mask key if any): ``loader``, the task's
+    for entries that are not plain files (:meth:`~stas_pipeline.tasks.base.Task.entry_loader`: tiles of a slide),
+    or when None the chain's loader on the entry's files."""
+    if loader is None:
         return pre.load({k: item[k] for k in keys})
-    from monai.data import MetaTensor
-
-    from stas_pipeline.tasks.slide.tiling import load_tile
-
-    arrays = load_tile({**item, "image": item[keys[0]], "label": item[keys[1]] if len(keys) > 1 else None})
-    return {k: MetaTensor(a, meta={"original_channel_dim": -1 if a.ndim == 3 else "no_channel"})
-            for k, a in zip(keys, (arrays["image"], arrays.get("label")), strict=False)}
+    return loader(item, pre, keys)
 
 
-def _has_mask(item: dict, label_key: str) -> bool:
-    return isinstance(item.get(label_key), (str, os.PathLike))
+def array_loader(load: Callable[[dict], dict]) -> EntryLoader:
+    """An entry loader from ``load(entry) -> {"image": (H, W[, C]) array[, "label": (H, W) array]}`` (which reads
+    the entry's ``image`` and ``label``): the arrays as the rest of the chain takes loaded files."""
+    def loader(item: dict, pre: Preprocessing, keys: Sequence[str]) -> dict:
+        arrays = load({**item, "image": item[keys[0]], "label": item[keys[1]] if len(keys) > 1 else None})
+        return {k: MetaTensor(a, meta={"original_channel_dim": -1 if a.ndim == 3 else "no_channel"})
+                for k, a in zip(keys, (arrays["image"], arrays.get("label")), strict=False)}
+    return loader
+
+
+def _keys(item: dict, image_key: str, label_key: str) -> list[str]:
+    """The entry's file keys: its image, and its label when that is a mask."""
+    return [image_key, label_key] if mask_of(item, label_key) is not None else [image_key]
 
 
 # ---------------------------------------------------------------------------- record encoding
@@ -343,11 +357,12 @@ class BuildStats:
     bytes_on_disk: int = 0
 
 
-def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str) -> bytes:
+def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str,
+                 loader: EntryLoader | None = None) -> bytes:
     """Run the cached chain on one datalist entry and encode it (raises on unreadable input)."""
-    has_mask = _has_mask(item, label_key)
-    keys = [image_key, label_key] if has_mask else [image_key]
-    raw = load_entry(item, pre, keys)
+    keys = _keys(item, image_key, label_key)
+    has_mask = len(keys) > 1
+    raw = load_entry(item, pre, keys, loader)
     image = raw[image_key]
     if image.ndim == 2:
         raise ValueError("expected a colour image, got a single-channel one")
@@ -411,8 +426,7 @@ def _up_to_date(env: lmdb.Environment, meta: dict, items: Sequence[dict], image_
     if meta["keys"] != [sample_key(item, image_key).decode() for item in items]:
         return False
     return all(
-        _reusable(env, sample_key(item, image_key), item,
-                  [image_key, label_key] if _has_mask(item, label_key) else [image_key]) is not None
+        _reusable(env, sample_key(item, image_key), item, _keys(item, image_key, label_key)) is not None
         for item in items
     )
 
@@ -438,6 +452,7 @@ def build_cache(
     image_key: str = "image",
     label_key: str = "label",
     progress: bool = True,
+    loader: EntryLoader | None = None,
 ) -> BuildStats:
     """Build (or incrementally refresh) the cache for ``items``.
 
@@ -445,7 +460,8 @@ def build_cache(
     of an existing cache with the same preprocessing are copied over, changed or new ones are decoded; a bad
     sample is reported to ``problems`` and left out. Memory stays bounded: samples are streamed one at a time
     and committed every few samples. The new cache is written beside ``cache_dir`` and renamed onto it only
-    when complete. Concurrent builders of the same cache wait for each other.
+    when complete. Concurrent builders of the same cache wait for each other. ``loader``: the task's loading
+    step for entries that are not plain files (see :func:`load_entry`).
     """
     problems = problems or Problems("build-lmdb")
     pre = Preprocessing.of(preprocessing)
@@ -466,7 +482,7 @@ def build_cache(
         if old_env is not None and _up_to_date(old_env, meta, items, image_key, label_key):
             stats.reused = len(items)
         else:
-            _rebuild(items, cache_dir, pre, old_env, problems, stats, image_key, label_key, progress)
+            _rebuild(items, cache_dir, pre, old_env, problems, stats, image_key, label_key, progress, loader)
     stats.bytes_on_disk = sum(f.stat().st_size for f in cache_dir.iterdir())
     problems.count("decoded", stats.written)
     problems.count("reused", stats.reused)
@@ -475,8 +491,6 @@ def build_cache(
 
 def decode_error(path: str | Path) -> str | None:
     """Why PIL cannot decode ``path`` (MONAI's loader only says it found no reader), or None."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.load()
@@ -494,7 +508,7 @@ def _unique(items: Sequence[dict], problems: Problems, stats: BuildStats, image_
         key = sample_key(item, image_key)
         if key not in first:
             first[key] = item
-        elif _has_mask(item, label_key) or _has_mask(first[key], label_key):
+        elif mask_of(item, label_key) is not None or mask_of(first[key], label_key) is not None:
             if item.get(label_key) != first[key].get(label_key):
                 problems.skip(item[image_key], "listed twice in the datalist, with different masks")
                 stats.skipped += 1
@@ -502,7 +516,8 @@ def _unique(items: Sequence[dict], problems: Problems, stats: BuildStats, image_
 
 
 def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env: lmdb.Environment | None,
-             problems: Problems, stats: BuildStats, image_key: str, label_key: str, progress: bool) -> None:
+             problems: Problems, stats: BuildStats, image_key: str, label_key: str, progress: bool,
+             loader: EntryLoader | None) -> None:
     """Write a complete new cache beside ``cache_dir``, then swap it in."""
     tmp_dir = cache_dir.parent / f".{cache_dir.name}.building"
     shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted build
@@ -513,13 +528,13 @@ def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env
     try:
         for item in tqdm(items, desc="build-lmdb", unit="img", disable=not progress):
             key = sample_key(item, image_key)
-            keys = [image_key, label_key] if _has_mask(item, label_key) else [image_key]
+            keys = _keys(item, image_key, label_key)
             value = _reusable(old_env, key, item, keys)
             if value is not None:
                 stats.reused += 1
             else:
                 try:
-                    value = _load_sample(item, pre, image_key, label_key)
+                    value = _load_sample(item, pre, image_key, label_key, loader)
                 except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
                     cause = decode_error(item[image_key])
                     reason = (f"cannot decode image: {cause}" if cause

@@ -1,4 +1,4 @@
-"""Reading prediction/mask folders and files, and the errors of the file-based stages that read them."""
+"""Reading prediction/mask folders and single-channel mask files."""
 
 from __future__ import annotations
 
@@ -8,19 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stas_pipeline.core.images import InputFolderError
 from stas_pipeline.core.problems import Problems
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # the images the masks belong to
 GREY_MODES = ("L", "P", "1")  # read as stored: grey level, palette index, 0/255
 CONVERTED_MODES = ("RGB", "RGBA", "LA")  # converted to L, with a warning
-
-
-class InputFolderError(ValueError):
-    """An input folder is missing or holds no prediction files, or the options do not fit together."""
-
-
-class NothingWrittenError(RuntimeError):
-    """Every image was skipped; the output folder was left as it was."""
 
 
 def prediction_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> dict[str, list[Path]]:

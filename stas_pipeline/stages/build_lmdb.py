@@ -13,11 +13,12 @@ import argparse
 import json
 import sys
 
-from monai.data import load_decathlon_datalist
-
-from stas_pipeline.core.bundles import BundleError, parsed_content
+from stas_pipeline.cli import command
+from stas_pipeline.core.bundles import parsed_content
+from stas_pipeline.core.datalist import DatalistError, read_datalist
 from stas_pipeline.core.lmdb_cache import CacheError, Preprocessing, build_cache
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks import get_task
 
 
 def _knob(text: str) -> tuple[str, object]:
@@ -50,31 +51,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.image_size is not None and (len(args.image_size) not in (1, 2) or min(args.image_size) <= 0):
-        print(f"error: --image-size takes one or two positive numbers, got {args.image_size}", file=sys.stderr)
-        return 2
+        raise CacheError(f"--image-size takes one or two positive numbers, got {args.image_size}")
+    datalist = read_datalist(args.datalist)
     items = []
-    try:
-        for key in args.lists:
-            items += load_decathlon_datalist(args.datalist, is_segmentation=True, data_list_key=key)
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {args.datalist}: {err}", file=sys.stderr)
-        return 2
+    for key in args.lists:
+        if datalist.get(key) is None:
+            raise DatalistError(f"{args.datalist}: no '{key}' list")
+        items += datalist.entries(key)
     if not items:
-        print(f"error: {args.datalist}: no entries in {args.lists}", file=sys.stderr)
-        return 2
+        raise DatalistError(f"{args.datalist}: no entries in {args.lists}")
     knobs = dict(args.set)
     if args.image_size is not None:
         knobs["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size)
     problems = Problems("build-lmdb")
-    try:
-        (chain,) = parsed_content(args.bundle, ["task#preprocessing"], knobs)
-        stats = build_cache(items, args.out, Preprocessing(chain), problems, progress=not args.no_progress)
-    except (CacheError, BundleError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (chain,) = parsed_content(args.bundle, ["task#preprocessing"], knobs)
+    stats = build_cache(items, args.out, Preprocessing(chain), problems, progress=not args.no_progress,
+                        loader=get_task(datalist.task).entry_loader())
     kept = stats.written + stats.reused
     if kept:
         print(f"{args.out}: {kept} samples, {stats.bytes_on_disk / 2**20:.1f} MiB "

@@ -37,30 +37,23 @@ run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from stas_pipeline.core.bundles import BundleError
+from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import positive_int
-from stas_pipeline.core.fileio import OutputExistsError
-from stas_pipeline.core.lmdb_cache import image_size_pair
-from stas_pipeline.core.mask_io import InputFolderError, NothingWrittenError
-from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.run_recorder import CheckpointError
-from stas_pipeline.core.trained_runs import TTA_FLIPS, load_trained_run, run_info_of
-from stas_pipeline.tasks import Task, get_task
-from stas_pipeline.tasks.classification.inference import TTA_MODES, predict_scores
-from stas_pipeline.tasks.segmentation.inference import MODES, load_run_model, predict_images
+from stas_pipeline.core.datalist import read_datalist
+from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, run_info_of
+from stas_pipeline.tasks import choose
+from stas_pipeline.tasks.base import Predictor, claimed_by_options
+from stas_pipeline.tasks.classification.inference import TTA_MODES
+from stas_pipeline.tasks.segmentation.inference import MODES
 from stas_pipeline.tasks.slide.inference import STITCH_MODES
 from stas_pipeline.tasks.slide.tissue import TISSUE_METHODS
-
-Predictor = Callable[[Sequence[Path], bool], Problems]  # (images, estimating) -> problems; estimating writes nothing
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -125,130 +118,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _image_level(args: argparse.Namespace, infos: list[dict], task: Task) -> tuple[list[Path], Predictor]:
-    """The images to predict and their predictor, for image-level runs."""
-    from stas_pipeline.core.datalist import load_fold
-    from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
-
-    runs = []
-    for checkpoint, info in zip(args.checkpoint, infos, strict=True):
-        run = load_trained_run(checkpoint, info, args.device)
-        run.score = task.scorer_for(info) or run.score
-        runs.append(run)
-    assignments = None
-    if args.out_of_fold:
-        assignments = {}
-        for run in runs:
-            for entry in load_fold(args.datalist, run.fold)[1]:
-                assignments.setdefault(str(Path(entry["image"]).resolve()), []).append(run.name)
-        images = list(assignments)
-    else:
-        images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
-    grade_of = None
-    if "grade" in task.csv_columns:
-        from stas_pipeline.tasks.grading.metrics import grade_of
-
-    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
-        return predict_scores(runs, chosen, None if estimating else args.out, args.tta, args.batch_size,
-                              args.workers, args.amp, args.overwrite, assignments=assignments,
-                              value=task.csv_columns[0], grade_of=grade_of)[0]
-
-    return images, predict
-
-
-def _tile_settings(datalist: str | None) -> dict:
-    """The ``tiles`` block of a datalist written by ``stas tile`` ({} for other datalists or none)."""
-    if datalist is None:
-        return {}
-    try:
-        return json.loads(Path(datalist).read_text()).get("tiles") or {}
-    except (OSError, ValueError) as err:
-        raise InputFolderError(f"{datalist}: not a usable datalist: {err}") from None
-
-
-def _slides(args: argparse.Namespace, infos: list[dict], tiles: dict) -> tuple[list[Path], Predictor]:
-    """The slides to predict and their predictor (see tasks/slide/inference.py)."""
-    from monai.data import load_decathlon_datalist
-
-    from stas_pipeline.stages.tile import find_slides
-    from stas_pipeline.tasks.slide.inference import SlideSettings, predict_slides
-    from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings
-
-    runs = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
-    sizes = {image_size_pair(r.image_size) for r in runs}
-    if len(sizes) > 1 or len(next(iter(sizes))) != 2 or len(set(next(iter(sizes)))) != 1:
-        raise ValueError(f"whole-slide prediction needs runs of one square image size, got {sorted(sizes)}")
-    scale = args.scale or tiles.get("scale", 4)
-    size = args.tile_size or next(iter(sizes))[0] * scale
-    spec = TileSpec(size, args.stride or tiles.get("stride", size // 2), scale)
-    defaults = TissueSettings()
-    tissue = TissueSettings(args.tissue_method or tiles.get("method", defaults.method),
-                            args.tissue_threshold or tiles.get("threshold", defaults.threshold),
-                            args.thumbnail or tiles.get("thumbnail", defaults.thumbnail), args.min_tissue)
-    if args.skip_empty is not None and not all(hasattr(r.model, "presence") for r in runs):
-        raise ValueError("--skip-empty needs runs trained with the auxiliary head (aux_head true)")
-    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size, args.skip_empty)
-    problems = Problems("predict")
-    assignments = None
-    if args.slides:
-        slides = find_slides(args.slides, problems)
-    elif args.out_of_fold:
-        assignments = _out_of_fold(args.datalist, infos)
-        slides = list(assignments)
-    else:
-        entries = load_decathlon_datalist(args.datalist, is_segmentation=True, data_list_key="test")
-        slides = list(dict.fromkeys(Path(e["image"]) for e in entries))
-
-    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
-        if not estimating:
-            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                done = predict_slides(runs, chosen, Path(tmp, "out"), settings, assignments)
-        done.skipped = problems.skipped + done.skipped
-        return done
-
-    return slides, predict
-
-
-def _out_of_fold(datalist: str, infos: list[dict]) -> dict[Path, list[int]]:
-    """Each training image (slide) of ``datalist`` that a run of its fold is given for: the indices of those
-    runs."""
-    from monai.data import load_decathlon_datalist
-
-    entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key="training")
-    fold_of = {Path(e["image"]): e.get("fold") for e in entries}
-    assignments = {p: [k for k, info in enumerate(infos) if info.get("fold") == f] for p, f in fold_of.items()}
-    assignments = {p: ks for p, ks in assignments.items() if ks}
-    if not assignments:
-        raise ValueError("--out-of-fold: no training image (slide) has a run of its fold among the checkpoints")
-    return assignments
-
-
-def _segmentation(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
-    """The images to predict and their predictor, for segmentation runs."""
-    from stas_pipeline.stages.export import test_images_from_datalist, test_images_from_folder
-
-    assignments = _out_of_fold(args.datalist, infos) if args.out_of_fold else None
-    if assignments:
-        images = list(assignments)
-    else:
-        images = test_images_from_folder(args.images) if args.images else test_images_from_datalist(args.datalist)
-    models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
-    settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
-                args.amp)
-
-    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
-        if not estimating:
-            return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite,
-                                  assignments=assignments)
-        with tempfile.TemporaryDirectory() as tmp:  # written as the run would write them, then removed
-            probs = Path(tmp, "probs") if args.save_probs else None
-            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True, assignments=assignments)
-
-    return images, predict
-
-
 def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.0f} s"
@@ -269,36 +138,24 @@ def estimate(images: Sequence[Path], predict: Predictor, n: int, batch_size: int
             "the checkpoints")
 
 
+@command
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        start = time.perf_counter()
-        infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
-        tasks = {get_task(info.get("task", "segmentation")) for info in infos}
-        if len(tasks) > 1:
-            raise ValueError(f"the checkpoints are of different tasks: {sorted(t.name for t in tasks)}")
-        task = next(iter(tasks))
-        tiles = _tile_settings(args.datalist)
-        whole_slides = bool(args.slides or tiles)
-        if whole_slides and task.image_level:
-            raise ValueError("whole slides are predicted by segmentation runs")
-        if args.out_of_fold and args.datalist is None:
-            raise ValueError("--out-of-fold needs --datalist")
-        if args.tta not in TTA_FLIPS and not task.image_level:
-            raise ValueError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
-        if task.image_level:
-            images, predict = _image_level(args, infos, task)
-        else:
-            images, predict = _slides(args, infos, tiles) if whole_slides else _segmentation(args, infos)
-        if args.estimate:
-            print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))
-            return 0
-        problems = predict(images, False)
-    except (InputFolderError, CheckpointError, OutputExistsError, BundleError, ValueError,
-            NothingWrittenError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return problems.finish()
+    start = time.perf_counter()
+    infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
+    declared = read_datalist(args.datalist).task if args.datalist else None
+    task = choose(*claimed_by_options(args, "predict_options"), declared,
+                  *dict.fromkeys(info.get("task", "segmentation") for info in infos),
+                  what="the checkpoints and the images")
+    if args.out_of_fold and args.datalist is None:
+        raise PredictError("--out-of-fold needs --datalist")
+    if args.tta not in TTA_FLIPS and not task.image_level:
+        raise PredictError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
+    images, predict = task.predictor(args, infos)
+    if args.estimate:
+        print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))
+        return 0
+    return predict(images, False).finish()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stas_pipeline.core.bundles import add_bundle_dir
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.problems import Problems
 
@@ -45,6 +46,7 @@ class Task:
     datalist_options: ClassVar[tuple[str, ...]] = ()  # make-datalist options (dests) whose use selects this task
     predict_options: ClassVar[tuple[str, ...]] = ()  # predict options (dests) whose use selects this task
     evaluate_options: ClassVar[tuple[str, ...]] = ()  # evaluate options (dests) whose use selects this task
+    bundle_dir: ClassVar[Path | None] = None  # a folder of the task's own bundles (a task outside the package)
 
     def _missing(self, stage: str) -> TaskError:
         return TaskError(f"task {self.name!r} has no {stage} step")
@@ -105,6 +107,8 @@ def register(task: Task | type[Task]) -> Task:
     if not instance.name:
         raise TaskError(f"{type(instance).__name__}: a task needs a name")
     _REGISTRY[instance.name] = instance
+    if instance.bundle_dir is not None:
+        add_bundle_dir(instance.bundle_dir)
     return instance
 
 

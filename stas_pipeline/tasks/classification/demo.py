@@ -23,47 +23,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from stas_pipeline.core.datalist import read_datalist
+from stas_pipeline.core.demo_runner import FoldTrainingDemo, three_decimals
+from stas_pipeline.core.synthetic import make_fundus_dataset
 
 BUNDLE = "fundus_lite0"
 STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "pseudo_label", "train_round1",
                "predict_round1", "evaluate_round1", "experiments")
-OUTPUTS = ("data", "datalist.json", "datalist_round1.json", "runs", "predictions", "experiments.md",
-           "experiments.csv")
 PSEUDO_HIGH, PSEUDO_LOW = 0.85, 0.08
 DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3}
 
 
-class ClassificationDemo:
+class ClassificationDemo(FoldTrainingDemo):
     """The classification demo's state: settings, output paths, timings and scores."""
 
     STAGE_NAMES = STAGE_NAMES
     BUNDLE = BUNDLE
     N_IMAGES = 96  # default number of synthetic images
+    DEFAULTS = DEFAULTS
 
     def __init__(self, args: argparse.Namespace):
-        from stas_pipeline.stages.demo import StageError, lite0_weights_installed
-
-        if args.data is not None:
-            raise StageError("--data is for the segmentation demo; the classification demo draws its own set")
-        self.args, self.out = args, args.out.resolve()
-        self.image_size = args.image_size or DEFAULTS["image_size"]
-        self.epochs = args.epochs or DEFAULTS["epochs"]
-        self.batch_size = args.batch_size or DEFAULTS["batch_size"]
-        self.lr = args.lr or DEFAULTS["lr"]
-        self.folds = args.folds or DEFAULTS["folds"]
-        self.n_images = args.n_images or self.N_IMAGES
-        self.weights = args.weights or ("imagenet" if lite0_weights_installed() else "none")
-        self.device = args.device
-        self.data = self.out / "data"
+        super().__init__(args)
         self.unlabelled = self.data / "unlabelled"
         self.n_unlabelled = max(8, self.n_images // 3)
-        self.cache = self.out / f"cache_{self.BUNDLE}_{self.image_size}"
-        self.predictions = self.out / "predictions"
-        self.seconds: dict[str, float] = {}
-        self.scores: dict[str, dict] = {}
 
     def datalist(self, round_: int) -> Path:
         return self.out / ("datalist.json" if round_ == 0 else f"datalist_round{round_}.json")
@@ -71,22 +56,9 @@ class ClassificationDemo:
     def run_root(self, round_: int) -> Path:
         return self.out / "runs" / f"round{round_}" / self.BUNDLE
 
-    @staticmethod
-    def stage(name: str, argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
-        """Run ``stas <name> argv`` as a user would; a failing stage stops the demo."""
-        from stas_pipeline import cli
-        from stas_pipeline.stages.demo import StageError
-
-        print("$ stas " + " ".join([name, *argv]), flush=True)
-        code = cli.main([name, *argv])
-        if code not in ok:
-            raise StageError(f"stas {name} exited with {code}")
-
     # --- stages --------------------------------------------------------------------------------------------
 
     def stage_data(self) -> None:
-        from stas_pipeline.core.synthetic import make_fundus_dataset
-
         make_fundus_dataset(self.data, n=self.n_images, size=128, seed=self.args.seed)
         make_fundus_dataset(self.unlabelled, n=self.n_unlabelled, size=128, seed=self.args.seed + 1)
         (self.unlabelled / "labels.csv").unlink()  # these stay unlabelled: only pseudo labels will name them
@@ -108,31 +80,6 @@ class ClassificationDemo:
 
     def _train(self, round_: int) -> None:
         self.train_folds(self.BUNDLE, self.datalist(round_), self.run_root(round_), f"round {round_}")
-
-    def train_folds(self, bundle: str, datalist: Path, run_root: Path, what: str, **overrides) -> None:
-        """Every fold of ``bundle`` through MONAI's entry point into ``run_root/fold<k>``."""
-        import torch
-        from monai.bundle import run
-
-        from stas_pipeline.core.bundles import repository_root
-
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cwd = os.getcwd()
-        for fold in range(self.folds):
-            print(f"training {bundle} {what} fold {fold} of {self.folds} ({self.epochs} epochs, "
-                  f"{self.image_size} px, {self.weights} weights, {device})", flush=True)
-            os.chdir(repository_root())  # the bundles' macros are relative to the repository root
-            try:
-                run(run_id="training", config_file=f"bundles/{bundle}.json", dataset_dir=str(self.out),
-                    datalist=str(datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
-                    image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
-                    encoder_weights=self.weights, device=device, amp=False, num_workers=0,
-                    output_dir=str(run_root.parent), seed=self.args.seed, **overrides)
-            finally:
-                os.chdir(cwd)
-            metrics = json.loads((run_root / f"fold{fold}" / "metrics.json").read_text())
-            key = next(k for k in metrics if k.startswith("best_val_"))
-            print(f"{what} fold {fold}: {key} {metrics[key]:.4f} at epoch {metrics['best_epoch']}", flush=True)
 
     def _predict(self, round_: int) -> None:
         checkpoints = [str(self.run_root(round_) / f"fold{k}" / "best.pt") for k in range(self.folds)]
@@ -187,7 +134,7 @@ class ClassificationDemo:
     # --- summary -------------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        rounds = json.loads(self.datalist(1).read_text()).get("pseudo_rounds", []) if self.datalist(1).is_file() else []
+        rounds = read_datalist(self.datalist(1)).get("pseudo_rounds", []) if self.datalist(1).is_file() else []
         return {
             "task": "classification",
             "settings": {"bundle": self.BUNDLE, "image_size": self.image_size, "epochs": self.epochs,
@@ -207,7 +154,7 @@ class ClassificationDemo:
                  f"{'round':<8}{'out-of-fold AUC':>18}{'inner-test AUC (fold mean)':>30}"]
         for round_ in (0, 1):
             oof, test = (summary["auc"].get(f"round{round_}_{s}") for s in ("oof", "test"))
-            lines.append(f"{round_:<8}{_num(oof):>18}{_num(test):>30}")
+            lines.append(f"{round_:<8}{three_decimals(oof):>18}{three_decimals(test):>30}")
         pseudo = summary["pseudo_labels"]
         if pseudo:
             lines.append(f"round 1 pseudo labels from {self.n_unlabelled} unlabelled images: {pseudo['added']} added "
@@ -217,6 +164,3 @@ class ClassificationDemo:
                   f"experiments table: {self.out / 'experiments.md'}", "=" * 78]
         print("\n".join(lines), file=sys.stdout, flush=True)
 
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

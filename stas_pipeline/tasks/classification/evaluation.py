@@ -41,6 +41,7 @@ a WARNING and a grey tile.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import math
@@ -51,6 +52,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from stas_pipeline.core.datalist import DatalistError, entries
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
@@ -85,22 +88,19 @@ def _label(value: object, classes: Sequence[int]) -> int | None:
 
 def read_section_labels(datalist: str | Path, section: str, problems: Problems,
                         classes: Sequence[int] = (0, 1)) -> SectionLabels:
-    """The labels (0/1, or any of ``classes``, e.g. grades 0-4) of ``datalist``'s ``section`` (read with MONAI's
-    ``load_decathlon_datalist``), and the folds of those entries.
+    """The labels (0/1, or any of ``classes``, e.g. grades 0-4) of ``datalist``'s ``section`` (read with
+    :func:`stas_pipeline.core.datalist.entries`), and the folds of those entries.
 
-    Entries with ``pseudo_round`` and entries without ``label`` are set apart; an entry without an image, with a
-    label not in ``classes`` or repeating an image is reported and left out. Raises :class:`PredictionsError` for
-    an unreadable datalist, a missing section, or labels that are all paths (a segmentation datalist).
+    Entries with ``pseudo_round`` and entries without ``label`` are set apart; an entry with a label not in
+    ``classes`` or repeating an image is reported and left out. Raises :class:`PredictionsError` for an unreadable
+    datalist or labels that are all paths (a segmentation datalist).
     """
-    from monai.data import load_decathlon_datalist
-
     datalist = Path(datalist)
     try:
-        items = load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=section)
-    except IndexError:  # an empty "test" list
-        items = []
-    except (OSError, ValueError, TypeError) as e:
-        raise PredictionsError(f"{datalist}: cannot read the datalist: {e}") from None
+        items = entries(datalist, section)
+    except DatalistError as e:
+        reason = str(e).removeprefix(f"{datalist}: ")
+        raise PredictionsError(f"{datalist}: cannot read the datalist: {reason}") from None
     labels: dict[str, int] = {}
     folds: dict[str, int] = {}
     pseudo: set[str] = set()
@@ -108,11 +108,7 @@ def read_section_labels(datalist: str | Path, section: str, problems: Problems,
     bad: list[tuple[str, str]] = []
     for i, entry in enumerate(items):
         where = f"{datalist} {section}[{i}]"
-        image = entry.get("image")
-        if not isinstance(image, str) or not image:
-            bad.append((where, f"no image path: {entry}"))
-            continue
-        key = str(Path(image).resolve())  # load_decathlon_datalist joined it to the datalist's folder already
+        key = str(Path(entry["image"]).resolve())  # joined to the datalist's folder by the reader already
         if "pseudo_round" in entry:
             pseudo.add(key)
             continue
@@ -161,7 +157,7 @@ def roc_auc(labels: Sequence[int], probs: Sequence[float]) -> float:
 
     Raises ``ValueError`` when only one class is present (the AUC is undefined).
     """
-    import torch
+    import torch  # imported here: torch and MONAI's metrics take ~6 s to import, every stas command would wait
     from monai.metrics import compute_roc_auc
 
     y, p = _check_binary(labels, probs)
@@ -242,7 +238,7 @@ def _csv_bytes(rows: Sequence[dict]) -> bytes:
 
 def plot_roc(path: str | Path, rows: Sequence[dict], metrics: dict, overwrite: bool = False) -> None:
     """ROC curves of the mean and of each member (AUC in the legend) and the threshold's operating point."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # imported here: 0.5 s, paid only by the evaluations that plot
 
     fig = Figure(figsize=(5.5, 5.5), dpi=100)
     ax = fig.add_subplot()
@@ -405,3 +401,25 @@ def format_metrics(metrics: dict) -> str:
             auc = "   n/a" if m["auc"] is None else f"{m['auc']:.4f}"
             lines.append(f"    {name:<{width}}  {auc}  (n {m['n']})")
     return "\n".join(lines)
+
+
+def evaluate_command(args: argparse.Namespace) -> Problems:
+    """``stas evaluate --predictions`` of a probability CSV: score it, print the scores, return the problems."""
+    if args.cuts is not None:
+        raise PredictionsError(f"--cuts: for grading CSVs (image,score,grade,...); {args.predictions} is not one")
+    try:
+        metrics, problems = evaluate_predictions(
+            args.predictions,
+            args.datalist,
+            args.out,
+            section=args.section or "test",
+            threshold=0.5 if args.threshold is None else args.threshold,
+            worst=8 if args.worst is None else args.worst,
+            overwrite=args.overwrite,
+        )
+    except StasError:
+        raise
+    except (OSError, ValueError) as e:  # an unreadable or unwritable file: reported in one line, as a refusal
+        raise StasError(str(e)) from e
+    print(format_metrics(metrics))
+    return problems

@@ -28,6 +28,7 @@ each resized back to S (bilinear, ``align_corners=False``) so that the model see
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,9 +39,12 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from stas_pipeline.core.datalist import load_fold, test_images
+from stas_pipeline.core.images import images_in_folder
 from stas_pipeline.core.lmdb_cache import describe, to_uint8
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun
+from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun, load_trained_run
+from stas_pipeline.tasks.base import Predictor
 from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
 
 CROP_FRACTION = 0.875
@@ -152,3 +156,32 @@ def predict_scores(
         columns = [value, *(["grade"] if grade_of is not None else [])]
         write_scores_csv(out, rows, [r.name for r in runs], overwrite, columns)
     return problems, rows
+
+
+def predictor(args: argparse.Namespace, infos: list[dict], scorer_for: Callable[[dict], Callable | None],
+              value: str = "prob", grade_of: Callable[[float], int] | None = None
+              ) -> tuple[list[Path], Predictor]:
+    """``stas predict`` of image-level runs: the images to predict (``--images``, the datalist's test list, or
+    with ``--out-of-fold`` each training image by the run of its fold) and their predictor, writing the CSV of
+    :func:`predict_scores` (``scorer_for(info)``: a run's score, None for the probability)."""
+    runs = []
+    for checkpoint, info in zip(args.checkpoint, infos, strict=True):
+        run = load_trained_run(checkpoint, info, args.device)
+        run.score = scorer_for(info) or run.score
+        runs.append(run)
+    assignments = None
+    if args.out_of_fold:
+        assignments = {}
+        for run in runs:
+            for entry in load_fold(args.datalist, run.fold)[1]:
+                assignments.setdefault(str(Path(entry["image"]).resolve()), []).append(run.name)
+        images = list(assignments)
+    else:
+        images = images_in_folder(args.images) if args.images else test_images(args.datalist)
+
+    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+        return predict_scores(runs, chosen, None if estimating else args.out, args.tta, args.batch_size,
+                              args.workers, args.amp, args.overwrite, assignments=assignments, value=value,
+                              grade_of=grade_of)[0]
+
+    return images, predict

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import write_bytes
+from stas_pipeline.core.images import has_suffix
 from stas_pipeline.core.problems import Problems
 
 
-class PredictionsError(ValueError):
+class PredictionsError(StasError, ValueError):
     """A predictions CSV or datalist that cannot be used at all, or nothing left that can be scored."""
 
 
@@ -32,6 +34,26 @@ class Prediction:
     prob: float  # the row's value: the probability (classification) or the grade score (grading, column "score")
     members: dict[str, float] = field(default_factory=dict)  # member column -> value, non-empty cells only
     line: int = 0
+
+
+def csv_header(path: str | Path) -> list[str] | None:
+    """The first row of a ``.csv`` file; None for another suffix or a file that cannot be read."""
+    if not has_suffix(path, (".csv",)):
+        return None
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def is_probability_csv(path: str | Path) -> bool:
+    """Whether classification reads ``path``: a ``.csv`` whose header has ``prob``, or one that is no predictions
+    CSV of any task (unreadable, or without an ``image`` column), so that :func:`read_predictions_csv` says why."""
+    if not has_suffix(path, (".csv",)):
+        return False
+    header = csv_header(path)
+    return header is None or "prob" in header or "image" not in header
 
 
 def image_key(text: str | Path, base: str | Path) -> str:

@@ -1,8 +1,17 @@
-"""Image-level classification (the glaucoma fundus recipe): one probability per image in a CSV; ROC AUC."""
+"""Image-level classification (the glaucoma fundus recipe): one probability per image in a CSV; ROC AUC.
+
+The hooks import their modules when called (see tasks/segmentation/task.py: start-up time of every stage).
+"""
 
 from __future__ import annotations
 
-from stas_pipeline.tasks.base import Task
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.base import Predictor, Task
 
 
 class ClassificationTask(Task):
@@ -11,4 +20,46 @@ class ClassificationTask(Task):
     label_kind = "number"
     image_level = True
     datalist_options = ("labels_csv", "class_folders")
+    evaluate_options = ("predictions",)
     csv_columns: tuple[str, ...] = ("prob",)  # the predictions CSV's columns after ``image``, before the members'
+    demo_outputs = ("data", "datalist.json", "datalist_round1.json", "runs", "predictions", "experiments.md",
+                    "experiments.csv")
+
+    def grade_of(self) -> Callable[[float], int] | None:
+        """The grade of a mean score (a column of the CSV), or None: classification writes no grade."""
+        return None
+
+    def make_datalist(self, args: argparse.Namespace, problems: Problems) -> dict:
+        from stas_pipeline.tasks.classification.label_sources import label_datalist_from_args
+
+        return label_datalist_from_args(args, problems)
+
+    def predictor(self, args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
+        from stas_pipeline.tasks.classification.inference import predictor
+
+        return predictor(args, infos, self.scorer_for, self.csv_columns[0], self.grade_of())
+
+    def pseudo_label(self, args: argparse.Namespace) -> Problems:
+        from stas_pipeline.tasks.classification.pseudo_labels import pseudo_label_images
+
+        return pseudo_label_images(args)
+
+    def reads_predictions(self, path: Path) -> bool:
+        from stas_pipeline.tasks.classification.scores_csv import is_probability_csv
+
+        return is_probability_csv(path)
+
+    def ensemble(self, args: argparse.Namespace) -> Problems:
+        from stas_pipeline.tasks.classification.ensemble import ensemble_command
+
+        return ensemble_command(args)
+
+    def evaluate(self, args: argparse.Namespace) -> Problems:
+        from stas_pipeline.tasks.classification.evaluation import evaluate_command
+
+        return evaluate_command(args)
+
+    def demo(self, args: argparse.Namespace) -> Any:
+        from stas_pipeline.tasks.classification.demo import ClassificationDemo
+
+        return ClassificationDemo(args)

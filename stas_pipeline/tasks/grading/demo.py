@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from stas_pipeline.core.demo_runner import three_decimals
+from stas_pipeline.core.synthetic import make_graded_fundus_dataset
 from stas_pipeline.tasks.classification.demo import ClassificationDemo
 
 BUNDLE = "grading_lite0"
 HEADS = ("regression", "cumulative", "expectation")
 METHODS = ("mean", "label-average", "scaled-average")
 STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "ensemble")
-OUTPUTS = ("data", "datalist.json", "runs", "predictions")
 
 
 class GradingDemo(ClassificationDemo):
@@ -36,12 +38,10 @@ class GradingDemo(ClassificationDemo):
     BUNDLE = BUNDLE
     N_IMAGES = 120
 
-    def head_root(self, head: str):
+    def head_root(self, head: str) -> Path:
         return self.out / "runs" / head / BUNDLE
 
     def stage_data(self) -> None:
-        from stas_pipeline.core.synthetic import make_graded_fundus_dataset
-
         make_graded_fundus_dataset(self.data, n=self.n_images, size=128, seed=self.args.seed)
         print(f"drew {self.n_images} graded synthetic fundus-like 128x128 images into {self.data}")
 
@@ -62,7 +62,7 @@ class GradingDemo(ClassificationDemo):
             self.stage("predict", [*common, "--out", str(self.predictions / f"{head}_test.csv")])
             self.stage("predict", [*common, "--out-of-fold", "--out", str(self.predictions / f"{head}_oof.csv")])
 
-    def _evaluate(self, name: str, csv_name: str, section: str) -> None:
+    def _evaluate_predictions(self, name: str, csv_name: str, section: str) -> None:
         out = self.out / "runs" / name
         self.stage("evaluate", ["--predictions", str(self.predictions / csv_name), "--datalist",
                                 str(self.datalist(0)), "--section", section, "--out", str(out)])
@@ -70,8 +70,8 @@ class GradingDemo(ClassificationDemo):
 
     def stage_evaluate(self) -> None:
         for head in HEADS:
-            self._evaluate(f"{head}/eval_oof", f"{head}_oof.csv", "training")
-            self._evaluate(f"{head}/eval_test", f"{head}_test.csv", "test")
+            self._evaluate_predictions(f"{head}/eval_oof", f"{head}_oof.csv", "training")
+            self._evaluate_predictions(f"{head}/eval_test", f"{head}_test.csv", "test")
 
     def stage_ensemble(self) -> None:
         tests = [str(self.predictions / f"{head}_test.csv") for head in HEADS]
@@ -80,7 +80,7 @@ class GradingDemo(ClassificationDemo):
             out = self.predictions / f"ensemble_{method}.csv"
             self.stage("ensemble", [*tests, "--method", method, "--out", str(out),
                                     *(["--member-cuts", *cuts] if method != "mean" else [])])
-            self._evaluate(f"ensemble_{method}", out.name, "test")
+            self._evaluate_predictions(f"ensemble_{method}", out.name, "test")
 
     def summary(self) -> dict:
         def kappa(name: str) -> float | None:
@@ -109,13 +109,10 @@ class GradingDemo(ClassificationDemo):
         for head, row in summary["heads"].items():
             searched = "-" if row["oof_kappa_searched_cuts"] is None else (
                 f"{row['oof_kappa_searched_cuts']:.3f} {'adopted' if row['cuts_adopted'] else 'kept'}")
-            lines.append(f"{head:<14}{_num(row['oof_kappa']):>11}{searched:>17}{_num(row['test_kappa']):>19}")
+            lines.append(f"{head:<14}{three_decimals(row['oof_kappa']):>11}{searched:>17}{three_decimals(row['test_kappa']):>19}")
         for method, value in summary["ensembles"].items():
-            lines.append(f"{'ensemble ' + method:<42}{_num(value):>19}")
+            lines.append(f"{'ensemble ' + method:<42}{three_decimals(value):>19}")
         lines += ["-" * 78, "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
                   "=" * 78]
         print("\n".join(lines), file=sys.stdout, flush=True)
 
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

@@ -10,16 +10,30 @@ maps a name to that member's own cut points (a member left out uses :data:`DEFAU
 - :func:`scaled_average`: each member's score mapped piecewise-linearly onto the common scale, its cut ``c[k]``
   going to ``DEFAULT_CUTS[k]`` (slope 1 below the first cut and above the last), averaged and cut at
   ``DEFAULT_CUTS``. With default cuts the mapping is the identity and this is :func:`mean_of_scores`.
+
+``stas ensemble A.csv B.csv ... --out C.csv`` on grading CSVs (``image,score,grade,<member>...``) joins them on
+``image`` as for probability CSVs (``tasks/classification/ensemble.py``) into ``image,score,grade,<A>,<B>...`` with
+``--method mean`` (the default), ``label-average`` or ``scaled-average``; a member's cut points come from
+``--member-cuts``, one ``cut_points.json`` of ``stas evaluate`` per member (default: [0.5, 1.5, 2.5, 3.5]).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from stas_pipeline.core.images import InputFolderError
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.classification.ensemble import STAGE, join_member_csvs, refuse_folder_options
+from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
 from stas_pipeline.tasks.grading.metrics import DEFAULT_CUTS, check_cuts, check_same_length, check_scores, cut
+
+GRADING_METHODS = ("mean", "label-average", "scaled-average")
 
 
 def _stack(members: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
@@ -86,3 +100,57 @@ def scaled_average(
     cuts = _cuts_of(scores, member_cuts)
     score = np.mean([to_common_scale(scores[name], cuts[name]) for name in scores], axis=0)
     return score, cut(score)
+
+
+# --- stas ensemble of grading CSVs --------------------------------------------------------------------------------
+
+
+def _grading_rows(images: Sequence[str], scores: dict[str, np.ndarray], method: str,
+                  member_cuts: Sequence[str | Path] | None) -> list[dict]:
+    """The rows of a grading ensemble: image, score, grade and each member's score."""
+    cuts = None
+    if member_cuts is not None:
+        try:
+            cuts = {name: json.loads(Path(f).read_text())["cuts"] for name, f in zip(scores, member_cuts, strict=True)}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputFolderError(f"--member-cuts: not a cut_points.json of stas evaluate: {e}") from None
+    try:
+        if method == "mean":
+            score, grade = mean_of_scores(scores)
+        else:
+            score, grade = (label_average if method == "label-average" else scaled_average)(scores, cuts)
+    except ValueError as e:
+        raise InputFolderError(str(e)) from None
+    return [{"image": image, "score": float(score[i]), "grade": int(grade[i]),
+             **{n: float(v[i]) for n, v in scores.items()}} for i, image in enumerate(images)]
+
+
+def ensemble_grading_csvs(members: Sequence[str | Path], out: str | Path, method: str = "mean",
+                          overwrite: bool = False, member_cuts: Sequence[str | Path] | None = None,
+                          weights: Sequence[float] | None = None) -> Problems:
+    """Ensemble grading CSVs into the CSV ``out`` (see the module doc), joined on ``image``.
+
+    Raises InputFolderError for unusable options (``weights`` are not for grading) or member CSVs,
+    OutputExistsError for an existing ``out`` without ``overwrite`` and NothingWrittenError when every image
+    was skipped.
+    """
+    if method not in GRADING_METHODS:
+        raise InputFolderError(f"unknown method {method!r} for grading CSVs (known: {', '.join(GRADING_METHODS)})")
+    if weights is not None:
+        raise InputFolderError("--weights: not for grading CSVs")
+    if member_cuts is not None and len(member_cuts) != len(members):
+        raise InputFolderError("--member-cuts: one cut_points.json per grading member CSV")
+    problems = Problems(STAGE)
+    names, kept, scores = join_member_csvs([Path(m) for m in members], Path(out), "score", None, overwrite,
+                                           problems)
+    rows = _grading_rows(kept, dict(zip(names, scores, strict=True)), method, member_cuts)
+    write_scores_csv(out, rows, names, overwrite, columns=("score", "grade"))
+    problems.count("written", len(rows))
+    return problems
+
+
+def ensemble_command(args: argparse.Namespace) -> Problems:
+    """``stas ensemble`` of grading CSVs: :func:`ensemble_grading_csvs` with the command's options."""
+    refuse_folder_options(args)
+    return ensemble_grading_csvs(args.members, args.out, method=args.method or "mean", overwrite=args.overwrite,
+                                 member_cuts=args.member_cuts, weights=args.weights)

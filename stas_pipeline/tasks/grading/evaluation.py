@@ -15,6 +15,7 @@ cut_points.json`` applies cut points found elsewhere (the out-of-fold search) in
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import OutputExistsError, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.evaluation import read_section_labels
-from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
+from stas_pipeline.tasks.classification.scores_csv import PredictionsError, csv_header, read_predictions_csv
 from stas_pipeline.tasks.grading.cut_points import guarded_search
 from stas_pipeline.tasks.grading.metrics import DEFAULT_CUTS, N_GRADES, cut, grading_scores, plot_confusion
 
@@ -33,13 +35,8 @@ OUTPUTS = ("metrics.json", "per_image.csv", "confusion.png", "cut_points.json")
 
 
 def is_grading_csv(path: str | Path) -> bool:
-    """Whether a predictions CSV is a grading one (its header has ``score`` and ``grade``); False for an
-    unreadable file, which the CSV reader then reports."""
-    try:
-        with Path(path).open(newline="", encoding="utf-8-sig") as f:
-            return {"score", "grade"} <= set(next(csv.reader(f), []))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return False
+    """Whether ``path`` is a grading predictions CSV: a ``.csv`` whose header has ``score`` and ``grade``."""
+    return {"score", "grade"} <= set(csv_header(path) or [])
 
 
 def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | Path, section: str = "test",
@@ -102,6 +99,19 @@ def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | P
     problems.count("scored", len(keys))
     write_json(out / "metrics.json", metrics, overwrite=True)
     return metrics, problems
+
+
+def evaluate_command(args: argparse.Namespace) -> Problems:
+    """``stas evaluate --predictions`` of a grading CSV: score it, print the scores, return the problems."""
+    try:
+        metrics, problems = evaluate_grading(args.predictions, args.datalist, args.out, section=args.section or "test",
+                                             overwrite=args.overwrite, cuts_file=args.cuts)
+    except StasError:
+        raise
+    except (OSError, ValueError) as e:  # an unreadable or unwritable file: reported in one line, as a refusal
+        raise StasError(str(e)) from e
+    print(format_grading(metrics))
+    return problems
 
 
 def format_grading(metrics: dict) -> str:

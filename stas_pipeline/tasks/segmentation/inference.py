@@ -12,7 +12,9 @@ averaged in probability space; memory does not grow with the number of images. `
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,12 +28,15 @@ from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityd
 from torch import nn
 from tqdm import tqdm
 
+from stas_pipeline.core.datalist import entries, test_images
 from stas_pipeline.core.fileio import atomic_folder, write_png
+from stas_pipeline.core.images import images_in_folder
 from stas_pipeline.core.lmdb_cache import Preprocessing, decode_error, describe, image_size_pair, to_uint8
 from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
-from stas_pipeline.core.trained_runs import TTA_FLIPS, load_trained_run, run_info_of
+from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, load_trained_run, run_info_of
+from stas_pipeline.tasks.base import Predictor
 
 STAGE = "predict"
 MODES = ("resize", "sliding_window")
@@ -111,7 +116,7 @@ class _Chains:
 
     def __init__(self, runs: Sequence[SegmentationRun], mode: str):
         if len({json.dumps(r.preprocessing.spec[0], default=str) for r in runs}) > 1:
-            raise ValueError("the runs' chains load images differently (LoadImaged); predict them separately")
+            raise PredictError("the runs' chains load images differently (LoadImaged); predict them separately")
         self.load = runs[0].preprocessing.load
         self.chains: list[tuple[list[Callable], Callable]] = []
         self.index: list[int] = []
@@ -259,3 +264,37 @@ def predict_images(
             progress.update(len(batch))
         progress.close()
     return problems
+
+
+def out_of_fold(datalist: str | Path, infos: list[dict]) -> dict[Path, list[int]]:
+    """Each training image (slide) of ``datalist`` that a run of its fold is given for: the indices of those
+    runs (``infos``: the runs' records)."""
+    fold_of = {Path(e["image"]): e.get("fold") for e in entries(datalist, "training")}
+    assignments = {p: [k for k, info in enumerate(infos) if info.get("fold") == f] for p, f in fold_of.items()}
+    assignments = {p: ks for p, ks in assignments.items() if ks}
+    if not assignments:
+        raise PredictError("--out-of-fold: no training image (slide) has a run of its fold among the checkpoints")
+    return assignments
+
+
+def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
+    """``stas predict`` of segmentation runs: the images to predict (``--images``, the datalist's test list, or
+    with ``--out-of-fold`` its training images) and their predictor."""
+    assignments = out_of_fold(args.datalist, infos) if args.out_of_fold else None
+    if assignments:
+        images = list(assignments)
+    else:
+        images = images_in_folder(args.images) if args.images else test_images(args.datalist)
+    models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+    settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
+                args.amp)
+
+    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+        if not estimating:
+            return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite,
+                                  assignments=assignments)
+        with tempfile.TemporaryDirectory() as tmp:  # written as the run would write them, then removed
+            probs = Path(tmp, "probs") if args.save_probs else None
+            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True, assignments=assignments)
+
+    return images, predict

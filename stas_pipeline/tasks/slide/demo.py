@@ -17,41 +17,37 @@ mask, kept apart until then. Everything lands in ``OUT``::
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
-from stas_pipeline.tasks.classification.demo import ClassificationDemo, _num
+from stas_pipeline.core.demo_runner import FoldTrainingDemo, three_decimals
+from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
 
 BUNDLE = "deeplab_lite0"
 STAGE_NAMES = ("data", "tile", "cache", "train", "predict_oof", "evaluate_oof", "predict_test", "evaluate_test")
-OUTPUTS = ("data", "tiles", "runs", "predictions", "evaluation")
 SLIDE_SHAPE = (1536, 2048)  # height, width of each synthetic slide (level 0)
 TILE = {"size": 512, "stride": 256, "scale": 4}  # tiles of 512 level-0 pixels cached at 128
-DEFAULTS = {"epochs": 8, "batch_size": 8, "lr": 2e-3, "folds": 2}
+DEFAULTS = {"image_size": TILE["size"] // TILE["scale"], "epochs": 8, "batch_size": 8, "lr": 2e-3, "folds": 2}
 
 
-class SlideDemo(ClassificationDemo):
-    """The slide demo: the classification demo's stage runner and fold training, slides instead of images."""
+class SlideDemo(FoldTrainingDemo):
+    """The slide demo: the shared stage runner and fold training, slides instead of images."""
 
     STAGE_NAMES = STAGE_NAMES
     BUNDLE = BUNDLE
     N_IMAGES = 6  # slides: all but one labelled, the last held out
+    DEFAULTS = DEFAULTS
 
-    def __init__(self, args):
+    def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        self.image_size = TILE["size"] // TILE["scale"]
-        self.epochs = args.epochs or DEFAULTS["epochs"]
-        self.batch_size = args.batch_size or DEFAULTS["batch_size"]
-        self.folds = args.folds or DEFAULTS["folds"]
+        self.image_size = DEFAULTS["image_size"]  # the tiles' cached size, whatever --image-size says
         self.tiles = self.out / "tiles"
-        self.cache = self.out / f"cache_{self.BUNDLE}_{self.image_size}"
         self.run_root = self.out / "runs" / BUNDLE
         self.evaluation = self.out / "evaluation"
         self.threshold = 0.5
 
     def stage_data(self) -> None:
-        from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
-
         rows = []
         for k in range(self.n_images):
             slide = SyntheticSlide(*SLIDE_SHAPE, seed=self.args.seed + k, glomeruli=150, radius=(18, 40))
@@ -121,9 +117,11 @@ class SlideDemo(ClassificationDemo):
     def print_summary(self, summary: dict) -> None:
         lines = ["", "=" * 78, f"stas demo --task slide: {BUNDLE} on {TILE['size']}-px tiles at 1/{TILE['scale']}, "
                  f"{self.epochs} epochs, {self.folds} folds, {self.n_images} synthetic slides", "-" * 78,
-                 f"out-of-fold slides: mean Dice {_num(summary['oof_dice_at_0.5'])} at 0.5, "
-                 f"{_num(summary['oof_dice_at_threshold'])} at the chosen threshold {summary['threshold']:.2f}",
-                 f"held-out slide (every fold, that threshold): Dice {_num(summary['test_dice_at_threshold'])}",
+                 f"out-of-fold slides: mean Dice {three_decimals(summary['oof_dice_at_0.5'])} at 0.5, "
+                 f"{three_decimals(summary['oof_dice_at_threshold'])} at the chosen threshold "
+                 f"{summary['threshold']:.2f}",
+                 "held-out slide (every fold, that threshold): Dice "
+                 f"{three_decimals(summary['test_dice_at_threshold'])}",
                  "-" * 78, "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
                  f"predictions (masks, overlays, RLE): {self.predictions}", "=" * 78]
         print("\n".join(lines), file=sys.stdout, flush=True)

@@ -10,15 +10,20 @@ mean is reported beside the default 0.5, with the curve as ``threshold_dice.png`
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from stas_pipeline.core.fileio import atomic_path
+from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_json
+from stas_pipeline.core.images import InputFolderError
+from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.slide.inference import RLE_STRIP, upsampled
-from stas_pipeline.tasks.slide.reader import Slide
-from stas_pipeline.tasks.slide.tiling import MaskWindow
+from stas_pipeline.tasks.slide.reader import Slide, SlideError
+from stas_pipeline.tasks.slide.tiling import MaskWindow, mask_sources, open_mask
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
@@ -55,7 +60,7 @@ def threshold_curve(histograms: dict[str, tuple[np.ndarray, np.ndarray]]) -> dic
 
 def plot_curve(result: dict, path: Path) -> None:
     """Mean Dice against the threshold, the best marked."""
-    import matplotlib
+    import matplotlib  # imported here: pyplot's start-up is paid only by the evaluation that plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,3 +90,41 @@ def open_prediction(prob_path: Path) -> tuple[np.ndarray, tuple[int, int], int]:
 def predicted_slides(folder: Path) -> dict[str, Path]:
     """Slide id -> its ``<id>_prob.npy`` in a folder written by ``stas predict`` on slides."""
     return {re.sub(r"_prob\.npy$", "", p.name): p for p in sorted(folder.glob("*_prob.npy"))}
+
+
+def is_slide_prediction_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of ``stas predict`` on slides (it holds ``<id>_prob.npy``)."""
+    return path.is_dir() and bool(predicted_slides(path))
+
+
+def evaluate_command(args: argparse.Namespace) -> Problems:
+    """``stas evaluate --slides``: the threshold curve of the predicted slides against ``--masks`` into ``--out``
+    (``metrics.json``, ``threshold_dice.png``); prints the mean Dice at 0.5 and at the best threshold."""
+    problems = Problems("evaluate")
+    try:
+        if (args.out / "metrics.json").exists() and not args.overwrite:
+            raise OutputExistsError(args.out / "metrics.json")
+        sources, histograms = mask_sources(args.masks), {}
+        for ident, prob_path in tqdm(predicted_slides(args.slides).items(), desc="slides", unit="slide"):
+            try:
+                if ident not in sources:
+                    raise ValueError(f"no mask for {ident} in {args.masks}")
+                prob, shape, scale = open_prediction(prob_path)
+                mask = open_mask(sources[ident][0], sources[ident][1], shape)
+                histograms[ident] = probability_histograms(prob, mask, shape, scale)
+            except (SlideError, ValueError, OSError) as err:
+                problems.skip(prob_path, str(err))
+        if not histograms:
+            raise InputFolderError(f"{args.slides}: no predicted slide could be scored")
+        result = threshold_curve(histograms)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "metrics.json", {"slides": str(args.slides), "masks": str(args.masks), **result},
+                   overwrite=args.overwrite)
+        plot_curve(result, args.out / "threshold_dice.png")
+    except StasError:
+        raise
+    except (OSError, ValueError) as e:  # an unreadable mask source or unwritable output: one line, a refusal
+        raise StasError(str(e)) from e
+    print(f"mean Dice over {len(histograms)} slides: {result['mean_dice_at_0.5']:.4f} at 0.5, "
+          f"{result['mean_dice_at_best']:.4f} at the best threshold {result['best_threshold']:.2f}")
+    return problems

@@ -17,7 +17,9 @@ stitched with Gaussian weights (MONAI's importance map) or centre weights (a win
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +33,27 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from stas_pipeline.core.datalist import read_datalist, test_images
+from stas_pipeline.core.errors import EXIT_NOTHING, NothingWrittenError
 from stas_pipeline.core.fileio import atomic_folder, write_png
-from stas_pipeline.core.lmdb_cache import describe, to_uint8
-from stas_pipeline.core.mask_io import NothingWrittenError
+from stas_pipeline.core.lmdb_cache import describe, image_size_pair, to_uint8
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.trained_runs import TTA_FLIPS
-from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta
+from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError
+from stas_pipeline.tasks.base import Predictor
+from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta, load_run_model, out_of_fold
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips, file_id, write_rle_csv
-from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, plan_tiles, read_tile_image
+from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, find_slides, plan_tiles, read_tile_image
 from stas_pipeline.tasks.slide.tissue import thumbnail
 
 STITCH_MODES = ("gaussian", "centre")
 RLE_STRIP = 1024  # level-0 columns per RLE strip
+
+
+class NoSlidePredictedError(NothingWrittenError):
+    """Every slide was skipped: nothing could be done (exit 2)."""
+
+    exit_code = EXIT_NOTHING
 
 
 @dataclass
@@ -251,6 +261,47 @@ def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out:
             if settings.skip_empty is not None:
                 problems.count("decoder passes skipped", skipped)
         if not rows:
-            raise NothingWrittenError(f"{out}: every slide was skipped; nothing written")
+            raise NoSlidePredictedError(f"{out}: every slide was skipped; nothing written")
         write_rle_csv(rows, tmp / "predictions.csv")
     return problems
+
+
+def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
+    """``stas predict`` of whole slides (``--slides``, or a tile datalist's test slides, or with
+    ``--out-of-fold`` its training slides) and their predictor; the datalist's ``tiles`` settings are the
+    defaults of the window and tissue options."""
+    tiles = (read_datalist(args.datalist).get("tiles") if args.datalist else None) or {}
+    runs = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+    sizes = {image_size_pair(r.image_size) for r in runs}
+    if len(sizes) > 1 or len(next(iter(sizes))) != 2 or len(set(next(iter(sizes)))) != 1:
+        raise PredictError(f"whole-slide prediction needs runs of one square image size, got {sorted(sizes)}")
+    scale = args.scale or tiles.get("scale", 4)
+    size = args.tile_size or next(iter(sizes))[0] * scale
+    spec = TileSpec(size, args.stride or tiles.get("stride", size // 2), scale)
+    defaults = TissueSettings()
+    tissue = TissueSettings(args.tissue_method or tiles.get("method", defaults.method),
+                            args.tissue_threshold or tiles.get("threshold", defaults.threshold),
+                            args.thumbnail or tiles.get("thumbnail", defaults.thumbnail), args.min_tissue)
+    if args.skip_empty is not None and not all(hasattr(r.model, "presence") for r in runs):
+        raise PredictError("--skip-empty needs runs trained with the auxiliary head (aux_head true)")
+    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size, args.skip_empty)
+    problems = Problems("predict")
+    assignments = None
+    if args.slides:
+        slides = find_slides(args.slides, problems)
+    elif args.out_of_fold:
+        assignments = out_of_fold(args.datalist, infos)
+        slides = list(assignments)
+    else:
+        slides = test_images(args.datalist)
+
+    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+        if not estimating:
+            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                done = predict_slides(runs, chosen, Path(tmp, "out"), settings, assignments)
+        done.skipped = problems.skipped + done.skipped
+        return done
+
+    return slides, predict

@@ -10,15 +10,31 @@ every fold and validate none), and their ``mask_fraction`` (for balanced draws) 
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.classification.pseudo_labels import (
+    STAGE,
+    PseudoLabelError,
+    check_round_options,
+    is_pseudo,
+    next_round,
+    read_round_datalist,
+    rebase,
+    rebased_datalist,
+    relative,
+    write_round,
+)
 from stas_pipeline.tasks.slide.evaluation import open_prediction, predicted_slides
 from stas_pipeline.tasks.slide.inference import slide_rle
-from stas_pipeline.tasks.slide.rle import file_id
+from stas_pipeline.tasks.slide.rle import file_id, write_rle_csv
 
 
 def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, max_uncertain: float,
@@ -56,3 +72,53 @@ def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, m
     if not rles:
         problems.warn(predictions, "no predicted slide has tiles in the datalist's test list")
     return rles, kept, counts
+
+
+def pseudo_label_slides(datalist: dict, datalist_path: str | Path, predictions: Path, out: str | Path,
+                        high: float, low: float, max_uncertain: float, problems: Problems
+                        ) -> tuple[dict, Path, list[tuple[str, str]]]:
+    """The next round's datalist from slide predictions (see the module doc), the pseudo-mask CSV
+    it names, and that CSV's rows."""
+    base, new_base = Path(os.path.abspath(datalist_path)).parent, Path(os.path.abspath(out)).parent
+    round_no = next_round(datalist)
+    masks_csv = new_base / f"{Path(out).stem}_pseudo_masks.csv"
+    rles, tiles, counts = pseudo_tiles(datalist.get("test", []), predictions, high, low, max_uncertain, problems)
+    training = rebase(datalist["training"], base, new_base)
+    earlier = {(e["image"], json.dumps(e["tile"], sort_keys=True)) for e in training if is_pseudo(e) and "tile" in e}
+    added = []
+    for entry in rebase(tiles, base, new_base):
+        if (entry["image"], json.dumps(entry["tile"], sort_keys=True)) in earlier:
+            counts["tiles_already_pseudo"] = counts.get("tiles_already_pseudo", 0) + 1
+            continue
+        entry = {k: v for k, v in entry.items() if k != "fold"}
+        added.append({**entry, "label": relative(masks_csv, new_base), "source": "pseudo", "pseudo_round": round_no})
+    record = {"round": round_no, "predictions": relative(predictions, new_base), "high": high, "low": low,
+              "max_uncertain": max_uncertain, "masks": relative(masks_csv, new_base), **counts,
+              "tiles_added": len(added)}
+    new = rebased_datalist(datalist, base, new_base)
+    new["training"] = new["training"] + added
+    new["pseudo_rounds"] = [*datalist.get("pseudo_rounds", []), record]
+    return new, masks_csv, sorted(rles.items())
+
+
+def pseudo_label_tiles(args: argparse.Namespace) -> Problems:
+    """``stas pseudo-label`` of slide predictions (``--predictions``: a folder of ``stas predict --slides``): the
+    next round's datalist and its pseudo-mask CSV written, the round reported."""
+    problems = Problems(STAGE)
+    check_round_options(args)
+    datalist = read_round_datalist(args.datalist)
+    try:
+        new, masks_csv, rows = pseudo_label_slides(datalist.raw, args.datalist, args.predictions, args.out,
+                                                   args.high, args.low, args.max_uncertain, problems)
+        if rows:
+            write_rle_csv(rows, masks_csv, overwrite=args.overwrite)
+    except StasError:
+        raise
+    except (OSError, ValueError) as err:  # slides or masks that cannot be read or written stop the round
+        raise PseudoLabelError(str(err)) from None
+    write_round(args.out, new, datalist, args.overwrite)
+    r = new["pseudo_rounds"][-1]
+    print(f"round {r['round']}: {r['tiles_added']} confident tiles of {r['slides']} slides added as pseudo labels "
+          f"({r['positive_tiles']} with foreground); {r['tiles_uncertain']} tiles left out (more than "
+          f"{args.max_uncertain:g} of their pixels between {args.low:g} and {args.high:g}); masks in {masks_csv}")
+    return problems

@@ -7,23 +7,35 @@ An empty mask is the empty string. Masks of slides do not fit in memory, so both
 (H, W) array that may be a memory map (column-major on disk, so each run is one contiguous write).
 
 A string that is not pairs of positive integers, whose runs are not sorted or overlap, or that runs past the
-mask raises :class:`RLEError` naming the first bad run.
+mask raises :class:`RLEError` naming the first bad run. :func:`encode_files` and :func:`decode_csv` are
+``stas rle``'s work: mask files to one RLE CSV and back, slide-sized masks read and written by strips or windows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
+from PIL import Image
 
-from stas_pipeline.core.fileio import atomic_path
+from stas_pipeline.core.errors import NothingWrittenError, StasError
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, atomic_path, write_png
+from stas_pipeline.core.images import IMAGE_SUFFIXES, SLIDE_SUFFIXES, strip_suffix
+from stas_pipeline.core.mask_io import read_grey_png
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.slide.reader import Slide, write_slide
 
 
-class RLEError(ValueError):
+class RLEError(StasError, ValueError):
     """An RLE string that does not describe a mask of the given size, or a CSV without its columns."""
+
+
+class RLEFileError(StasError, OSError):
+    """An RLE CSV, mask or output folder that the system cannot read or write (its message kept)."""
 
 
 ID_COLUMNS, ENCODING_COLUMNS = ("id", "image", "image_id"), ("encoding", "predicted", "rle")
@@ -158,16 +170,9 @@ class RLEMask:
         return self.window(y, x, h, w)[..., None] * np.uint8(255)
 
 
-_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs", ".jpeg", ".png", ".jpg")
-
-
 def file_id(path: str | Path) -> str:
-    """The id of a slide or mask file: its name without the image suffix (``a.ome.tif`` -> ``a``)."""
-    name = Path(path).name
-    for suffix in _SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[:-len(suffix)]
-    return Path(path).stem
+    """The id of a slide or mask file: its name without the slide or image suffix (``a.ome.tif`` -> ``a``)."""
+    return strip_suffix(path, (*SLIDE_SUFFIXES, *IMAGE_SUFFIXES))
 
 
 def read_rle_csv(path: str | Path) -> list[tuple[str, str]]:
@@ -189,3 +194,103 @@ def write_rle_csv(rows: list[tuple[str, str]], out: str | Path, overwrite: bool 
         writer = csv.writer(f)
         writer.writerow(["id", "encoding"])
         writer.writerows(rows)
+
+
+STAGE = "rle"
+STRIP = 1024  # columns per strip when a TIFF mask is read
+
+
+def _tiff_strips(slide: Slide) -> Iterator[np.ndarray]:
+    height, width = slide.level_shape(0)
+    for x in range(0, width, STRIP):
+        yield slide.read(0, x, height, min(STRIP, width - x))[..., 0]
+
+
+def encode_mask_file(path: str | Path) -> str:
+    """The RLE string of one mask file (TIFFs read by column strips)."""
+    if Path(path).suffix.lower() in (".tif", ".tiff", ".svs"):
+        with Slide(path) as slide:
+            return encode_strips(_tiff_strips(slide), slide.level_shape(0)[0])
+    return encode(read_grey_png(path))
+
+
+@contextlib.contextmanager
+def _system_errors() -> Iterator[None]:
+    """An OSError that is not already a StasError (a CSV not found, a folder not writable) as RLEFileError."""
+    try:
+        yield
+    except StasError:
+        raise
+    except OSError as err:
+        raise RLEFileError(str(err)) from err
+
+
+@_system_errors()
+def encode_files(masks: list[Path], out: Path, overwrite: bool = False) -> Problems:
+    """``out``: an RLE CSV of every mask file (id: the file name without its suffix); unreadable masks and
+    repeated ids are reported and skipped; NothingWrittenError when every one was."""
+    problems = Problems(f"{STAGE} encode")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(out)
+    rows, seen = [], {}
+    for path in masks:
+        ident = file_id(path)
+        try:
+            if ident in seen:
+                raise ValueError(f"id {ident!r} also comes from {seen[ident]}")
+            rows.append((ident, encode_mask_file(path)))
+            seen[ident] = path
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            problems.skip(path, str(err))
+    if not rows:
+        raise NothingWrittenError(f"{out}: every mask was skipped; nothing written")
+    write_rle_csv(rows, out, overwrite)
+    problems.count("encoded", len(rows))
+    return problems
+
+
+def _sizes_like(files: list[Path], problems: Problems) -> dict[str, tuple[int, int]]:
+    """(height, width) of each readable file by its id; unreadable files are reported."""
+    sizes = {}
+    for path in files:
+        try:
+            if path.suffix.lower() in (".tif", ".tiff", ".svs"):
+                with Slide(path) as slide:
+                    sizes[file_id(path)] = slide.level_shape(0)
+            else:
+                with Image.open(path) as img:
+                    sizes[file_id(path)] = (img.height, img.width)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            problems.skip(path, f"cannot take its size: {err}")
+    return sizes
+
+
+@_system_errors()
+def decode_csv(csv_path: Path, out: Path, shape: tuple[int, int] | None, like: list[Path], fmt: str = "png",
+               overwrite: bool = False) -> Problems:
+    """``out/<id>.png`` (or tiled ``.tif`` with ``fmt="tif"``) for every row of an RLE CSV, each of ``shape`` or
+    of the ``like`` file of the same id; bad rows are reported and skipped; the folder appears when complete."""
+    problems = Problems(f"{STAGE} decode")
+    rows = read_rle_csv(csv_path)
+    sizes = _sizes_like(like, problems)
+    done = set()
+    with atomic_folder(out, overwrite) as tmp:
+        for ident, rle in rows:
+            size = shape or sizes.get(ident)
+            try:
+                if ident in done or not ident or Path(ident).name != ident:
+                    raise ValueError("a repeated id" if ident in done else f"id {ident!r} is not a file name")
+                if size is None:
+                    raise ValueError(f"no size: no --like file named {ident}.* and no --shape")
+                if fmt == "png":
+                    write_png(tmp / f"{ident}.png", decode(rle, size) * 255)
+                else:
+                    write_slide(tmp / f"{ident}.tif", RLEMask(rle, size).image, size[0], size[1], channels=1,
+                                levels=3)
+                problems.count("decoded")
+                done.add(ident)
+            except (RLEError, ValueError) as err:
+                problems.skip(f"{csv_path} id {ident}", str(err))
+        if not problems.counts["decoded"]:
+            raise NothingWrittenError(f"{out}: every row was skipped; nothing written")
+    return problems

@@ -1,7 +1,17 @@
-"""Whole-slide tiled segmentation (the kidney-glomeruli recipe): tiles over tissue, stitched windows, RLE."""
+"""Whole-slide tiled segmentation (the kidney-glomeruli recipe): tiles over tissue, stitched windows, RLE.
+
+The hooks import their modules when called (see tasks/segmentation/task.py: start-up time of every stage).
+"""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.base import Predictor, Task
 from stas_pipeline.tasks.segmentation.task import SegmentationTask
 
 
@@ -9,6 +19,39 @@ class SlideTask(SegmentationTask):
     name = "slide"
     description = "masks of whole slides (tiles over tissue; stitched windows; Dice at every threshold; RLE)"
     refines = ("segmentation",)
-    datalist_options = ()  # its datalist is written by stas tile
+    datalist_options = ()
     predict_options = ("slides",)
     evaluate_options = ("slides",)
+    demo_outputs = ("data", "tiles", "runs", "predictions", "evaluation")
+    make_datalist = Task.make_datalist  # its datalist is written by stas tile
+
+    def entry_loader(self) -> Callable:
+        from stas_pipeline.core.lmdb_cache import array_loader
+        from stas_pipeline.tasks.slide.tiling import load_tile
+
+        return array_loader(load_tile)
+
+    def predictor(self, args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
+        from stas_pipeline.tasks.slide.inference import predictor
+
+        return predictor(args, infos)
+
+    def pseudo_label(self, args: argparse.Namespace) -> Problems:
+        from stas_pipeline.tasks.slide.pseudo_labels import pseudo_label_tiles
+
+        return pseudo_label_tiles(args)
+
+    def reads_predictions(self, path: Path) -> bool:  # ensembled as segmentation's folders (its ensemble)
+        from stas_pipeline.tasks.slide.evaluation import is_slide_prediction_folder
+
+        return is_slide_prediction_folder(path)
+
+    def evaluate(self, args: argparse.Namespace) -> Problems:
+        from stas_pipeline.tasks.slide.evaluation import evaluate_command
+
+        return evaluate_command(args)
+
+    def demo(self, args: argparse.Namespace) -> Any:
+        from stas_pipeline.tasks.slide.demo import SlideDemo
+
+        return SlideDemo(args)

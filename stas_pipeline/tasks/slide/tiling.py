@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from stas_pipeline.core.images import SLIDE_MASK_SUFFIXES, SLIDE_SUFFIXES, has_suffix
+from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.slide.reader import Slide, SlideError
-from stas_pipeline.tasks.slide.rle import RLEError, RLEMask, read_rle_csv
+from stas_pipeline.tasks.slide.rle import RLEError, RLEMask, file_id, read_rle_csv
 from stas_pipeline.tasks.slide.tissue import thumbnail, tissue_mask
 
 MaskWindow = Callable[[int, int, int, int], np.ndarray]  # (y, x, h, w) -> (h, w) uint8 0/1
@@ -260,3 +262,34 @@ def plan_tiles(slide_path: str | Path, spec: TileSpec, tissue: TissueSettings,
             entry["mask_fraction"] = round(float(mask(y, x, spec.size, spec.size).mean()), 5)
         tiles.append(entry)
     return SlidePlan(tiles, thumb, found, down)
+
+
+# ---------------------------------------------------------------------------- slides and their masks
+
+
+def find_slides(paths: list[Path], problems: Problems) -> list[Path]:
+    """Slide files given directly or found in folders (by suffix), sorted, each id once."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if has_suffix(p, SLIDE_SUFFIXES))
+        elif path.exists():
+            found.append(path)
+        else:
+            problems.skip(path, "no such file or folder")
+    seen: dict[str, Path] = {}
+    for path in found:
+        if file_id(path) in seen:
+            problems.skip(path, f"same id {file_id(path)!r} as {seen[file_id(path)]}")
+        else:
+            seen[file_id(path)] = path
+    return list(seen.values())
+
+
+def mask_sources(masks: Path | None) -> dict[str, tuple[Path, str | None]]:
+    """Slide id -> (mask file, RLE row id or None): the masks of a folder, or the rows of an RLE CSV."""
+    if masks is None:
+        return {}
+    if masks.is_dir():
+        return {file_id(p): (p, None) for p in sorted(masks.iterdir()) if has_suffix(p, SLIDE_MASK_SUFFIXES)}
+    return {ident: (masks, ident) for ident, _ in read_rle_csv(masks)}
