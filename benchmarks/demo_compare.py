@@ -5,6 +5,7 @@ submission member), and two fingerprints compared.
     python benchmarks/demo_compare.py run --out /tmp/before            # writes /tmp/before/fingerprint.json
     python benchmarks/demo_compare.py run --out /tmp/after
     python benchmarks/demo_compare.py diff /tmp/before/fingerprint.json /tmp/after/fingerprint.json
+    python benchmarks/demo_compare.py refingerprint /tmp/before        # again, without running the demos
 
 To fingerprint an older checkout with the same environment, put it first on the path:
 ``PYTHONPATH=/path/to/old/checkout python benchmarks/demo_compare.py run --out /tmp/before``. Timings and paths
@@ -44,17 +45,27 @@ def _digest(data: bytes) -> str:
 
 
 def fingerprint(out: Path) -> dict:
-    """Figures and prediction checksums of one demo's output folder."""
+    """Figures and prediction checksums of one demo's output folder (the folder's own path, which CSVs of
+    image-level predictions hold, replaced by ``<OUT>`` first)."""
     files = {}
     for path in sorted((out / "predictions").rglob("*")):
         if path.is_file():
-            files[str(path.relative_to(out))] = _digest(path.read_bytes())
+            files[str(path.relative_to(out))] = _digest(path.read_bytes().replace(str(out).encode(), b"<OUT>"))
     if (out / "submission.zip").is_file():
         with zipfile.ZipFile(out / "submission.zip") as archive:
             for name in sorted(archive.namelist()):
                 files[f"submission.zip:{name}"] = _digest(archive.read(name))
     summary = json.loads((out / "summary.json").read_text())
     return {"figures": _figures(summary), "files": files}
+
+
+def refingerprint(folder: Path) -> None:
+    """Fingerprint again the demos already run into ``folder`` (after a change to :func:`fingerprint`)."""
+    result = json.loads((folder / "fingerprint.json").read_text())
+    for task in TASKS:
+        if (folder / task / "summary.json").is_file():
+            result[task] = fingerprint(folder / task)
+    (folder / "fingerprint.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
 
 
 def run(out: Path, tasks: list[str], threads: int) -> dict:
@@ -97,6 +108,8 @@ def main() -> int:
     run_p.add_argument("--out", type=Path, required=True, help="folder for the demos' outputs and the fingerprint")
     run_p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks (default: all four)")
     run_p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each demo (default: 2)")
+    again = sub.add_parser("refingerprint", help="fingerprint the outputs of an earlier run again")
+    again.add_argument("folder", type=Path)
     diff_p = sub.add_parser("diff", help="compare two fingerprints; exit 1 on any difference")
     diff_p.add_argument("before", type=Path)
     diff_p.add_argument("after", type=Path)
@@ -106,6 +119,9 @@ def main() -> int:
         result = run(args.out, args.tasks, args.threads)
         (args.out / "fingerprint.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         return 0 if all("exit" not in result[t] for t in args.tasks) else 1
+    if args.command == "refingerprint":
+        refingerprint(args.folder)
+        return 0
     before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
     lines = diff(before, after)
     for line in lines:

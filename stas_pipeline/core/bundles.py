@@ -16,9 +16,7 @@ class BundleError(StasError, RuntimeError):
 
 def repository_root() -> Path:
     """The folder holding ``bundles/`` (the bundles' ``%bundles/...`` macros are relative to it)."""
-    import stas_pipeline
-
-    root = Path(stas_pipeline.__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "bundles" / "common.json").is_file():
         raise BundleError(f"bundles/common.json not found beside the package (looked in {root}); "
                           "use a clone installed with 'pip install -e .'")

@@ -14,6 +14,8 @@ traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 EXIT_DONE = 0  # every input done
@@ -32,6 +34,20 @@ class NothingWrittenError(StasError, RuntimeError):
     """Every input was skipped (each already reported); the output was left as it was."""
 
     exit_code = EXIT_SKIPPED
+
+
+@contextmanager
+def refused(kinds: tuple[type[BaseException], ...] = (OSError, ValueError),
+            as_error: type[StasError] = StasError) -> Iterator[None]:
+    """Within it, an exception of ``kinds`` (a file that cannot be read or written, a value the input gets wrong)
+    becomes ``as_error`` with the same message: a refusal in one line (exit 2), not an internal fault. A
+    StasError passes through as it is."""
+    try:
+        yield
+    except StasError:
+        raise
+    except kinds as err:
+        raise as_error(str(err)) from err
 
 
 def input_error(err: BaseException | None) -> BaseException | None:

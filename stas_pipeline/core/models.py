@@ -19,6 +19,7 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from stas_pipeline.core.errors import StasError
@@ -164,8 +165,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear message

@@ -171,7 +171,7 @@ class RunRecorder:
             torch.save(obj, tmp)
 
     def _plot(self) -> None:
-        import matplotlib
+        import matplotlib  # here: pyplot takes a second to import and needs its backend chosen first
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import int_at_least, open_fraction
-from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.errors import refused
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.slide.tile_command import STAGE, TileError, tile_slides
 from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, find_slides
@@ -63,15 +63,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     problems = Problems(STAGE)
     slides = find_slides(args.slides, problems)
-    try:
+    with refused(as_error=TileError):  # a bad setting or an unreadable file: the input's fault, exit 2
         spec = TileSpec(args.size, args.stride, args.scale, args.quarter_shift)
         tissue = TissueSettings(args.tissue_method, args.tissue_threshold, args.thumbnail, args.min_tissue)
         done = tile_slides(slides, args.out, args.masks, spec, tissue, args.folds, args.groups, args.seed,
                            args.overwrite)
-    except StasError:
-        raise
-    except (ValueError, OSError) as err:  # a bad setting or an unreadable file: the input's fault, exit 2
-        raise TileError(str(err)) from err
     done.skipped = problems.skipped + done.skipped
     return done.finish()
 

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from stas_pipeline.core.datalist import DatalistError, entries
-from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.errors import refused
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
@@ -407,7 +407,7 @@ def evaluate_command(args: argparse.Namespace) -> Problems:
     """``stas evaluate --predictions`` of a probability CSV: score it, print the scores, return the problems."""
     if args.cuts is not None:
         raise PredictionsError(f"--cuts: for grading CSVs (image,score,grade,...); {args.predictions} is not one")
-    try:
+    with refused():
         metrics, problems = evaluate_predictions(
             args.predictions,
             args.datalist,
@@ -417,9 +417,5 @@ def evaluate_command(args: argparse.Namespace) -> Problems:
             worst=8 if args.worst is None else args.worst,
             overwrite=args.overwrite,
         )
-    except StasError:
-        raise
-    except (OSError, ValueError) as e:  # an unreadable or unwritable file: reported in one line, as a refusal
-        raise StasError(str(e)) from e
     print(format_metrics(metrics))
     return problems

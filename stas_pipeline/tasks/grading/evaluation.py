@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.errors import refused
 from stas_pipeline.core.fileio import OutputExistsError, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.evaluation import read_section_labels
@@ -103,13 +103,9 @@ def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | P
 
 def evaluate_command(args: argparse.Namespace) -> Problems:
     """``stas evaluate --predictions`` of a grading CSV: score it, print the scores, return the problems."""
-    try:
+    with refused():
         metrics, problems = evaluate_grading(args.predictions, args.datalist, args.out, section=args.section or "test",
                                              overwrite=args.overwrite, cuts_file=args.cuts)
-    except StasError:
-        raise
-    except (OSError, ValueError) as e:  # an unreadable or unwritable file: reported in one line, as a refusal
-        raise StasError(str(e)) from e
     print(format_grading(metrics))
     return problems
 

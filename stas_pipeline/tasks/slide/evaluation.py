@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.errors import refused
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_json
 from stas_pipeline.core.images import InputFolderError
 from stas_pipeline.core.problems import Problems
@@ -101,7 +101,7 @@ def evaluate_command(args: argparse.Namespace) -> Problems:
     """``stas evaluate --slides``: the threshold curve of the predicted slides against ``--masks`` into ``--out``
     (``metrics.json``, ``threshold_dice.png``); prints the mean Dice at 0.5 and at the best threshold."""
     problems = Problems("evaluate")
-    try:
+    with refused():  # an unreadable mask source or unwritable output: one line, a refusal
         if (args.out / "metrics.json").exists() and not args.overwrite:
             raise OutputExistsError(args.out / "metrics.json")
         sources, histograms = mask_sources(args.masks), {}
@@ -121,10 +121,6 @@ def evaluate_command(args: argparse.Namespace) -> Problems:
         write_json(args.out / "metrics.json", {"slides": str(args.slides), "masks": str(args.masks), **result},
                    overwrite=args.overwrite)
         plot_curve(result, args.out / "threshold_dice.png")
-    except StasError:
-        raise
-    except (OSError, ValueError) as e:  # an unreadable mask source or unwritable output: one line, a refusal
-        raise StasError(str(e)) from e
     print(f"mean Dice over {len(histograms)} slides: {result['mean_dice_at_0.5']:.4f} at 0.5, "
           f"{result['mean_dice_at_best']:.4f} at the best threshold {result['best_threshold']:.2f}")
     return problems

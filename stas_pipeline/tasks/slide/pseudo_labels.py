@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.errors import refused
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.pseudo_labels import (
     STAGE,
@@ -107,15 +107,11 @@ def pseudo_label_tiles(args: argparse.Namespace) -> Problems:
     problems = Problems(STAGE)
     check_round_options(args)
     datalist = read_round_datalist(args.datalist)
-    try:
+    with refused(as_error=PseudoLabelError):  # slides or masks that cannot be read or written stop the round
         new, masks_csv, rows = pseudo_label_slides(datalist.raw, args.datalist, args.predictions, args.out,
                                                    args.high, args.low, args.max_uncertain, problems)
         if rows:
             write_rle_csv(rows, masks_csv, overwrite=args.overwrite)
-    except StasError:
-        raise
-    except (OSError, ValueError) as err:  # slides or masks that cannot be read or written stop the round
-        raise PseudoLabelError(str(err)) from None
     write_round(args.out, new, datalist, args.overwrite)
     r = new["pseudo_rounds"][-1]
     print(f"round {r['round']}: {r['tiles_added']} confident tiles of {r['slides']} slides added as pseudo labels "

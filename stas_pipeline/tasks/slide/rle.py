@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image
 
-from stas_pipeline.core.errors import NothingWrittenError, StasError
+from stas_pipeline.core.errors import NothingWrittenError, StasError, refused
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, atomic_path, write_png
 from stas_pipeline.core.images import IMAGE_SUFFIXES, SLIDE_SUFFIXES, strip_suffix
 from stas_pipeline.core.mask_io import read_grey_png
@@ -214,15 +214,9 @@ def encode_mask_file(path: str | Path) -> str:
     return encode(read_grey_png(path))
 
 
-@contextlib.contextmanager
-def _system_errors() -> Iterator[None]:
+def _system_errors() -> contextlib.AbstractContextManager:
     """An OSError that is not already a StasError (a CSV not found, a folder not writable) as RLEFileError."""
-    try:
-        yield
-    except StasError:
-        raise
-    except OSError as err:
-        raise RLEFileError(str(err)) from err
+    return refused((OSError,), RLEFileError)
 
 
 @_system_errors()
