@@ -84,7 +84,7 @@ def read_datalist(path: str | Path) -> Datalist:
     """The datalist at ``path``, its layout checked; DatalistError naming the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise DatalistError(f"{path}: no such datalist (make one with: stas make-datalist)")
+        raise DatalistError(f"datalist {path}: no such file (make one with: stas make-datalist)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as err:
