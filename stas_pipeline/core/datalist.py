@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import write_json
+from stas_pipeline.core.problems import Problems
 
 SECTIONS = ("training", "test")
 LABEL_KINDS = ("mask", "number", "")
@@ -155,3 +157,67 @@ def number_of(entry: dict, key: str = "label") -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+@dataclass
+class SectionLabels:
+    """The ground truth of one datalist section, by image key."""
+
+    labels: dict[str, int]
+    pseudo: set[str]  # pseudo-labelled entries: not ground truth
+    unlabelled: set[str]
+    folds: dict[str, int]  # the fold of each labelled entry that has one
+
+
+def _label(value: object, classes: Sequence[int]) -> int | None:
+    """One of ``classes`` from a JSON label (0, 1, 1.0, ...); None for anything else (bools, mask paths)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in classes:
+        return None
+    return int(value)
+
+
+def read_section_labels(datalist: str | Path, section: str, problems: Problems,
+                        classes: Sequence[int] = (0, 1)) -> SectionLabels:
+    """The labels (0/1, or any of ``classes``, e.g. grades 0-4) of ``datalist``'s ``section`` (read with
+    :func:`entries`), and the folds of those entries.
+
+    Entries with ``pseudo_round`` and entries without ``label`` are set apart; an entry with a label not in
+    ``classes`` or repeating an image is reported and left out. Raises :class:`DatalistError` for an unreadable
+    datalist or labels that are all paths (a segmentation datalist).
+    """
+    datalist = Path(datalist)
+    try:
+        items = entries(datalist, section)
+    except DatalistError as e:
+        reason = str(e).removeprefix(f"{datalist}: ")
+        raise DatalistError(f"{datalist}: cannot read the datalist: {reason}") from None
+    labels: dict[str, int] = {}
+    folds: dict[str, int] = {}
+    pseudo: set[str] = set()
+    unlabelled: set[str] = set()
+    bad: list[tuple[str, str]] = []
+    for i, entry in enumerate(items):
+        where = f"{datalist} {section}[{i}]"
+        key = str(Path(entry["image"]).resolve())  # joined to the datalist's folder by the reader already
+        if "pseudo_round" in entry:
+            pseudo.add(key)
+            continue
+        if "label" not in entry:
+            unlabelled.add(key)
+            continue
+        label = _label(entry["label"], classes)
+        if label is None:
+            names = " or ".join(map(str, classes)) if len(classes) == 2 else f"one of {list(classes)}"
+            bad.append((key, f"label {entry['label']!r} is not {names} ({where})"))
+        elif key in labels:
+            bad.append((key, f"listed twice in the {section!r} section of {datalist}; the first entry is used"))
+        else:
+            labels[key] = label
+            if isinstance(entry.get("fold"), int):
+                folds[key] = entry["fold"]
+    if not labels and any(isinstance(e.get("label"), str) for e in items):
+        raise DatalistError(f"{datalist}: the {section!r} labels are paths, not 0/1 (a segmentation datalist? "
+                               "masks are scored with --pred/--ref)")
+    for where, reason in bad:
+        problems.skip(where, reason)
+    return SectionLabels(labels, pseudo, unlabelled, folds)

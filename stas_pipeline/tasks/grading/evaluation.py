@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from stas_pipeline.core.datalist import read_section_labels
 from stas_pipeline.core.errors import refused
 from stas_pipeline.core.fileio import OutputExistsError, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.tasks.classification.evaluation import read_section_labels
 from stas_pipeline.tasks.classification.scores_csv import PredictionsError, csv_header, read_predictions_csv
 from stas_pipeline.tasks.grading.cut_points import guarded_search
 from stas_pipeline.tasks.grading.metrics import DEFAULT_CUTS, N_GRADES, cut, grading_scores, plot_confusion
