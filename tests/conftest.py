@@ -9,6 +9,7 @@ import pytest
 
 from stas_pipeline.core.datalist import entries, write_datalist
 from stas_pipeline.core.lmdb_cache import build_cache
+from stas_pipeline.core.splits import Split
 from stas_pipeline.core.synthetic import make_dataset
 from stas_pipeline.tasks.segmentation.datalist import make_datalist
 
@@ -22,7 +23,8 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and caches ``cache_64`` and ``cache_96`` (the bundles' default cache names for those sizes)."""
     root = tmp_path_factory.mktemp("synthetic")
     images, masks = make_dataset(root, n=40, height=80, width=96)
-    write_datalist(root / "datalist.json", make_datalist(images, masks, root, folds=5, seed=0), "segmentation", "mask")
+    datalist = make_datalist(images, masks, root, Split(folds=5, seed=0))
+    write_datalist(root / "datalist.json", datalist, "segmentation", "mask")
     items = entries(root / "datalist.json", "training")
     for size in CACHE_SIZES:
         build_cache(items, root / f"cache_{size}", size, progress=False)

@@ -15,6 +15,7 @@ import torch
 from monai.bundle import run
 
 from stas_pipeline.core.datalist import write_datalist
+from stas_pipeline.core.splits import Split
 from stas_pipeline.core.synthetic import make_dataset
 from stas_pipeline.stages import build_lmdb
 from stas_pipeline.tasks.segmentation.datalist import make_datalist
@@ -172,8 +173,8 @@ def test_metadata_passes_monai_schema(meta):
 
 def test_an_image_left_out_of_the_cache_ends_the_bundle_with_one_line(tmp_path):
     images, masks = make_dataset(tmp_path, n=10, height=48, width=64)
-    write_datalist(tmp_path / "datalist.json", make_datalist(images, masks, tmp_path, folds=2, seed=0), "segmentation",
-                   "mask")
+    datalist = make_datalist(images, masks, tmp_path, Split(folds=2, seed=0))
+    write_datalist(tmp_path / "datalist.json", datalist, "segmentation", "mask")
     broken = sorted(Path(images).iterdir())[3]
     broken.write_bytes(broken.read_bytes()[:200])  # truncated after make-datalist read it
     argv = ["--datalist", str(tmp_path / "datalist.json"), "--out", str(tmp_path / "cache_64"), "--image-size", "64",

@@ -21,7 +21,7 @@ from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.datalist_tables import fold_table
 from stas_pipeline.core.images import pair_by_stem
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.splits import area_strata, assign_folds, split_weighted
+from stas_pipeline.core.splits import Split, area_strata, assign_folds, split_weighted
 from stas_pipeline.stages.make_datalist import build_parser, main
 from stas_pipeline.tasks.classification.label_sources import Source, make_label_datalist
 from stas_pipeline.tasks.segmentation.datalist import make_datalist
@@ -299,7 +299,7 @@ def test_existing_datalist_not_overwritten_without_flag(tmp_path, capsys):
 
 def test_make_datalist_library_call_groups_by_pattern(tmp_path):
     make_pairs(tmp_path, {"x1_a": 0, "x1_b": 3, "x2_a": 5, "x3_a": 0})
-    dl = make_datalist(tmp_path / "images", tmp_path / "masks", tmp_path, folds=3, group_regex=r"x\d")
+    dl = make_datalist(tmp_path / "images", tmp_path / "masks", tmp_path, Split(folds=3, group_regex=r"x\d"))
     assert dl["test"] == []
     assert [e["group"] for e in dl["training"]] == ["x1", "x1", "x2", "x3"]
     assert_groups_whole(dl, 3)
@@ -689,7 +689,7 @@ def test_help_explains_the_image_level_options():
 def test_library_call_with_sources(tmp_path):
     csv_path = labelled_set(tmp_path, n=10)
     problems = Problems("test")
-    dl = make_label_datalist([Source(csv_path, name="mine")], tmp_path, folds=2, test_fraction=0.2,
+    dl = make_label_datalist([Source(csv_path, name="mine")], tmp_path, split=Split(folds=2, test_fraction=0.2),
                              problems=problems)
     assert {e["source"] for e in dl["training"] + dl["test"]} == {"mine"}
     assert len(dl["test"]) == 2 and not problems.skipped
@@ -816,9 +816,10 @@ def test_label_counts_only_for_integer_labels(tmp_path):
     for i in range(6):
         make_image(tmp_path / f"r{i}.png")
     scores = write_csv(tmp_path / "scores.csv", "image,label", [f"r{i}.png,{i / 4}" for i in range(6)])
-    assert "label_counts" not in make_label_datalist([scores], tmp_path, folds=2, problems=Problems("test"))
+    dl = make_label_datalist([scores], tmp_path, split=Split(folds=2), problems=Problems("test"))
+    assert "label_counts" not in dl
     grades = write_csv(tmp_path / "grades.csv", "image,label", [f"r{i}.png,{i % 3 * 2}" for i in range(6)])
-    dl = make_label_datalist([grades], tmp_path, folds=2, problems=Problems("test"))
+    dl = make_label_datalist([grades], tmp_path, split=Split(folds=2), problems=Problems("test"))
     assert dl["label_counts"] == {"fold0": {"0": 1, "2": 1, "4": 1}, "fold1": {"0": 1, "2": 1, "4": 1}}
 
 
@@ -865,9 +866,9 @@ def test_group_by_goes_with_no_other_group_option(tmp_path, capsys):
               "--group-regex", "x"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(ValueError, match="one of group_regex, group_csv and group_by"):
-        make_label_datalist(["a.csv"], tmp_path, group_by="image-size", group_csv="g.csv")
+        make_label_datalist(["a.csv"], tmp_path, split=Split(group_by="image-size", group_csv="g.csv"))
     with pytest.raises(ValueError, match="group_by must be one of image-size"):
-        make_label_datalist(["a.csv"], tmp_path, group_by="clinic")
+        make_label_datalist(["a.csv"], tmp_path, split=Split(group_by="clinic"))
     assert "--group-by" in build_parser("stas make-datalist").format_help()
 
 

@@ -19,6 +19,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,29 @@ Label = int | float
 GROUP_BY = ("image-size",)
 
 
-def split_options(args: argparse.Namespace) -> dict:
-    """The splitting options of ``stas make-datalist`` as keyword arguments of the datalist builders."""
-    return {"test_images": args.test_images, "test_fraction": args.test_fraction, "folds": args.folds,
-            "seed": args.seed, "group_regex": args.group_regex, "group_csv": args.group_csv,
-            "group_by": args.group_by, "n_bins": args.bins}
+@dataclass(frozen=True)
+class Split:
+    """How a datalist builder splits its entries: ``folds`` folds by ``seed``, an inner test split of
+    ``test_fraction`` (None: none), unlabelled ``test_images`` (a folder), groups (``group_regex``,
+    ``group_csv`` or ``group_by``) and ``n_bins`` strata."""
+
+    folds: int = 5
+    seed: int = 0
+    test_fraction: float | None = None
+    test_images: str | Path | None = None
+    group_regex: str | re.Pattern[str] | None = None
+    group_csv: str | Path | None = None
+    group_by: str | None = None
+    n_bins: int = 4
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Split:
+        """The splitting options of ``stas make-datalist``."""
+        return cls(args.folds, args.seed, args.test_fraction, args.test_images, args.group_regex, args.group_csv,
+                   args.group_by, args.bins)
+
+
+DEFAULT_SPLIT = Split()
 
 
 # --- strata -----------------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from stas_pipeline.core.datalist import DatalistError
 from stas_pipeline.core.images import IMAGE_SUFFIXES, decode_sizes, list_files, relpath, unlabelled_test
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.splits import (
+    DEFAULT_SPLIT,
     Label,
+    Split,
     describe_grouping,
     describe_split,
     folds_and_test,
@@ -44,7 +46,6 @@ from stas_pipeline.core.splits import (
     label_strata,
     no_group,
     size_group,
-    split_options,
 )
 
 GROUP_COLUMN, SOURCE_COLUMN = "group", "source"
@@ -266,14 +267,7 @@ def make_label_datalist(
     label_column: str = "label",
     classes: Sequence[str] | None = None,
     subsample: Sequence[Subsample | str] = (),
-    test_images: str | Path | None = None,
-    test_fraction: float | None = None,
-    folds: int = 5,
-    seed: int = 0,
-    group_regex: str | re.Pattern[str] | None = None,
-    group_csv: str | Path | None = None,
-    group_by: str | None = None,
-    n_bins: int = 4,
+    split: Split = DEFAULT_SPLIT,
     problems: Problems | None = None,
 ) -> dict:
     """Build an image-level datalist dict (numeric labels) from labels CSVs and class-folder trees.
@@ -282,14 +276,15 @@ def make_label_datalist(
     cells are also looked up (after the CSV's own folder), by name or, for cells without an image extension, by
     stem; an image there that no CSV row names is reported as skipped. ``classes``: with CSVs alone, the labels
     must be indices 0..len(classes)-1 (``["0", "1", "2", "3", "4"]`` for grades 0-4). Groups come from
-    ``group_regex``/``group_csv`` (an image they do not cover is left out) or ``group_by="image-size"`` (the
-    decoded pixel size, ``"WxH"``), else from a CSV's ``group`` column (an empty cell: a group of its own).
+    ``split.group_regex``/``split.group_csv`` (an image they do not cover is left out) or
+    ``split.group_by="image-size"`` (the decoded pixel size, ``"WxH"``), else from a CSV's ``group`` column (an
+    empty cell: a group of its own).
     ``subsample``: keep a seeded fraction of one source's entries of one label (before decoding, so a broken
     file elsewhere does not change the sample). Problem rows and files are reported to ``problems`` and left
     out; raises :class:`DatalistError` for what stops the whole run.
     """
     problems = problems if problems is not None else Problems("make-datalist")
-    regex, table = grouping(group_regex, group_csv, group_by)
+    regex, table = grouping(split.group_regex, split.group_csv, split.group_by)
     base_dir = Path(base_dir)
     sources = [s if isinstance(s, Source) else Source(Path(s)) for s in sources]
     specs = [s if isinstance(s, Subsample) else Subsample.parse(s) for s in subsample]
@@ -339,7 +334,7 @@ def make_label_datalist(
         for row in rows:
             row.group = group_of(row.image, regex, table)
             if row.group is None:
-                problems.skip(row.image, no_group(regex, group_csv))
+                problems.skip(row.image, no_group(regex, split.group_csv))
             else:
                 kept.append(row)
         rows = kept
@@ -353,7 +348,7 @@ def make_label_datalist(
             problems.skip(same[0].image, f"listed {len(same)} times ({'; '.join(r.where for r in same)}); left out")
     rows = [same[0] for same in listed.values() if len(same) == 1]
 
-    rows = _subsample(rows, specs, class_map, seed, problems)
+    rows = _subsample(rows, specs, class_map, split.seed, problems)
 
     # decode every image (its size is its group with group_by="image-size")
     decodable = []
@@ -361,7 +356,7 @@ def make_label_datalist(
         if isinstance(size, str):
             problems.skip(row.image, f"cannot decode image: {size}")
             continue
-        if group_by is not None:
+        if split.group_by is not None:
             row.group = size_group(size)
         decodable.append(row)
     rows = decodable
@@ -370,10 +365,10 @@ def make_label_datalist(
 
     with_source = len(sources) > 1 or any(s.name for s in sources) or source_column or bool(specs)
     rows.sort(key=lambda r: relpath(r.image, base_dir))
-    strata = label_strata([r.label for r in rows], n_bins)
+    strata = label_strata([r.label for r in rows], split.n_bins)
     grouped = any(r.group is not None for r in rows)
     groups = [r.group if r.group is not None else (None, i) for i, r in enumerate(rows)] if grouped else None
-    fold_of = folds_and_test(strata, groups, folds, seed, test_fraction, "labelled images")
+    fold_of = folds_and_test(strata, groups, split.folds, split.seed, split.test_fraction, "labelled images")
     training, test = [], []
     for row, fold in zip(rows, fold_of, strict=True):
         entry = {"image": relpath(row.image, base_dir), "label": row.label}
@@ -382,26 +377,26 @@ def make_label_datalist(
         entry |= ({"source": row.source} if with_source else {})
         (training if fold is not None else test).append(entry)
     problems.count("entries", len(training))
-    if test_fraction is not None:
+    if split.test_fraction is not None:
         problems.count("inner test entries", len(test))
-    if test_images is not None:
-        test = sorted(test + unlabelled_test(test_images, base_dir, problems), key=lambda e: e["image"])
+    if split.test_images is not None:
+        test = sorted(test + unlabelled_test(split.test_images, base_dir, problems), key=lambda e: e["image"])
 
-    grouped_by = describe_grouping(regex, group_csv, group_by)
+    grouped_by = describe_grouping(regex, split.group_csv, split.group_by)
     grouped_by = grouped_by or (f", grouped by the {GROUP_COLUMN!r} column" if grouped else "")
-    by = "the label" if all(isinstance(r.label, int) for r in rows) else f"the label in {n_bins} quantile bins"
+    by = "the label" if all(isinstance(r.label, int) for r in rows) else f"the label in {split.n_bins} quantile bins"
     named = ", ".join(sorted({r.source for r in rows}))
     datalist = {
-        "description": f"image-level labels from {named}: {len(training)} images in {folds} folds stratified by "
-        f"{by}{describe_split(test_fraction, grouped_by, seed)}",
-        "folds": folds,
-        "seed": seed,
+        "description": f"image-level labels from {named}: {len(training)} images in {split.folds} folds stratified by "
+        f"{by}{describe_split(split.test_fraction, grouped_by, split.seed)}",
+        "folds": split.folds,
+        "seed": split.seed,
     }
     if class_list:
         datalist["classes"] = class_list
-    if test_fraction is not None:
-        datalist["test_fraction"] = test_fraction
-    counts = label_counts(training, [e for e in test if "label" in e], folds)
+    if split.test_fraction is not None:
+        datalist["test_fraction"] = split.test_fraction
+    counts = label_counts(training, [e for e in test if "label" in e], split.folds)
     if counts is not None:
         datalist["label_counts"] = counts
     return datalist | {"training": training, "test": test}
@@ -452,6 +447,6 @@ def label_datalist_from_args(args: argparse.Namespace, problems: Problems) -> di
     splits)."""
     return make_label_datalist(
         args.sources, args.out.parent, images=args.images, image_column=args.image_column,
-        label_column=args.label_column, classes=args.classes, subsample=args.subsample, problems=problems,
-        **split_options(args),
+        label_column=args.label_column, classes=args.classes, subsample=args.subsample,
+        split=Split.from_args(args), problems=problems,
     )

@@ -9,7 +9,6 @@ mask that cannot be used (not single-channel, not the image's size) are reported
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ from stas_pipeline.core.images import (
 )
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.splits import (
+    DEFAULT_SPLIT,
+    Split,
     area_strata,
     describe_grouping,
     describe_split,
@@ -36,7 +37,6 @@ from stas_pipeline.core.splits import (
     grouping,
     no_group,
     size_group,
-    split_options,
 )
 
 
@@ -58,15 +58,7 @@ def make_datalist(
     images: str | Path,
     masks: str | Path,
     base_dir: str | Path,
-    *,
-    test_images: str | Path | None = None,
-    test_fraction: float | None = None,
-    folds: int = 5,
-    seed: int = 0,
-    group_regex: str | re.Pattern[str] | None = None,
-    group_csv: str | Path | None = None,
-    group_by: str | None = None,
-    n_bins: int = 4,
+    split: Split = DEFAULT_SPLIT,
     problems: Problems | None = None,
 ) -> dict:
     """Build the segmentation datalist dict (paths relative to ``base_dir``, the datalist's folder).
@@ -76,10 +68,10 @@ def make_datalist(
     made.
     """
     problems = problems if problems is not None else Problems("make-datalist")
-    regex, table = grouping(group_regex, group_csv, group_by)
+    regex, table = grouping(split.group_regex, split.group_csv, split.group_by)
     base_dir = Path(base_dir)
 
-    grouped = regex is not None or table is not None or group_by is not None
+    grouped = regex is not None or table is not None or split.group_by is not None
     image_files, mask_files = list_files(images, IMAGE_SUFFIXES), list_files(masks, MASK_SUFFIXES)
     pairs = pair_by_stem(image_files, mask_files, problems)
 
@@ -102,9 +94,9 @@ def make_datalist(
             problems.skip(*result)
             continue
         fraction, size = result
-        group = size_group(size) if group_by is not None else group_of(image, regex, table)
+        group = size_group(size) if split.group_by is not None else group_of(image, regex, table)
         if grouped and group is None:
-            problems.skip(image, no_group(regex, group_csv))
+            problems.skip(image, no_group(regex, split.group_csv))
             continue
         found.append((relpath(image, base_dir), relpath(mask, base_dir), round(fraction, 6), group))
     if not found:
@@ -114,9 +106,9 @@ def make_datalist(
         )
     found.sort()
 
-    strata = area_strata([fraction for _, _, fraction, _ in found], n_bins)
+    strata = area_strata([fraction for _, _, fraction, _ in found], split.n_bins)
     groups = [group for *_, group in found] if grouped else None
-    fold_of = folds_and_test(strata, groups, folds, seed, test_fraction, str(images))
+    fold_of = folds_and_test(strata, groups, split.folds, split.seed, split.test_fraction, str(images))
     training, test = [], []
     for (image, label, fraction, group), fold in zip(found, fold_of, strict=True):
         entry = {"image": image, "label": label} | ({} if fold is None else {"fold": fold})
@@ -125,25 +117,25 @@ def make_datalist(
             entry["group"] = group
         (training if fold is not None else test).append(entry)
     problems.count("pairs", len(training))
-    if test_fraction is not None:
+    if split.test_fraction is not None:
         problems.count("inner test pairs", len(test))
 
-    if test_images is not None:
-        test = sorted(test + unlabelled_test(test_images, base_dir, problems), key=lambda e: e["image"])
+    if split.test_images is not None:
+        test = sorted(test + unlabelled_test(split.test_images, base_dir, problems), key=lambda e: e["image"])
 
-    grouped_by = describe_grouping(regex, group_csv, group_by)
+    grouped_by = describe_grouping(regex, split.group_csv, split.group_by)
     datalist = {
-        "description": f"STAS image/mask pairs in {folds} folds stratified by foreground area "
-        f"(empty + {n_bins} quantile bins){describe_split(test_fraction, grouped_by, seed)}",
-        "folds": folds,
-        "seed": seed,
+        "description": f"STAS image/mask pairs in {split.folds} folds stratified by foreground area "
+        f"(empty + {split.n_bins} quantile bins){describe_split(split.test_fraction, grouped_by, split.seed)}",
+        "folds": split.folds,
+        "seed": split.seed,
     }
-    if test_fraction is not None:
-        datalist["test_fraction"] = test_fraction
+    if split.test_fraction is not None:
+        datalist["test_fraction"] = split.test_fraction
     return datalist | {"training": training, "test": test}
 
 
 
 def mask_datalist_from_args(args: argparse.Namespace, problems: Problems) -> dict:
     """:func:`make_datalist` from ``stas make-datalist``'s arguments (``--images``, ``--masks``, the splits)."""
-    return make_datalist(args.images, args.masks, args.out.parent, problems=problems, **split_options(args))
+    return make_datalist(args.images, args.masks, args.out.parent, Split.from_args(args), problems)

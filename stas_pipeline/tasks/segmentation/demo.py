@@ -23,6 +23,7 @@ from stas_pipeline.core.demo_runner import Demo, StageError, check_problems, lin
 from stas_pipeline.core.images import IMAGE_SUFFIXES, MASK_SUFFIXES, InputFolderError, list_files
 from stas_pipeline.core.lmdb_cache import Preprocessing, build_cache
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.splits import Split
 from stas_pipeline.core.synthetic import make_challenge_dataset
 from stas_pipeline.tasks.segmentation.datalist import foreground_fraction, make_datalist
 from stas_pipeline.tasks.segmentation.ensemble import ensemble_folders
@@ -146,9 +147,8 @@ class SegmentationDemo(Demo):
                 for stem in members:
                     link(source[stem], folder / source[stem].name)
         problems = Problems("make-datalist")
-        datalist = make_datalist(self.split / "train_images", self.split / "train_masks", self.out,
-                                 test_images=self.split / "test_images", folds=self.folds, seed=self.args.seed,
-                                 problems=problems)
+        split = Split(self.folds, self.args.seed, test_images=self.split / "test_images")
+        datalist = make_datalist(self.split / "train_images", self.split / "train_masks", self.out, split, problems)
         check_problems(problems, "files")
         write_datalist(self.datalist, datalist, TASK, LABEL_KIND)
         self.n_train, self.n_test = len(datalist["training"]), len(datalist["test"])

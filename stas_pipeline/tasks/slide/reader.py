@@ -23,12 +23,13 @@ import numpy as np
 import tifffile
 import zarr
 
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")
 
 
-class SlideError(ValueError):
+class SlideError(StasError, ValueError):
     """A slide that cannot be read as asked (not a TIFF, no such level, undecodable tiles)."""
 
 
