@@ -12,6 +12,7 @@ WORKDIR /workspace/stas_pipeline
 COPY setup.cfg pyproject.toml README.md ./
 COPY docker/install.sh docker/install.sh
 COPY stas_pipeline stas_pipeline
+COPY data_prep data_prep
 RUN bash docker/install.sh
 
 COPY bundles bundles
