@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
-from PIL import Image
 from tqdm import tqdm
 
 from stas_pipeline.core.datalist import mask_of
 from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.images import decode_image
 from stas_pipeline.core.problems import Problems
 
 CACHE_VERSION = 2
@@ -492,8 +492,7 @@ def build_cache(
 def decode_error(path: str | Path) -> str | None:
     """Why PIL cannot decode ``path`` (MONAI's loader only says it found no reader), or None."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        decode_image(path)
     except Exception as err:  # noqa: BLE001 - the reason is reported, whatever it is
         return f"{type(err).__name__}: {err}".splitlines()[0]
     return None
