@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from stas_pipeline.core.errors import EXIT_INTERNAL, StasError
+from stas_pipeline.core.errors import EXIT_INTERNAL, StasError, debugging
 
 StageMain = Callable[..., int]
 
@@ -94,7 +94,7 @@ def command(stage_main: StageMain) -> StageMain:
     @functools.wraps(stage_main)
     def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
-        debug = os.environ.get("STAS_DEBUG", "") not in ("", "0") or "--debug" in argv
+        debug = debugging() or "--debug" in argv
         argv = [a for a in argv if a != "--debug"]
         try:
             return stage_main(argv, prog)

@@ -186,4 +186,28 @@ def test_an_image_left_out_of_the_cache_ends_the_bundle_with_one_line(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ERROR ") and broken.name in last and "left out when the cache was built" in last
-    assert "cannot decode image: OSError" in last and "build it with" not in last
+    assert "cannot decode image: Truncated File Read" in last and "build it with" not in last
+
+
+def test_a_refused_run_leaves_the_earlier_run_as_it_was(tmp_path):
+    """Without --resume, a run over an earlier one is refused before the TensorBoard writer (or anything) adds a
+    file to its folder."""
+    images, masks = make_dataset(tmp_path, n=6, height=48, width=64)
+    write_datalist(tmp_path / "datalist.json", make_datalist(images, masks, tmp_path, Split(folds=2, seed=0)),
+                   "segmentation", "mask")
+    assert build_lmdb.main(["--datalist", str(tmp_path / "datalist.json"), "--out", str(tmp_path / "cache_64"),
+                            "--bundle", "deeplab_lite0", "--image-size", "64", "--no-progress"]) == 0
+    common = dict(dataset_dir=str(tmp_path), image_size=64, epochs=1, batch_size=2, encoder_weights="none",
+                  output_dir=str(tmp_path / "runs"))
+    run_bundle("deeplab_lite0", **common)
+    run_dir = tmp_path / "runs" / "deeplab_lite0" / "fold0"
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")}
+
+    before = files()
+    assert any(name.startswith("tensorboard/events.out.tfevents") for name in before)
+    with pytest.raises(Exception) as err:
+        run_bundle("deeplab_lite0", **common)
+    assert f"{run_dir}: holds an earlier run" in error_chain(err.value)
+    assert files() == before

@@ -262,7 +262,7 @@ def test_nothing_written_keeps_out(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.png").write_bytes(b"old")
-    assert main(args(folders, out, "--overwrite")) == 1
+    assert main(args(folders, out, "--overwrite")) == 2  # nothing could be done
     assert "every image was skipped" in capsys.readouterr().err and [p.name for p in out.iterdir()] == [
         "old.png"
     ]

@@ -176,7 +176,7 @@ def test_existing_output_refused_and_kept(tmp_path, three, capsys):
 def test_nothing_in_common_writes_nothing(tmp_path, capsys):
     a = write_csv(tmp_path / "a.csv", {str(tmp_path / "x.jpg"): 0.1})
     b = write_csv(tmp_path / "b.csv", {str(tmp_path / "y.jpg"): 0.1})
-    assert stas(a, b, "--out", tmp_path / "ens.csv") == 1
+    assert stas(a, b, "--out", tmp_path / "ens.csv") == 2  # nothing could be done
     assert "nothing written" in capsys.readouterr().err and not (tmp_path / "ens.csv").exists()
 
 

@@ -119,7 +119,7 @@ def test_stas_rle_reports_bad_rows_and_files_by_name(tmp_path, capsys):
     assert "id unsorted: run 2 (1 1) is not after the end" in err and "id ok: a repeated id" in err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["empty.png", "ok.png"]
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    assert cli.main(["rle", "encode", str(tmp_path / "broken.png"), "--out", str(tmp_path / "x.csv")]) == 1
+    assert cli.main(["rle", "encode", str(tmp_path / "broken.png"), "--out", str(tmp_path / "x.csv")]) == 2
     assert "broken.png" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
     (tmp_path / "bad.csv").write_text("name,pixels\na,1 2\n")
     assert cli.main(["rle", "decode", str(tmp_path / "bad.csv"), "--shape", "2", "2", "--out",
@@ -136,3 +136,26 @@ def test_rle_csvs_hold_slide_sized_strings(tmp_path):
     assert cli.main(["rle", "decode", str(tmp_path / "m.csv"), "--shape", "400", "1000", "--out",
                      str(tmp_path / "out")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "big.png")), mask * 255)
+
+
+def test_a_bom_in_the_rle_csv_is_accepted(tmp_path):
+    """A CSV saved by Excel ("UTF-8 with BOM") decodes as the same CSV without it."""
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfid,encoding\na,1 2 7 3\n")
+    assert cli.main(["rle", "decode", str(tmp_path / "m.csv"), "--shape", "3", "4", "--out", str(tmp_path / "o")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "a.png")) > 0, decode("1 2 7 3", (3, 4)) > 0)
+
+
+def test_rgb_masks_warn_and_jpeg_masks_are_refused_by_name(tmp_path, capsys):
+    """An RGB mask is read as grey with a warning naming it (nonzero stays foreground); a JPEG mask is refused by
+    name (lossy: a 0/255 mask saved as JPEG comes back with other values around its edges); the rest is encoded."""
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 8:20] = 255
+    Image.fromarray(np.stack([mask, np.zeros_like(mask), np.zeros_like(mask)], axis=-1)).save(tmp_path / "red.png")
+    Image.fromarray(mask).save(tmp_path / "lossy.jpg", quality=90)
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "lossy.jpg")))) > 2  # why it is refused
+    assert cli.main(["rle", "encode", str(tmp_path / "red.png"), str(tmp_path / "lossy.jpg"),
+                     "--out", str(tmp_path / "m.csv")]) == 1
+    err = capsys.readouterr().err
+    assert f"WARNING {tmp_path / 'red.png'}: mode RGB converted to grey" in err
+    assert f"ERROR {tmp_path / 'lossy.jpg'}: a JPEG mask is lossy" in err and "Traceback" not in err
+    assert (tmp_path / "m.csv").read_text().splitlines() == ["id,encoding", f"red,{reference_encode(mask)}"]

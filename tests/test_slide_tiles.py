@@ -98,7 +98,7 @@ def test_bad_slides_and_rle_rows_are_named_and_the_rest_tiled(slides, tmp_path, 
     assert tile(bad, tmp_path / "out", "--folds", "2") == 1
     err = capsys.readouterr().err
     assert f"{bad / 'slides' / 'cut.tif'}: cannot decode level 0 window" in err
-    assert "masks.csv id s1: run 2 (3 2) is not after the end" in err
+    assert f"ERROR {bad / 'masks.csv'} id s1: run 2 (3 2) is not after the end" in err
     assert "masks.csv id s2: run 1 (99999999 5) runs past the last pixel (1080000)" in err
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
     assert {e["group"] for e in datalist["training"]} == {"s0", "s3"} and not datalist["test"]
@@ -129,7 +129,7 @@ def test_masks_from_polygons_and_mask_images_and_a_wrong_size_named(slides, tmp_
     assert cli.main(["tile", str(root / "slides"), "--masks", str(masks), "--out", str(tmp_path / "out"),
                      "--size", str(SIZE), "--stride", str(SIZE // 2), "--scale", str(SCALE), "--folds", "3",
                      "--thumbnail", "300"]) == 1
-    assert f"{root / 'slides' / 's3.tif'}: {masks / 's3.png'}: mask is 120x90 (WxH), the slide 1200x900" in \
+    assert f"ERROR {masks / 's3.png'}: mask is 120x90 (WxH), the slide 1200x900; slide s3.tif left out" in \
         capsys.readouterr().err
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
     assert {e["group"] for e in datalist["training"]} == {"s0", "s1", "s2"} and not datalist["test"]

@@ -13,6 +13,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,11 @@ EXIT_NOTHING = 2  # nothing could be done, or bad usage
 EXIT_INTERNAL = 3  # an internal fault (a bug): the traceback is shown with --debug or saved to a log file
 
 
+def debugging() -> bool:
+    """``STAS_DEBUG`` set (not empty, not 0): tracebacks and every log line reach the terminal."""
+    return os.environ.get("STAS_DEBUG", "") not in ("", "0")
+
+
 class StasError(Exception):
     """A refusal the user can act on; the message names the file at fault first, then the reason."""
 
@@ -31,9 +37,7 @@ class StasError(Exception):
 
 
 class NothingWrittenError(StasError, RuntimeError):
-    """Every input was skipped (each already reported); the output was left as it was."""
-
-    exit_code = EXIT_SKIPPED
+    """Every input was skipped (each already reported): nothing could be done, the output was left as it was."""
 
 
 @contextmanager

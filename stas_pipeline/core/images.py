@@ -1,5 +1,7 @@
-"""The one list of suffixes per kind of input file, finding such files in a folder, pairing them by stem, and
-decoding images in full (on a few threads) to find the ones that cannot be used."""
+"""The one list of suffixes per kind of input file, finding such files in a folder, pairing them by stem, the one
+image policy (every image as 8-bit RGB, see :func:`to_rgb`; :func:`read_rgb` here, MONAI's readers in
+:mod:`stas_pipeline.core.transforms`), and decoding images in full (on a few threads) to find the ones that cannot
+be used. No MONAI or torch here: the light stages import this module."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -24,8 +27,57 @@ SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs")  # whole sli
 SLIDE_MASK_SUFFIXES = (".tif", ".tiff", ".png", ".json", ".geojson")  # slide masks: images or polygons
 
 
+GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # integer grey: 16-bit, or 32-bit holding 16-bit values
+WITH_ALPHA = ("RGBA", "RGBa", "LA", "PA", "P")  # composited on white (a palette may hold transparency)
+BACKGROUND = (255, 255, 255, 255)  # what a transparent pixel shows
+
+
 class InputFolderError(StasError, ValueError):
     """An input folder (or file) that is missing, empty, or does not fit the options given with it."""
+
+
+class ImageModeError(StasError, ValueError):
+    """An image whose mode the image policy cannot turn into 8-bit RGB; ``reason`` is the message without the file."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.reason)
+
+
+
+def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
+    """The image policy: ``img`` (read from ``path``) as 8-bit RGB.
+
+    RGB is kept as it is (the same object); integer grey (16-bit ``I;16``, or ``I``, clipped to 0..65535) is
+    scaled to 8 bits by ``>> 8`` (a fixed scale, the same for every image) and repeated in three channels; modes
+    with transparency (RGBA, LA, PA, and palette images, whose palette may hold it) are composited on white; every
+    other mode PIL converts (L, 1, CMYK, YCbCr, LAB, HSV, RGBX) by ``convert("RGB")``. A floating-point image
+    (``F``: no fixed scale to 8 bits) and a mode PIL cannot convert raise :class:`ImageModeError`.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode == "F":
+        raise ImageModeError(path, "F image (32-bit floating point) has no fixed scale to 8 bits; save it as an "
+                                   "8- or 16-bit image")
+    if img.mode in GREY_16:
+        grey = np.clip(np.asarray(img), 0, 65535).astype(np.uint16) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    try:
+        if img.mode in WITH_ALPHA:
+            return Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND), img.convert("RGBA")).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as err:  # PIL: "conversion from X to Y not supported"
+        raise ImageModeError(path, f"{img.mode} image cannot be converted to RGB ({err})") from err
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """The image at ``path`` decoded in full, by the image policy (:func:`to_rgb`): (H, W, 3) uint8. Raises what
+    PIL raises for a file it cannot decode, and :class:`ImageModeError`."""
+    with Image.open(path) as img:
+        return np.asarray(to_rgb(img, path))
 
 
 def has_suffix(path: str | Path, suffixes: Iterable[str]) -> bool:
@@ -92,23 +144,32 @@ def pair_by_stem(
 
 
 def decode_image(path: str | Path) -> tuple[int, int]:
-    """Decode the whole image (not only its header) and return its (width, height).
+    """Decode the whole image (not only its header) by the image policy (:func:`read_rgb`) and return its
+    (width, height).
 
-    Raises whatever PIL raises for a file it cannot decode: ``UnidentifiedImageError`` for a non-image,
-    ``OSError("image file is truncated ...")`` for a truncated JPEG (``ImageFile.LOAD_TRUNCATED_IMAGES`` is
-    left False on purpose), and others for broken streams.
+    Raises :class:`ImageModeError` for a mode the policy refuses, and whatever PIL raises for a file it cannot
+    decode: ``UnidentifiedImageError`` for a non-image, ``OSError("image file is truncated ...")`` for a truncated
+    JPEG (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False on purpose), and others for broken streams.
     """
-    with Image.open(path) as img:
-        img.load()
-        return img.size
+    height, width = read_rgb(path).shape[:2]
+    return width, height
 
 
 def decode_size(path: str | Path) -> tuple[int, int] | str:
-    """The image's (width, height) when it decodes in full, else the reason (a str) it does not."""
+    """The image's (width, height) when it decodes in full by the image policy, else the reason (a str, without
+    the file) it does not."""
     try:
         return decode_image(path)
+    except ImageModeError as exc:
+        return exc.reason
     except Exception as exc:  # noqa: BLE001 - any failure to decode means the image cannot be used
         return str(exc) or type(exc).__name__
+
+
+def image_error(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an image (:func:`decode_size`), or None when it can."""
+    reason = decode_size(path)
+    return reason if isinstance(reason, str) else None
 
 
 def map_threads(fn: Callable[[_T], _R], items: Sequence[_T], desc: str, unit: str) -> list[_R]:
@@ -118,14 +179,20 @@ def map_threads(fn: Callable[[_T], _R], items: Sequence[_T], desc: str, unit: st
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=None))
 
 
+def read_failure(path: str | Path, err: BaseException) -> str:
+    """One line on why reading ``path`` failed with ``err``: the image policy's reason (:func:`image_error`) when
+    the file is not a usable image, else ``err``'s first line."""
+    return image_error(path) or f"{type(err).__name__}: {err}".splitlines()[0]
+
+
 def decode_sizes(paths: Sequence[Path], desc: str = "decoding images") -> list[tuple[int, int] | str]:
     """Per path: :func:`decode_size`, on a few threads."""
     return map_threads(decode_size, paths, desc, "image")
 
 
 def decode_errors(paths: Sequence[Path], desc: str = "decoding images") -> list[str | None]:
-    """Per path: None when the image decodes in full, else the reason it does not."""
-    return [r if isinstance(r, str) else None for r in decode_sizes(paths, desc)]
+    """Per path: :func:`image_error`, on a few threads."""
+    return map_threads(image_error, paths, desc, "image")
 
 
 def relpath(path: str | Path, base_dir: str | Path) -> str:

@@ -1,8 +1,11 @@
 """LMDB cache of decoded, resized samples: built once by ``stas build-lmdb``, read by every epoch, fold,
 DataLoader worker and DDP rank.
 
-Layout of a cache directory (an LMDB environment):
+Layout of a cache directory (an LMDB environment, ``data.mdb`` and ``lock.mdb``, plus ``integrity.json``):
 
+- ``integrity.json``: the size and CRC-32 of ``data.mdb`` as its build wrote it. A reader checks them (once per
+  process) before LMDB touches the file: an overwritten, truncated or missing ``data.mdb`` is named as a corrupt
+  cache, never read (LMDB itself would read garbage or die of SIGBUS), and ``stas build-lmdb`` rebuilds it.
 - ``__meta__``: JSON with the format version, the preprocessing (image size, interpolation modes), the
   sample keys and ``"complete": true``. A build writes it last, into a temporary directory that is renamed
   onto the cache only when complete, so an interrupted build is never read as a cache.
@@ -20,10 +23,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import struct
+import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Number
 from pathlib import Path
@@ -32,17 +39,22 @@ from typing import Any
 import lmdb
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 from tqdm import tqdm
 
-from stas_pipeline.core.datalist import mask_of
+from stas_pipeline.core.bundles import BundleError, bundle_file, parsed_content
+from stas_pipeline.core.datalist import SECTIONS, mask_of, read_datalist
 from stas_pipeline.core.errors import StasError
-from stas_pipeline.core.images import decode_image
+from stas_pipeline.core.images import image_error
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.transforms import LoadRGBImaged
 
 CACHE_VERSION = 2
 META_KEY = b"__meta__"
+INTEGRITY_FILE = "integrity.json"
+CACHE_FILES = ("data.mdb", "lock.mdb", INTEGRITY_FILE)  # what a build leaves in the folder
 _HEADER = struct.Struct("<I")
 _COMMIT_EVERY = 16
 EntryLoader = Callable[[dict, "Preprocessing", Sequence[str]], dict]  # (entry, chain, keys) -> loaded arrays
@@ -54,6 +66,29 @@ class CacheError(StasError, RuntimeError):
 
 class ChainError(CacheError, ValueError):
     """A preprocessing chain the cache cannot take (it must start with LoadImaged)."""
+
+
+class CorruptCacheError(CacheError):
+    """A cache whose files are missing, truncated or overwritten, or whose records do not decode."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+    @classmethod
+    def of(cls, cache_dir: str | Path, reason: str) -> CorruptCacheError:
+        """The one line naming ``cache_dir``, ``reason`` and the command that rebuilds it."""
+        return cls(f"{cache_dir}: corrupt LMDB cache ({reason}); rebuild it with: {rebuild_command(cache_dir)}",
+                   reason)
+
+
+@contextmanager
+def _reading(cache_dir: str | Path, what: str) -> Iterator[None]:
+    """Within it, LMDB's errors and bytes that do not decode as a record are a corrupt cache."""
+    try:
+        yield
+    except (lmdb.Error, ValueError, KeyError, TypeError, struct.error) as err:
+        raise CorruptCacheError.of(cache_dir, f"{what}: {type(err).__name__}: {err}".splitlines()[0]) from err
 
 
 class Preprocessing:
@@ -76,12 +111,12 @@ class Preprocessing:
     @classmethod
     def resize(cls, image_size: int | Sequence[int], image_mode: str = "area", label_mode: str = "nearest",
                keys: Sequence[str] = ("image", "label")) -> Preprocessing:
-        """LoadImaged -> EnsureChannelFirstd -> Resized(image_size): images with ``image_mode``, the ``label``
+        """LoadRGBImaged -> EnsureChannelFirstd -> Resized(image_size): images with ``image_mode``, the ``label``
         key with ``label_mode``; the chain ``bundles/tasks/segmentation.json`` declares."""
         keys = list(keys)
         modes = [label_mode if k == "label" else image_mode for k in keys]
         return cls([
-            LoadImaged(keys, reader="PILReader", reverse_indexing=False, image_only=True, allow_missing_keys=True),
+            LoadRGBImaged(keys, reverse_indexing=False, allow_missing_keys=True),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
             Resized(keys, spatial_size=image_size_pair(image_size), mode=modes, allow_missing_keys=True),
         ])
@@ -223,32 +258,177 @@ def decode_record(value: bytes, names: Iterable[str] | None = None) -> tuple[dic
 
 
 _READERS: dict[tuple[int, int, int], lmdb.Environment] = {}
+_VERIFIED: set[tuple[int, int, int, int]] = set()  # data.mdb files (dev, inode, size, mtime) found intact
+
+
+def file_crc32(path: str | Path) -> int:
+    """CRC-32 of a file's bytes, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_integrity(folder: Path) -> None:
+    """Record the size and CRC-32 of the finished ``data.mdb`` in ``integrity.json``."""
+    data = folder / "data.mdb"
+    record = {"data.mdb": {"size": data.stat().st_size, "crc32": file_crc32(data)}}
+    (folder / INTEGRITY_FILE).write_text(json.dumps(record))
+
+
+def integrity_problem(cache_dir: str | Path) -> str | None:
+    """Why ``cache_dir``'s ``data.mdb`` is not the file its build wrote (missing, unreadable, truncated,
+    overwritten), or None when it is; a file found intact is not read again by this process."""
+    folder = Path(cache_dir)
+    try:
+        st = (folder / "data.mdb").stat()
+    except FileNotFoundError:
+        return "data.mdb is missing"
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return None
+    try:
+        built = json.loads((folder / INTEGRITY_FILE).read_text())["data.mdb"]
+        size, crc = int(built["size"]), int(built["crc32"])
+    except FileNotFoundError:
+        return f"no {INTEGRITY_FILE} beside data.mdb: written by an older build-lmdb, or copied without it"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{INTEGRITY_FILE} does not parse: {type(err).__name__}: {err}"
+    except OSError as err:
+        return f"cannot read {INTEGRITY_FILE}: {err}"
+    if st.st_size != size:
+        return f"data.mdb is {st.st_size} bytes, {size} when it was built" + (": truncated" * (st.st_size < size))
+    try:
+        found = file_crc32(folder / "data.mdb")
+    except OSError as err:
+        return f"cannot read data.mdb: {err}"
+    if found != crc:
+        return f"data.mdb was overwritten since it was built: CRC-32 {found:08x}, {crc:08x} when built"
+    _VERIFIED.add(key)
+    return None
 
 
 def open_reader(cache_dir: str | Path) -> lmdb.Environment:
     """This process's read-only environment for ``cache_dir``, shared by every dataset reading it.
 
-    LMDB allows one open per file and process; environments inherited through fork are closed in the child
-    and opened afresh. A rebuilt cache (new files) gets a new environment.
+    The folder's integrity is checked first (:func:`integrity_problem`): a damaged cache raises
+    :class:`CorruptCacheError`. LMDB allows one open per file and process; environments inherited through fork
+    are closed in the child and opened afresh. A rebuilt cache (new files) gets a new environment.
     """
+    problem = integrity_problem(cache_dir)
+    if problem is not None:
+        raise CorruptCacheError.of(cache_dir, problem)
     st = os.stat(Path(cache_dir) / "data.mdb")
     key = (os.getpid(), st.st_dev, st.st_ino)
     if key not in _READERS:
         for inherited in [k for k in _READERS if k[0] != key[0]]:
             _READERS.pop(inherited).close()
-        _READERS[key] = lmdb.open(str(cache_dir), readonly=True, lock=False, readahead=False, meminit=False,
-                                  max_readers=4096, subdir=True)
+        with _reading(cache_dir, "data.mdb does not open"):
+            _READERS[key] = lmdb.open(str(cache_dir), readonly=True, lock=False, readahead=False, meminit=False,
+                                      max_readers=4096, subdir=True)
     return _READERS[key]
 
 
 def read_meta(cache_dir: str | Path) -> dict | None:
-    """The cache's ``__meta__`` or None when ``cache_dir`` holds no complete cache."""
-    if not (Path(cache_dir) / "data.mdb").is_file():
+    """The cache's ``__meta__``, or None when ``cache_dir`` holds no cache (nor any file of one) or an unfinished
+    one; a damaged cache raises :class:`CorruptCacheError`."""
+    if not any((Path(cache_dir) / name).exists() for name in CACHE_FILES):
         return None
-    with open_reader(cache_dir).begin() as txn:
-        raw = txn.get(META_KEY)
-    meta = json.loads(raw) if raw else None
+    env = open_reader(cache_dir)
+    with _reading(cache_dir, "the meta record does not decode"):
+        with env.begin() as txn:
+            raw = txn.get(META_KEY)
+        meta = json.loads(raw) if raw else None
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"a JSON {type(meta).__name__}, not an object")
     return meta if meta and meta.get("complete") else None
+
+
+# ---------------------------------------------------------------------------- the command that rebuilds a cache
+
+
+def _bundle_run() -> ConfigParser | None:
+    """The parser of the MONAI bundle run this is called from, if any, and if its bundle is found by name.
+
+    MONAI gives a component it instantiates nothing of the run (bundle, overrides); the run's parser is on the
+    call stack (``ConfigParser.get_parsed_content``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        parser = frame.f_locals.get("self")
+        if isinstance(parser, ConfigParser) and isinstance(parser.config, dict):
+            try:
+                bundle_file(str(parser.config.get("bundle_name")))
+            except BundleError:
+                return None
+            return parser
+        frame = frame.f_back
+    return None
+
+
+def _plain(value: Any) -> bool:
+    """A knob value ``--set`` can pass: JSON scalars (not a MONAI expression or reference) and lists of them."""
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float)) or \
+        isinstance(value, str) and not value.startswith(("$", "@", "%"))
+
+
+def _knob_text(value: Any) -> str:
+    """``value`` as ``build-lmdb --set`` reads it back (JSON when the text parses as JSON, else text)."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value)
+
+
+def chain_knobs(run: ConfigParser) -> dict[str, Any]:
+    """The top-level values of a bundle run that its preprocessing chain depends on: ``image_size``, and every
+    other knob without which the bundle's chain would differ from the run's."""
+    bundle = run.config["bundle_name"]
+    wanted = Preprocessing(run.get_parsed_content("task#preprocessing")).spec
+
+    def spec(knobs: dict) -> list:
+        return Preprocessing(parsed_content(bundle, ["task#preprocessing"], knobs)[0]).spec
+
+    knobs = {k: v for k, v in run.config.items() if _plain(v)}
+    for key in [k for k in knobs if k != "image_size"]:
+        without = {k: v for k, v in knobs.items() if k != key}
+        if spec(without) == wanted:
+            knobs = without
+    return knobs
+
+
+def _lists(datalist: str | Path, keys: Iterable[str]) -> list[str]:
+    """The datalist sections holding the cache's ``keys`` (training, where the bundles' folds are, always)."""
+    data = read_datalist(datalist)
+    rest = set(keys) - {sample_key(e).decode() for e in data.entries("training")}
+    return ["training", *(s for s in SECTIONS if s != "training"
+                          and any(sample_key(e).decode() in rest for e in data.entries(s)))]
+
+
+def rebuild_command(cache_dir: str | Path, meta: dict | None = None) -> str:
+    """The ``stas build-lmdb`` command that builds ``cache_dir`` as the MONAI bundle run opening it needs it: the
+    run's datalist, bundle, image size and every knob its chain depends on, and (from the old cache's ``meta``)
+    the datalist sections it held. Outside a bundle run, what cannot be known is left as ``<placeholders>``."""
+    run = _bundle_run()
+    if run is None:
+        return (f"stas build-lmdb --datalist <datalist.json> --out {shlex.quote(str(cache_dir))} "
+                "--bundle <bundle> --image-size <size>")
+    knobs = chain_knobs(run)
+    datalist = str(run.get_parsed_content("datalist"))
+    argv = ["stas", "build-lmdb", "--datalist", datalist, "--out", str(cache_dir),
+            "--bundle", run.config["bundle_name"]]
+    if "image_size" in knobs:
+        argv += ["--image-size", *(str(n) for n in np.atleast_1d(knobs.pop("image_size")))]
+    for key, value in knobs.items():
+        argv += ["--set", f"{key}={_knob_text(value)}"]
+    lists = _lists(datalist, (meta or {}).get("keys", []))
+    if lists != ["training"]:
+        argv += ["--lists", *lists]
+    return shlex.join(argv)
 
 
 class LMDBCacheDataset(torch.utils.data.Dataset):
@@ -287,18 +467,17 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
 
     def _check(self, pre: Preprocessing) -> None:
         meta = read_meta(self.cache_dir)
-        hint = f"build it with: stas build-lmdb --datalist <datalist.json> --out {self.cache_dir}"
         if meta is None:
-            raise CacheError(f"{self.cache_dir}: no complete LMDB cache here; {hint}")
+            raise CacheError(f"{self.cache_dir}: no complete LMDB cache here; build it with: "
+                             f"{rebuild_command(self.cache_dir)}")
         if meta.get("version") != CACHE_VERSION or meta.get("preprocessing") != pre.to_json():
-            raise CacheError(
-                f"{self.cache_dir}: built with another preprocessing chain "
-                f"({spec_difference(meta.get('preprocessing'), pre.to_json())}); rebuild it ({hint} and the "
-                "bundle or --image-size of this run)"
-            )
+            built = (f"built with another preprocessing chain ({spec_difference(meta.get('preprocessing'), pre.spec)})"
+                     if meta.get("version") == CACHE_VERSION else
+                     f"cache format {meta.get('version')}, this version reads {CACHE_VERSION}")
+            raise CacheError(f"{self.cache_dir}: {built}; rebuild it with: {rebuild_command(self.cache_dir, meta)}")
         left_out, left = meta.get("skipped", {}), []
         stale = []
-        with self._open().begin() as txn:
+        with _reading(self.cache_dir, "a record does not decode"), self._open().begin() as txn:
             for item in self.data:
                 value = txn.get(sample_key(item, self.image_key))
                 if value is None:
@@ -314,7 +493,8 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
                         stale.append(f"{item[key]} (changed since the cache was built)")
         if stale:
             shown = "; ".join(stale[:5]) + (f"; and {len(stale) - 5} more" if len(stale) > 5 else "")
-            rebuild = "" if len(stale) == len(left) else f"; {hint}"
+            rebuild = "" if len(stale) == len(left) else \
+                f"; rebuild it with: {rebuild_command(self.cache_dir, meta)}"
             raise CacheError(f"{self.cache_dir}: stale for {len(stale)} sample(s): {shown}{rebuild}")
 
     def _open(self) -> lmdb.Environment:
@@ -330,9 +510,10 @@ class LMDBCacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.data[index]
-        with self._open().begin(buffers=False) as txn:
-            value = txn.get(sample_key(item, self.image_key))
-        header, arrays = decode_record(value, self.arrays)
+        with _reading(self.cache_dir, f"the record of {item[self.image_key]} does not decode"):
+            with self._open().begin(buffers=False) as txn:
+                value = txn.get(sample_key(item, self.image_key))
+            header, arrays = decode_record(value, self.arrays)
         tensors = {self.arrays[k]: torch.from_numpy(a) for k, a in arrays.items()}
         fields = {k: item[k] for k in (self.image_key, self.label_key) if k in item}
         sample = {**fields, **tensors, "orig_size": tuple(header["orig_size"])}
@@ -355,6 +536,7 @@ class BuildStats:
     reused: int = 0
     skipped: int = 0
     bytes_on_disk: int = 0
+    corrupt: str = ""  # why the old cache could not be read (then rebuilt from scratch)
 
 
 def _load_sample(item: dict, pre: Preprocessing, image_key: str, label_key: str,
@@ -394,18 +576,27 @@ def to_uint8(image: Any) -> np.ndarray:
     return np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
 
 
+_ABSENT = object()
+
+
 def spec_difference(built: Any, wanted: Any, path: str = "") -> str:
-    """Where two chain descriptions first differ, e.g. ``[2].resizer.spatial_size: [32, 32] != [64, 64]``."""
+    """Where two chain descriptions first differ, e.g. ``[2].spatial_size: built [32, 32], needs [64, 64]``: the
+    path of the first differing value and both values, shortened around their first differing character."""
     if isinstance(built, dict) and isinstance(wanted, dict):
         for key in [*built, *(k for k in wanted if k not in built)]:
-            if built.get(key) != wanted.get(key):
-                return spec_difference(built.get(key), wanted.get(key), f"{path}.{key}")
-    if isinstance(built, list) and isinstance(wanted, list) and len(built) == len(wanted):
-        for i, (a, b) in enumerate(zip(built, wanted, strict=True)):
+            a, b = built.get(key, _ABSENT), wanted.get(key, _ABSENT)
+            if a != b:
+                return spec_difference(a, b, f"{path}.{key}")
+    if isinstance(built, list) and isinstance(wanted, list):
+        for i in range(max(len(built), len(wanted))):
+            a = built[i] if i < len(built) else _ABSENT
+            b = wanted[i] if i < len(wanted) else _ABSENT
             if a != b:
                 return spec_difference(a, b, f"{path}[{i}]")
-    short = [json.dumps(v)[:80] for v in (built, wanted)]
-    return f"{path.lstrip('.') or 'chain'}: built {short[0]}, needs {short[1]}"
+    texts = ["(nothing)" if v is _ABSENT else json.dumps(v) for v in (built, wanted)]
+    start = max(0, len(os.path.commonprefix(texts)) - 20)
+    shown = [("..." if start else "") + t[start:start + 60] + ("..." if len(t) > start + 60 else "") for t in texts]
+    return f"{path.lstrip('.') or 'chain'}: built {shown[0]}, needs {shown[1]}"
 
 
 def _reusable(old_env: lmdb.Environment | None, key: bytes, item: dict, keys: Sequence[str]) -> bytes | None:
@@ -461,21 +652,26 @@ def build_cache(
     sample is reported to ``problems`` and left out. Memory stays bounded: samples are streamed one at a time
     and committed every few samples. The new cache is written beside ``cache_dir`` and renamed onto it only
     when complete. Concurrent builders of the same cache wait for each other. ``loader``: the task's loading
-    step for entries that are not plain files (see :func:`load_entry`).
+    step for entries that are not plain files (see :func:`load_entry`). A corrupt old cache is reported (a
+    warning), not read, and rebuilt from scratch.
     """
     problems = problems or Problems("build-lmdb")
     pre = Preprocessing.of(preprocessing)
     cache_dir = Path(cache_dir).resolve()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    if cache_dir.exists() and any(cache_dir.iterdir()) and read_meta(cache_dir) is None \
-            and not (cache_dir / "data.mdb").exists():
+    if cache_dir.exists() and any(cache_dir.iterdir()) and not any((cache_dir / f).exists() for f in CACHE_FILES):
         raise CacheError(f"{cache_dir}: exists and is not an LMDB cache; refusing to replace it")
 
     stats = BuildStats()
     items = _unique(items, problems, stats, image_key, label_key)
     with open(cache_dir.parent / f".{cache_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = read_meta(cache_dir)
+        try:
+            meta = read_meta(cache_dir)
+        except CorruptCacheError as err:
+            meta, stats.corrupt = None, err.reason
+            problems.warn(cache_dir, f"corrupt LMDB cache ({err.reason}); rebuilding it from scratch (the old one is "
+                                     "replaced when the new one is complete)")
         reuse = meta is not None and meta.get("version") == CACHE_VERSION \
             and meta.get("preprocessing") == pre.to_json()
         old_env = open_reader(cache_dir) if reuse else None
@@ -487,15 +683,6 @@ def build_cache(
     problems.count("decoded", stats.written)
     problems.count("reused", stats.reused)
     return stats
-
-
-def decode_error(path: str | Path) -> str | None:
-    """Why PIL cannot decode ``path`` (MONAI's loader only says it found no reader), or None."""
-    try:
-        decode_image(path)
-    except Exception as err:  # noqa: BLE001 - the reason is reported, whatever it is
-        return f"{type(err).__name__}: {err}".splitlines()[0]
-    return None
 
 
 def _unique(items: Sequence[dict], problems: Problems, stats: BuildStats, image_key: str,
@@ -535,7 +722,7 @@ def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env
                 try:
                     value = _load_sample(item, pre, image_key, label_key, loader)
                 except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
-                    cause = decode_error(item[image_key])
+                    cause = image_error(item[image_key])
                     reason = (f"cannot decode image: {cause}" if cause
                               else f"{type(err).__name__}: {err}".splitlines()[0])
                     problems.skip(item[image_key], reason)
@@ -556,6 +743,7 @@ def _rebuild(items: Sequence[dict], cache_dir: Path, pre: Preprocessing, old_env
         env.sync(True)
     finally:
         env.close()
+    _write_integrity(tmp_dir)
     if cache_dir.exists():
         trash = cache_dir.parent / f".{cache_dir.name}.old"
         shutil.rmtree(trash, ignore_errors=True)

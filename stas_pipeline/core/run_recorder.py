@@ -9,10 +9,16 @@ In ``run_dir`` it keeps:
 - ``metrics.json`` (per epoch: loss, key metric (``val_dice``, ``val_auc``), lr, seconds) and ``curves.png``.
 
 All checkpoints load with ``torch.load(..., weights_only=True)``. Only rank 0 writes under DDP.
+
+What the terminal shows of a run is set here too: one line per epoch from the recorder (loss, key metric, the
+best so far, seconds) below the epoch's progress bar; the engines' own lines, MONAI's input summary and the
+per-iteration losses only with ``STAS_DEBUG=1`` (:func:`terminal_logging`). A key metric that is not finite
+(an AUC on a validation fold of one class) ends the run (:class:`FiniteKeyMetric`): it is never a best.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -21,16 +27,68 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from torch import nn
 
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path, write_json
 
 LAST, BEST = "last.pt", "best.pt"
+# the loggers a terminal sees only with STAS_DEBUG=1, and their level otherwise: the engines' start / epoch / new
+# best lines (their one error line repeats the exception, which the one-line hook or the traceback reports) and
+# MONAI's summary of the run's arguments
+QUIET_LOGGERS = {"ignite.engine.engine": logging.CRITICAL, "monai.bundle.scripts": logging.WARNING}
 
 
 class CheckpointError(StasError, RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or does not fit the model."""
+
+
+class KeyMetricError(StasError, RuntimeError):
+    """A key metric that is not a finite number: no checkpoint can be judged by it."""
+
+
+def terminal_logging(debug: bool) -> bool:
+    """Quieten :data:`QUIET_LOGGERS` unless ``debug``; returns True (a bundle lists it in ``initialize``)."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.INFO if debug else level)
+    return True
+
+
+def refuse_earlier_run(run_dir: str | Path, resume: bool) -> bool:
+    """FileExistsError when ``run_dir`` holds an earlier run and ``resume`` is off; True otherwise. A bundle
+    calls it before anything of the run (the TensorBoard writer) touches the folder."""
+    run_dir = Path(run_dir)
+    if not resume and ((run_dir / LAST).exists() or (run_dir / "metrics.json").exists()):
+        raise FileExistsError(f"{run_dir}: holds an earlier run; pass --resume true to continue it, "
+                              "or another --output_dir / --fold")
+    return True
+
+
+class LossProgressBar(ProgressBar):
+    """ignite's progress bar showing the batch loss (one bar per epoch; ``persist`` leaves each on its line)."""
+
+    def attach(self, engine: Engine, **kwargs: Any) -> None:  # MONAI's engines attach handlers with no arguments
+        super().attach(engine, output_transform=lambda output: {"loss": output["loss"].detach().item()}, **kwargs)
+
+
+class FiniteKeyMetric:
+    """The evaluator's key metric, checked as soon as it is computed (before the workflow compares it with the
+    best): not a finite number ends the run with :class:`KeyMetricError` naming ``run_dir``."""
+
+    def __init__(self, metric: Any, run_dir: str | Path):
+        self.metric, self.run_dir = metric, Path(run_dir)
+
+    def attach(self, engine: Engine, name: str) -> None:
+        self.metric.attach(engine, name)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check, name)
+
+    def _check(self, engine: Engine, name: str) -> None:
+        value = engine.state.metrics[name]
+        if not torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all():
+            raise KeyMetricError(f"{self.run_dir}: validation gave {name} {value} at epoch {engine.state.epoch}; "
+                                 "no checkpoint is judged by it (a validation fold whose labels are all one class "
+                                 "has no AUC: check the fold's labels)")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -86,12 +144,9 @@ class RunRecorder:
         self.history: list[dict] = []
         self.best_metric, self.best_epoch = -math.inf, 0
         self.resume_from: dict | None = None
-        last = self.run_dir / LAST
-        if resume and last.exists():
-            self.resume_from = load_checkpoint(last)
-        elif not resume and (last.exists() or (self.run_dir / "metrics.json").exists()):
-            raise FileExistsError(f"{self.run_dir}: holds an earlier run; pass --resume true to continue it, "
-                                  "or another --output_dir / --fold")
+        refuse_earlier_run(self.run_dir, resume)
+        if resume and (self.run_dir / LAST).exists():
+            self.resume_from = load_checkpoint(self.run_dir / LAST)
 
     @property
     def _model(self) -> nn.Module:
@@ -124,7 +179,8 @@ class RunRecorder:
         self.history = list(ckpt["history"])
         if self.validator is not None:
             self.validator.state.best_metric, self.validator.state.best_metric_epoch = self.best_metric, self.best_epoch
-        engine.logger.info(f"resumed {self.run_dir / LAST} at epoch {ckpt['epoch']} (best {self.best_metric:.4f})")
+        if _is_writer():
+            print(f"resumed {self.run_dir / LAST} at epoch {ckpt['epoch']} (best {self.best_metric:.4f})", flush=True)
 
     def _epoch_started(self, engine: Engine) -> None:
         self._t0, self._losses = time.perf_counter(), []
@@ -145,6 +201,7 @@ class RunRecorder:
             self.best_metric, self.best_epoch = metric, engine.state.epoch
         if not _is_writer():
             return
+        self._print(row, engine.state.max_epochs)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model = self._model
         if improved:
@@ -161,6 +218,14 @@ class RunRecorder:
                                                    f"best_{self.key_metric}": self._finite(self.best_metric),
                                                    "history": self.history}, overwrite=True)
         self._plot()
+
+    def _print(self, row: dict, epochs: int) -> None:
+        """The epoch's line on the terminal: loss, key metric and the best so far, seconds."""
+        line = f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}"
+        if row[self.key_metric] is not None:
+            line += (f"  {self.key_metric} {row[self.key_metric]:.4f}  best {self.best_metric:.4f} "
+                     f"(epoch {self.best_epoch})")
+        print(f"{line}  {row['seconds']:.1f} s", flush=True)
 
     @staticmethod
     def _finite(x: float) -> float | None:

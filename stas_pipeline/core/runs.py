@@ -179,7 +179,8 @@ def _key_of(info: dict) -> str | None:
 
 
 def _last_trained_epoch(info: dict) -> int | None:
-    epochs = [row.get("epoch") for row in info.get("history") or () if isinstance(row, dict)
+    history = info.get("history") if isinstance(info.get("history"), list) else []
+    epochs = [row.get("epoch") for row in history if isinstance(row, dict)
               and row.get("loss") is not None and isinstance(row.get("epoch"), int)]
     return max(epochs) if epochs else None
 

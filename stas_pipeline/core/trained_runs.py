@@ -19,6 +19,7 @@ from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
 from stas_pipeline.core.runs import read_json_object
 
 RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
+RECORDS = ("best.json", "metrics.json")  # the run records beside a checkpoint, in the order they are read
 TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
 
 
@@ -56,6 +57,10 @@ class TrainedRun:
 def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu") -> TrainedRun:
     """The run of ``checkpoint`` (``info`` is its best.json): the recorded network with the checkpoint's weights,
     and the chain of its bundle with the run's recorded knobs (image size, crop, ...)."""
+    missing = next((key for key in ("bundle", "network") if key not in info), None)
+    if missing is not None:
+        raise CheckpointError(f"{record_of(checkpoint)}: no {missing!r} key: not a run record written by a "
+                              "bundle's training, its model cannot be rebuilt")
     model = build_network(**{**info["network"], "encoder_weights": None})
     load_model_weights(model, checkpoint)
     knobs = {k: v for k, v in info.items() if k not in RECORDED_NOT_KNOBS and not isinstance(v, (dict, list))}
@@ -65,13 +70,31 @@ def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.dev
     return TrainedRun(name, model.to(device).eval(), Preprocessing.of(preprocessing), transform, info.get("fold"))
 
 
-def run_info_of(checkpoint: str | Path) -> dict:
-    """The ``best.json`` (or ``metrics.json``) written beside a checkpoint by training."""
+def record_of(checkpoint: str | Path) -> Path:
+    """The run record read for ``checkpoint``: the ``best.json`` beside it, else its ``metrics.json``."""
     checkpoint = Path(checkpoint)
-    for name in ("best.json", "metrics.json"):
-        if checkpoint.with_name(name).is_file():
-            try:
-                return read_json_object(checkpoint.with_name(name))
-            except ValueError as err:
-                raise CheckpointError(f"{checkpoint.with_name(name)}: {err}") from None
-    raise CheckpointError(f"{checkpoint}: no best.json or metrics.json beside it to rebuild its model from")
+    records = [checkpoint.with_name(name) for name in RECORDS]
+    return next((path for path in records if path.is_file()), records[0])
+
+
+def run_info_of(checkpoint: str | Path) -> dict:
+    """The ``best.json`` (or ``metrics.json``) written beside a checkpoint by training. :class:`CheckpointError`
+    in one line naming the file: a checkpoint that does not exist, a record that is missing, not a JSON object,
+    or without the keys every run records (the model: ``network``, or ``encoder`` in early runs; ``image_size``)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: a folder, not a checkpoint (give the best.pt in it)")
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint")
+    record = record_of(checkpoint)
+    if not record.is_file():
+        raise CheckpointError(f"{checkpoint}: no {' or '.join(RECORDS)} beside it to rebuild its model from")
+    try:
+        info = read_json_object(record)
+    except ValueError as err:
+        raise CheckpointError(f"{record}: {err}") from None
+    for keys in (("network", "encoder"), ("image_size",)):
+        if not any(key in info for key in keys):
+            raise CheckpointError(f"{record}: no {keys[0]!r} key: not a run record written by training, the model "
+                                  f"of {checkpoint.name} cannot be rebuilt from it")
+    return info

@@ -1,8 +1,11 @@
 """Transforms that MONAI has no ready-made equivalent for.
 
+Every chain a bundle declares starts with :class:`LoadRGBImaged`: MONAI's ``LoadImaged`` with the image policy of
+:func:`stas_pipeline.core.images.to_rgb` (every image 8-bit RGB) on the image key, masks read as stored.
+
 Fundus photographs (the glaucoma classification task) are preprocessed by a chain that a bundle declares::
 
-    LoadImaged(reader="PILReader", reverse_indexing=False, image_only=True) -> EnsureChannelFirstd
+    LoadRGBImaged(reverse_indexing=False) -> EnsureChannelFirstd
       -> FundusBorderCropd(threshold=10)      crop to the bounding box of the non-black pixels
       -> CenterScaleCropd(roi_scale=f)        MONAI's own: the centre f x H by f x W (ceil), f = 1.0 keeps the image
       -> Resized(spatial_size=(512, 512))
@@ -21,17 +24,48 @@ from __future__ import annotations
 import random
 from collections.abc import Hashable, Mapping, Sequence
 from numbers import Integral, Real
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
-from monai.transforms import CropForegroundd, MapTransform, Randomizable, RandomizableTransform
-from monai.utils import convert_to_dst_type
+from monai.data import MetaTensor, PILReader
+from monai.transforms import CropForegroundd, LoadImaged, MapTransform, Randomizable, RandomizableTransform
+from monai.utils import convert_to_dst_type, ensure_tuple
 from PIL import Image
 from timm.data.auto_augment import augment_and_mix_transform
 from torchvision.transforms import functional as TF
+
+from stas_pipeline.core.images import to_rgb
+
+
+class RGBReader(PILReader):
+    """MONAI's ``PILReader`` with the image policy: every image it reads comes out 8-bit RGB (:func:`to_rgb`)."""
+
+    def read(self, data: Sequence[str | Path] | str | Path, **kwargs) -> Image.Image | list[Image.Image]:
+        images = super().read(data, **kwargs)
+        rgb = [to_rgb(img, name) for img, name in zip(ensure_tuple(images), ensure_tuple(data), strict=True)]
+        return rgb if isinstance(images, list) else rgb[0]
+
+
+class LoadRGBImaged(LoadImaged):
+    """MONAI's ``LoadImaged`` (PIL, ``image_only``) reading ``rgb_keys`` (the image) by the image policy
+    (:class:`RGBReader`: 8-bit RGB) and every other key (a mask) as stored (``PILReader``). On an RGB image it gives
+    exactly what ``LoadImaged(reader="PILReader")`` gives."""
+
+    def __init__(self, keys: KeysCollection, rgb_keys: KeysCollection = "image", reverse_indexing: bool = True,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, reader="PILReader", image_only=True, allow_missing_keys=allow_missing_keys,
+                         reverse_indexing=reverse_indexing)
+        self.rgb_keys = ensure_tuple(rgb_keys)
+        self.rgb_reader = RGBReader(reverse_indexing=reverse_indexing)
+
+    def __call__(self, data: dict, reader: PILReader | None = None) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._loader(d[key], self.rgb_reader if key in self.rgb_keys else reader)
+        return d
 
 
 class ResizeLiked(MapTransform):

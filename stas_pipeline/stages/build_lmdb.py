@@ -4,7 +4,8 @@ The chain is the one the bundle declares (``task#preprocessing``: LoadImaged, En
 crops, Resized), with the bundle's knobs (``--image-size``, ``--set crop_fraction=0.9``); training and inference
 use the same declaration, and the cache is keyed by it. Run it again after the data changed: unchanged samples
 are copied from the old cache, changed and new ones decoded, and the cache replaced only when the new one is
-complete. A sample that cannot be decoded is reported, left out, and recorded as left out in the cache.
+complete. A sample that cannot be decoded is reported, left out, and recorded as left out in the cache. A corrupt
+cache (``data.mdb`` overwritten, truncated or missing) is reported, never read, and rebuilt from scratch.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     kept = stats.written + stats.reused
     if kept:
         print(f"{args.out}: {kept} samples, {stats.bytes_on_disk / 2**20:.1f} MiB "
-              f"({stats.bytes_on_disk / kept / 2**20:.2f} MiB per sample)")
+              f"({stats.bytes_on_disk / kept / 2**20:.2f} MiB per sample)"
+              + ("; rebuilt from scratch, the corrupt cache replaced" if stats.corrupt else ""))
     return problems.finish()
 
 

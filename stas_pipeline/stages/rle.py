@@ -1,11 +1,14 @@
 """Masks to and from Kaggle RLE CSVs (``id,encoding``; column-major, 1-indexed runs: see ``tasks/slide/rle.py``).
 
-``stas rle encode MASK... --out masks.csv`` encodes each mask image (PNG, JPEG, or a TIFF of any size, read by
-column strips: never whole); the id is the file name without its suffix; nonzero pixels are foreground.
+``stas rle encode MASK... --out masks.csv`` encodes each mask image (PNG, or a TIFF of any size, read by
+column strips: never whole); the id is the file name without its suffix; nonzero pixels are foreground. A JPEG
+mask is refused (lossy: its pixels are not the mask's); an RGB mask is read as grey, with a warning.
 ``stas rle decode masks.csv --out DIR (--shape H W | --like SLIDE_OR_IMAGE...)`` writes ``DIR/<id>.png`` (0/255)
 or, with ``--format tif``, a tiled pyramidal TIFF written window by window (for slide-sized masks). ``--like``
 takes each id's size from the file of the same name. A mask or row that cannot be used is reported with the
-reason and skipped; the rest is written; the CSV or folder appears only when complete.
+reason and skipped; the rest is written; the CSV or folder appears only when complete. A UTF-8 BOM in the CSV
+is accepted. Exit 0 when everything was converted, 1 when anything was skipped, 2 when nothing could be (nothing
+written) or for unusable input.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="mask images -> one RLE CSV (id = file name without suffix)")
-    enc.add_argument("masks", nargs="+", type=Path, help="mask images: PNG/JPEG, or TIFF of any size")
+    enc.add_argument("masks", nargs="+", type=Path, help="mask images: PNG, or TIFF of any size")
     enc.add_argument("--out", type=Path, required=True, help="RLE CSV to write (id,encoding)")
     enc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     dec = sub.add_parser("decode", help="an RLE CSV -> one mask per id")
@@ -41,7 +44,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 @command
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run the stage; 0 when everything was converted, 1 when anything was skipped, 2 for unusable input."""
+    """Run the stage; 0 when everything was converted, 1 when anything was skipped, 2 when nothing could be or
+    for unusable input."""
     args = build_parser(prog).parse_args(argv)
     if args.command == "encode":
         problems = encode_files(args.masks, args.out, args.overwrite)

@@ -11,7 +11,11 @@ tiles (read window by window: memory stays bounded whatever the slide's size).
 
 Masks (``--masks``): an RLE CSV (``id,encoding``, ids = slide file names without suffix), or a folder of
 ``<id>.tif``/``<id>.png`` mask images of the slide's size or ``<id>.json``/``<id>.geojson`` polygons (GeoJSON
-features, LabelMe). A slide that cannot be read, or whose mask does not fit it, is reported and left out.
+features, LabelMe). A slide that cannot be read is reported and left out; so is one whose mask does not fit it
+(a mask image of another size, a LabelMe file whose imageWidth/imageHeight are not the slide's level-0 size, a
+polygon file that is not JSON, a bad RLE row), reported under the mask's own name. Invalid polygons (e.g.
+self-intersecting) are repaired with shapely's ``make_valid`` and counted in the summary, with a warning naming
+the file (``--refuse-invalid-polygons``: their slide is left out instead).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--groups", type=Path, help="CSV with columns image (slide id) and group (e.g. patient): "
                                                    "slides of a group share a fold")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (0)")
+    parser.add_argument("--refuse-invalid-polygons", action="store_true",
+                        help="leave out a slide whose polygon mask has an invalid (e.g. self-intersecting) polygon, "
+                             "instead of repairing it with shapely's make_valid")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing datalist.json")
     return parser
 
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         spec = TileSpec(args.size, args.stride, args.scale, args.quarter_shift)
         tissue = TissueSettings(args.tissue_method, args.tissue_threshold, args.thumbnail, args.min_tissue)
         done = tile_slides(slides, args.out, args.masks, spec, tissue, args.folds, args.groups, args.seed,
-                           args.overwrite)
+                           args.overwrite, args.refuse_invalid_polygons)
     done.skipped = problems.skipped + done.skipped
     return done.finish()
 

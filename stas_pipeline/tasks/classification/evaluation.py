@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw, ImageOps
 from stas_pipeline.core.datalist import read_section_labels
 from stas_pipeline.core.errors import refused
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_bytes, write_json
+from stas_pipeline.core.images import to_rgb
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.scores_csv import PredictionsError, read_predictions_csv
 
@@ -202,7 +203,7 @@ def _thumbnail(path: str, problems: Problems) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a reduced scale
-            return ImageOps.contain(img.convert("RGB"), (THUMB, THUMB))  # fit the tile, small images grown
+            return ImageOps.contain(to_rgb(img, path), (THUMB, THUMB))  # fit the tile, small images grown
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         problems.warn(path, f"cannot read it for worst.png: {e}; a grey tile instead")
         return Image.new("RGB", (THUMB, THUMB), (96, 96, 96))
@@ -225,6 +226,25 @@ def contact_sheet(rows: Sequence[dict], problems: Problems, columns: int = 4) ->
         draw.text((x + 2, y + THUMB + 2), f"#{row['rank']} {name}", fill=colour)
         draw.text((x + 2, y + THUMB + 2 + LINE), f"label {row['label']}   prob {row['prob']:.3f}", fill=colour)
     return np.asarray(sheet)
+
+
+def _is_nan(text: str | None) -> bool:
+    try:
+        return math.isnan(float(text))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _why_no_row(predictions: Path) -> str:
+    """Why a predictions CSV gave no usable row: every prob is NaN (a diverged run), or each row was reported."""
+    try:
+        with predictions.open(newline="", encoding="utf-8-sig") as f:
+            probs = [row.get("prob") for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        probs = []
+    if probs and all(map(_is_nan, probs)):
+        return f"every prob is NaN ({len(probs)} rows): the run that predicted them gave no numbers"
+    return "no row has a usable image and prob (each reported above)" if probs else "no rows"
 
 
 def _check_outputs(out: Path, overwrite: bool) -> None:
@@ -258,6 +278,8 @@ def evaluate_predictions(
     _check_outputs(out, overwrite)
     problems = Problems(STAGE)
     members, preds = read_predictions_csv(predictions, problems)
+    if not preds:
+        raise PredictionsError(f"{predictions}: {_why_no_row(predictions)}; nothing to score")
     truth = read_section_labels(datalist, section, problems)
     if not truth.labels:
         raise PredictionsError(f"{datalist}: no entry of the {section!r} section has a 0/1 label"

@@ -40,7 +40,8 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from stas_pipeline.core.datalist import load_fold, test_images
-from stas_pipeline.core.images import images_in_folder
+from stas_pipeline.core.errors import NothingWrittenError
+from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import describe, to_uint8
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun, load_trained_run
@@ -73,7 +74,7 @@ class _Inputs(torch.utils.data.Dataset):
                 inputs.append(torch.as_tensor(transform({"image": image})["image"]).float())
             return self.paths[i], [inputs[k] for k in self.index]
         except Exception as err:  # noqa: BLE001 - an unreadable image is reported, the rest go on
-            return self.paths[i], f"{type(err).__name__}: {err}".splitlines()[0]
+            return self.paths[i], read_failure(self.paths[i], err)
 
 
 def tta_views(x: torch.Tensor, tta: str) -> Iterator[torch.Tensor]:
@@ -116,7 +117,8 @@ def predict_scores(
     grade_of: Callable[[float], int] | None = None,
 ) -> tuple[Problems, list[dict]]:
     """Predict ``images`` with ``runs`` into the CSV ``out`` (see module doc); returns the problems and rows.
-    ``value`` names the mean's column; ``grade_of`` adds a ``grade`` column from the mean."""
+    ``value`` names the mean's column; ``grade_of`` adds a ``grade`` column from the mean. An image that cannot be
+    read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is."""
     problems = problems or Problems("predict")
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
@@ -152,6 +154,8 @@ def predict_scores(
             grade = {"grade": grade_of(mean)} if grade_of is not None else {}
             rows.append({"image": str(path), value: mean, **grade, **values})
             problems.count("predicted")
+    if paths and not rows:
+        raise NothingWrittenError(f"{out or 'predict'}: every image was skipped; nothing written")
     if out is not None:
         columns = [value, *(["grade"] if grade_of is not None else [])]
         write_scores_csv(out, rows, [r.name for r in runs], overwrite, columns)

@@ -198,8 +198,9 @@ def read_labels_csv(
             records = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatalistError(f"{path}: cannot read labels CSV: {exc}") from exc
+    _warn_unused_columns(path, columns, records, (image_column, label_column, GROUP_COLUMN, SOURCE_COLUMN), problems)
 
-    rows = []
+    rows, kept_lines = [], {}  # the cells of each kept row -> its line: an exact repeat is kept once
     for line, record in records:
         value = (record.get(image_column) or "").strip()
         label_text = (record.get(label_column) or "").strip()
@@ -223,12 +224,31 @@ def read_labels_csv(
         if isinstance(image, LookupError):
             problems.skip(path, f"{where}: {image}")
             continue
+        cells = tuple((k, str(v)) for k, v in record.items())
+        if cells in kept_lines:
+            problems.warn(path, f"{where}: repeats line {kept_lines[cells]} exactly; the image is kept once")
+            continue
+        kept_lines[cells] = line
         group = (record.get(GROUP_COLUMN) or "").strip() or None
         name = (record.get(SOURCE_COLUMN) or "").strip() or source.label
         rows.append(_Row(image, label, name, group, f"{path.name} line {line}"))
     if not records:
         problems.warn(path, "no rows")
     return rows, SOURCE_COLUMN in columns
+
+
+def _warn_unused_columns(path: Path, columns: Sequence[str], records: Sequence[tuple[int, dict]],
+                         used: Sequence[str], problems: Problems) -> None:
+    """One warning per labels CSV for its columns that are not read, and one for rows with more cells than the
+    header has columns."""
+    unused = [c for c in columns if c not in used]
+    if unused:
+        problems.warn(path, f"column(s) {', '.join(repr(c) for c in unused)} not used (read: "
+                            f"{', '.join(c for c in used if c in columns)})")
+    longer = next((line for line, record in records if record.get(None)), None)
+    if longer is not None:
+        problems.warn(path, f"line {longer} (and maybe others) has more cells than the header's columns; the extra "
+                            "cells are not used")
 
 
 def class_folders(path: str | Path) -> dict[str, Path]:

@@ -28,7 +28,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from stas_pipeline.core.fileio import OutputExistsError, atomic_path, write_png
-from stas_pipeline.core.images import IMAGE_SUFFIXES, InputFolderError
+from stas_pipeline.core.images import IMAGE_SUFFIXES, InputFolderError, read_rgb
 from stas_pipeline.core.mask_io import prediction_files, read_grey_png, size_text
 from stas_pipeline.core.problems import Problems
 
@@ -126,8 +126,7 @@ def _write_overlay(
     found = [p for p in sorted(images.glob(glob.escape(stem) + ".*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
         raise ValueError(f"no image {stem}.* ({' '.join(IMAGE_SUFFIXES)}) in {images}")
-    with Image.open(found[0]) as img:
-        image = np.asarray(img.convert("RGB"))
+    image = read_rgb(found[0])
     pred_mask, ref_mask = _read_binary(pred, threshold, problems), _read_binary(ref, threshold, problems)
     if image.shape[:2] != ref_mask.shape:
         raise ValueError(
@@ -155,7 +154,8 @@ def evaluate_folders(
     """Score every ``ref/<stem>.png`` against ``pred/<stem>.png``; return the per-image rows and the problems.
 
     A missing, unreadable or differently sized prediction is reported and skipped; a prediction without a
-    reference is reported as a warning. With ``csv_path`` the rows are written as CSV; with ``overlays`` (and
+    reference is reported as a warning; :class:`InputFolderError` when no prediction is named like a reference
+    or none could be scored. With ``csv_path`` the rows are written as CSV; with ``overlays`` (and
     ``images``) an overlay PNG ``<stem>_overlay.png`` for each of the ``worst`` lowest-Dice images. Existing
     outputs raise :class:`OutputExistsError` (CSV, checked first) or are reported (overlays) unless
     ``overwrite``.
@@ -170,6 +170,10 @@ def evaluate_folders(
     pred_files, ref_files = _png_files(pred), _png_files(ref)
     if not ref_files:
         raise InputFolderError(f"{ref}: no reference *.png masks")
+    if not pred_files.keys() & ref_files.keys():
+        example = f" (e.g. {next(iter(pred_files))}.png)" if pred_files else ""
+        raise InputFolderError(f"{pred}: no prediction is named like a reference mask of {ref}{example}; "
+                               "nothing to score")
 
     problems = Problems(STAGE)
     for stem in sorted(pred_files.keys() - ref_files.keys()):
@@ -184,6 +188,8 @@ def evaluate_folders(
             with tqdm.external_write_mode(file=sys.stderr):
                 problems.skip(f"{stem}.png", str(e))
     problems.count("scored", len(rows))
+    if not rows:
+        raise InputFolderError(f"{pred}: no prediction could be scored (each named above); nothing written")
     if csv_path is not None:
         write_csv(csv_path, rows, overwrite)
     if overlays is not None:

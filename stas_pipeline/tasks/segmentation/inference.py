@@ -29,9 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from stas_pipeline.core.datalist import entries, test_images
+from stas_pipeline.core.errors import NothingWrittenError
 from stas_pipeline.core.fileio import atomic_folder, write_png
-from stas_pipeline.core.images import images_in_folder
-from stas_pipeline.core.lmdb_cache import Preprocessing, decode_error, describe, image_size_pair, to_uint8
+from stas_pipeline.core.images import images_in_folder, read_failure
+from stas_pipeline.core.lmdb_cache import Preprocessing, describe, image_size_pair, to_uint8
 from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
@@ -133,8 +134,8 @@ class _Chains:
     def __call__(self, path: str | Path) -> _Prepared:
         """Decode the image once, then every chain: the steps, uint8 rounding, the val transform."""
         loaded = self.load({"image": str(path)})
-        if loaded["image"].ndim != 3:
-            raise ValueError("expected a colour image, got a single-channel one")
+        if loaded["image"].ndim != 3 or loaded["image"].shape[-1] != 3:
+            raise ValueError(f"expected an RGB image, the chain loaded shape {tuple(loaded['image'].shape)}")
         inputs = []
         for steps, transform in self.chains:
             data = dict(loaded)
@@ -205,7 +206,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         try:
             return self.paths[i], self.chains(self.paths[i])
         except Exception as err:  # noqa: BLE001 - an unreadable image is reported, the rest go on
-            return self.paths[i], decode_error(self.paths[i]) or f"{type(err).__name__}: {err}".splitlines()[0]
+            return self.paths[i], read_failure(self.paths[i], err)
 
 
 def predict_images(
@@ -228,7 +229,8 @@ def predict_images(
     """Predict every image with ``models`` (runs, see :meth:`SegmentationRun.of`) into ``out`` (and
     ``save_probs``), ``batch_size`` images at a time, decoded and put through the runs' chains by ``num_workers``
     processes; each output folder appears only when complete. ``assignments`` (out-of-fold prediction): the
-    indices of the runs that predict each image (by its path), instead of all of them."""
+    indices of the runs that predict each image (by its path), instead of all of them. An image that cannot be
+    read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is."""
     problems = problems or Problems(STAGE)
     if mode not in MODES or tta not in TTA_FLIPS:
         raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
@@ -236,6 +238,7 @@ def predict_images(
     chains = _Chains(runs, mode)
     loader = torch.utils.data.DataLoader(_ImageFiles([Path(p) for p in images], chains), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
+    written = 0
     with atomic_folder(out, overwrite) as masks_dir, \
             (atomic_folder(save_probs, overwrite) if save_probs else nullcontext()) as probs_dir:
         progress = tqdm(total=len(images), desc=STAGE, unit="img")
@@ -249,9 +252,9 @@ def predict_images(
                 groups.setdefault(tuple(assignments[path]) if assignments else tuple(range(len(runs))), []).append(i)
             probs: list = [None] * len(readable)
             for ks, members in groups.items():
-                out = _probabilities([runs[k] for k in ks], [chains.index[k] for k in ks],
-                                     [readable[i][1] for i in members], mode, tta, overlap, batch_size, amp)
-                for i, prob in zip(members, out, strict=True):
+                maps = _probabilities([runs[k] for k in ks], [chains.index[k] for k in ks],
+                                      [readable[i][1] for i in members], mode, tta, overlap, batch_size, amp)
+                for i, prob in zip(members, maps, strict=True):
                     probs[i] = prob
             for (path, _), prob in zip(readable, probs, strict=True):
                 prob = prob[0].cpu().numpy()
@@ -261,8 +264,11 @@ def predict_images(
                 elif probs_dir is not None:
                     write_png(probs_dir / f"{path.stem}.png", np.rint(prob * 255).astype(np.uint8))
                 problems.count("written")
+                written += 1
             progress.update(len(batch))
         progress.close()
+        if images and not written:
+            raise NothingWrittenError(f"{out}: every image was skipped; nothing written")
     return problems
 
 

@@ -34,7 +34,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from stas_pipeline.core.datalist import read_datalist, test_images
-from stas_pipeline.core.errors import EXIT_NOTHING, NothingWrittenError
+from stas_pipeline.core.errors import NothingWrittenError
 from stas_pipeline.core.fileio import atomic_folder, write_png
 from stas_pipeline.core.lmdb_cache import describe, image_size_pair, to_uint8
 from stas_pipeline.core.problems import Problems
@@ -49,11 +49,6 @@ from stas_pipeline.tasks.slide.tissue import thumbnail
 STITCH_MODES = ("gaussian", "centre")
 RLE_STRIP = 1024  # level-0 columns per RLE strip
 
-
-class NoSlidePredictedError(NothingWrittenError):
-    """Every slide was skipped: nothing could be done (exit 2)."""
-
-    exit_code = EXIT_NOTHING
 
 
 @dataclass
@@ -261,7 +256,7 @@ def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out:
             if settings.skip_empty is not None:
                 problems.count("decoder passes skipped", skipped)
         if not rows:
-            raise NoSlidePredictedError(f"{out}: every slide was skipped; nothing written")
+            raise NothingWrittenError(f"{out}: every slide was skipped; nothing written")
         write_rle_csv(rows, tmp / "predictions.csv")
     return problems
 

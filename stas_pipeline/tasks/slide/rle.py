@@ -38,6 +38,7 @@ class RLEFileError(StasError, OSError):
     """An RLE CSV, mask or output folder that the system cannot read or write (its message kept)."""
 
 
+
 ID_COLUMNS, ENCODING_COLUMNS = ("id", "image", "image_id"), ("encoding", "predicted", "rle")
 
 
@@ -176,9 +177,10 @@ def file_id(path: str | Path) -> str:
 
 
 def read_rle_csv(path: str | Path) -> list[tuple[str, str]]:
-    """(id, encoding) rows of an RLE CSV whose header names an id column and an encoding column."""
+    """(id, encoding) rows of an RLE CSV whose header names an id column and an encoding column (a UTF-8 BOM
+    is accepted)."""
     csv.field_size_limit(2**31 - 1)  # a slide's RLE runs to megabytes; the csv module stops at 128 KiB by default
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         id_col = next((c for c in ID_COLUMNS if c in fields), None)
@@ -206,12 +208,21 @@ def _tiff_strips(slide: Slide) -> Iterator[np.ndarray]:
         yield slide.read(0, x, height, min(STRIP, width - x))[..., 0]
 
 
-def encode_mask_file(path: str | Path) -> str:
-    """The RLE string of one mask file (TIFFs read by column strips)."""
-    if Path(path).suffix.lower() in (".tif", ".tiff", ".svs"):
+def encode_mask_file(path: str | Path, problems: Problems | None = None) -> str:
+    """The RLE string of one mask file (TIFFs read by column strips). A JPEG is refused (lossy: its pixels are
+    not the mask's); a mask of several channels is read as grey (a TIFF: its first channel) with a warning in
+    ``problems``."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        raise ValueError("a JPEG mask is lossy (its pixels are not 0/255 but smeared around the edges); save "
+                         "masks as PNG or TIFF")
+    if suffix in (".tif", ".tiff", ".svs"):
         with Slide(path) as slide:
+            if slide.channels > 1 and problems is not None:
+                problems.warn(path, f"{slide.channels} channels; the first is encoded (masks should be "
+                                    "single-channel)")
             return encode_strips(_tiff_strips(slide), slide.level_shape(0)[0])
-    return encode(read_grey_png(path))
+    return encode(read_grey_png(path, problems))
 
 
 def _system_errors() -> contextlib.AbstractContextManager:
@@ -232,7 +243,7 @@ def encode_files(masks: list[Path], out: Path, overwrite: bool = False) -> Probl
         try:
             if ident in seen:
                 raise ValueError(f"id {ident!r} also comes from {seen[ident]}")
-            rows.append((ident, encode_mask_file(path)))
+            rows.append((ident, encode_mask_file(path, problems)))
             seen[ident] = path
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             problems.skip(path, str(err))
@@ -263,7 +274,8 @@ def _sizes_like(files: list[Path], problems: Problems) -> dict[str, tuple[int, i
 def decode_csv(csv_path: Path, out: Path, shape: tuple[int, int] | None, like: list[Path], fmt: str = "png",
                overwrite: bool = False) -> Problems:
     """``out/<id>.png`` (or tiled ``.tif`` with ``fmt="tif"``) for every row of an RLE CSV, each of ``shape`` or
-    of the ``like`` file of the same id; bad rows are reported and skipped; the folder appears when complete."""
+    of the ``like`` file of the same id; bad rows are reported and skipped; the folder appears when complete
+    (NothingWrittenError when no row could be decoded)."""
     problems = Problems(f"{STAGE} decode")
     rows = read_rle_csv(csv_path)
     sizes = _sizes_like(like, problems)
@@ -286,5 +298,6 @@ def decode_csv(csv_path: Path, out: Path, shape: tuple[int, int] | None, like: l
             except (RLEError, ValueError) as err:
                 problems.skip(f"{csv_path} id {ident}", str(err))
         if not problems.counts["decoded"]:
-            raise NothingWrittenError(f"{out}: every row was skipped; nothing written")
+            raise NothingWrittenError(f"{out}: none of the {len(rows)} rows of {csv_path} could be decoded; "
+                                        "nothing written")
     return problems

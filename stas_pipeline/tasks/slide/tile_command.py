@@ -19,7 +19,16 @@ from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.splits import assign_folds, read_group_csv
 from stas_pipeline.tasks.slide.reader import Slide, SlideError
 from stas_pipeline.tasks.slide.rle import file_id
-from stas_pipeline.tasks.slide.tiling import SlidePlan, TileSpec, TissueSettings, mask_sources, open_mask, plan_tiles
+from stas_pipeline.tasks.slide.tiling import (
+    MaskError,
+    SlidePlan,
+    TileSpec,
+    TissueSettings,
+    mask_sources,
+    open_mask,
+    plan_tiles,
+    polygon_repairs,
+)
 
 STAGE = "tile"
 
@@ -43,17 +52,22 @@ def overlay(plan: SlidePlan) -> np.ndarray:
     return out
 
 
-def _plan(path: Path, source: tuple[Path, str | None] | None, spec: TileSpec, tissue: TissueSettings) -> SlidePlan:
+def _plan(path: Path, source: tuple[Path, str | None] | None, spec: TileSpec,
+          tissue: TissueSettings) -> tuple[SlidePlan, list[str]]:
+    """The slide's plan, and the invalid polygons of its mask that were repaired."""
     mask = None
     if source is not None:
         with Slide(path) as slide:
             mask = open_mask(source[0], source[1], slide.level_shape(0))
-    return plan_tiles(path, spec, tissue, mask)
+    return plan_tiles(path, spec, tissue, mask), polygon_repairs(mask) if mask is not None else []
 
 
 def tile_slides(slides: list[Path], out: Path, masks: Path | None, spec: TileSpec, tissue: TissueSettings,
-                folds: int, groups: Path | None, seed: int, overwrite: bool = False) -> Problems:
-    """Plan every slide's tiles and write ``out/datalist.json`` and ``out/tissue/`` (both only when done)."""
+                folds: int, groups: Path | None, seed: int, overwrite: bool = False,
+                refuse_invalid: bool = False) -> Problems:
+    """Plan every slide's tiles and write ``out/datalist.json`` and ``out/tissue/`` (both only when done). A mask
+    source that cannot be used is reported under its own name; invalid polygons are repaired and counted, or with
+    ``refuse_invalid`` leave their slide out."""
     problems = Problems(STAGE)
     datalist_path = out / "datalist.json"
     if datalist_path.exists() and not overwrite:
@@ -67,10 +81,20 @@ def tile_slides(slides: list[Path], out: Path, masks: Path | None, spec: TileSpe
         for path in slides:
             ident, source = file_id(path), sources.get(file_id(path))
             try:
-                plan = _plan(path, source, spec, tissue)
+                plan, repairs = _plan(path, source, spec, tissue)
+            except MaskError as err:
+                problems.skip(err.source, f"{err.reason}; slide {path.name} left out")
+                continue
             except (SlideError, ValueError, OSError) as err:
                 problems.skip(path, str(err).removeprefix(f"{path}: "))
                 continue
+            if repairs:
+                what = f"{len(repairs)} invalid polygon(s), first {repairs[0]}"
+                if refuse_invalid:
+                    problems.skip(source[0], f"{what}; slide {path.name} left out (--refuse-invalid-polygons)")
+                    continue
+                problems.warn(source[0], f"{what}; repaired with shapely's make_valid")
+                problems.count("polygons repaired", len(repairs))
             write_png(overlays / f"{ident}.png", overlay(plan))
             if not plan.tiles:
                 problems.skip(path, f"no tile has {tissue.min_tissue:g} tissue (tissue on {plan.tissue.mean():.1%} "

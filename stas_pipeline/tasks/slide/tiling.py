@@ -29,8 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import shapely
 from PIL import Image, ImageDraw
 
+from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.images import SLIDE_MASK_SUFFIXES, SLIDE_SUFFIXES, has_suffix
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.slide.reader import Slide, SlideError
@@ -84,27 +86,91 @@ def _area_down(window: np.ndarray, factor: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- mask sources
 
 
-def _polygons_of(path: Path) -> list[np.ndarray]:
-    """(n, 2) arrays of (x, y) vertices: GeoJSON Polygon/MultiPolygon features (outer rings) or LabelMe shapes."""
-    data = json.loads(path.read_text())
-    if "shapes" in data:  # LabelMe
-        return [np.asarray(s["points"], dtype=np.float64) for s in data["shapes"] if len(s.get("points", [])) >= 3]
-    features = data.get("features", data if isinstance(data, list) else [data])
+class MaskError(StasError, ValueError):
+    """A slide's mask source that cannot be used: unreadable, not JSON, a size (declared or actual) that is not the
+    slide's, a bad RLE row. ``source`` names it (the file, or the CSV and the row's id), ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason
+
+
+def _ring(points: object, where: str) -> np.ndarray:
+    """The (n, 2) float64 (x, y) vertices of one polygon; ValueError naming ``where`` for anything else."""
+    try:
+        ring = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        ring = None
+    if ring is None or ring.ndim != 2 or ring.shape[1] < 2:
+        raise ValueError(f"{where}: points are not a list of (x, y) pairs")
+    return ring[:, :2]
+
+
+def _check_labelme_size(data: dict, shape: tuple[int, int]) -> None:
+    """ValueError when a LabelMe file's ``imageHeight``/``imageWidth`` are not the slide's level-0 size."""
+    declared = (data.get("imageHeight"), data.get("imageWidth"))
+    if declared != (None, None) and declared != tuple(shape):
+        raise ValueError(f"LabelMe imageWidth x imageHeight {declared[1]}x{declared[0]}, the slide {shape[1]}x"
+                         f"{shape[0]} (level 0): its polygons were drawn on another image (a downscaled copy?)")
+
+
+def _rings_of(data: object, shape: tuple[int, int]) -> list[np.ndarray]:
+    """The polygons of parsed JSON: LabelMe shapes, or GeoJSON Polygon/MultiPolygon features (outer rings)."""
+    if isinstance(data, dict) and "shapes" in data:  # LabelMe
+        _check_labelme_size(data, shape)
+        shapes = data["shapes"] if isinstance(data["shapes"], list) else []
+        return [_ring(s["points"], f"shape {k + 1}") for k, s in enumerate(shapes)
+                if isinstance(s, dict) and len(s.get("points") or []) >= 3]
+    features = data.get("features", [data]) if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise ValueError("neither GeoJSON features nor LabelMe shapes")
     rings = []
-    for feature in features:
+    for k, feature in enumerate(f for f in features if isinstance(f, dict)):
         geometry = feature.get("geometry", feature)
-        if geometry.get("type") == "Polygon":
-            rings.append(geometry["coordinates"][0])
-        elif geometry.get("type") == "MultiPolygon":
-            rings += [polygon[0] for polygon in geometry["coordinates"]]
-    return [np.asarray(r, dtype=np.float64) for r in rings if len(r) >= 3]
+        kind, coordinates = (geometry.get("type"), geometry.get("coordinates")) if isinstance(geometry, dict) \
+            else (None, None)
+        try:
+            if kind == "Polygon":
+                rings.append(_ring(coordinates[0], f"feature {k + 1}"))
+            elif kind == "MultiPolygon":
+                rings += [_ring(polygon[0], f"feature {k + 1}") for polygon in coordinates]
+        except (TypeError, IndexError, KeyError):
+            raise ValueError(f"feature {k + 1}: {kind} without coordinates") from None
+    return [r for r in rings if len(r) >= 3]
+
+
+def _made_valid(rings: list[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+    """The rings with each invalid one (self-intersecting, ...) replaced by the outer rings of shapely's
+    ``make_valid`` of it, and why each replaced one was invalid; valid rings are kept as they are."""
+    out, repairs = [], []
+    for k, ring in enumerate(rings):
+        polygon = shapely.Polygon(ring)
+        if polygon.is_valid:
+            out.append(ring)
+            continue
+        repairs.append(f"polygon {k + 1}: {shapely.is_valid_reason(polygon)}")
+        out += [np.asarray(part.exterior.coords, dtype=np.float64)
+                for part in shapely.get_parts(shapely.make_valid(polygon)) if isinstance(part, shapely.Polygon)]
+    return out, repairs
+
+
+def _polygons_of(path: Path, shape: tuple[int, int]) -> tuple[list[np.ndarray], list[str]]:
+    """(n, 2) arrays of (x, y) vertices: GeoJSON Polygon/MultiPolygon features (outer rings) or LabelMe shapes
+    (whose declared size must be ``shape``), invalid ones repaired; and the repairs (see :func:`_made_valid`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"not JSON ({err})") from None
+    return _made_valid(_rings_of(data, shape))
 
 
 class PolygonMask:
-    """Polygons rasterised per window (only those whose bounding box meets it)."""
+    """Polygons rasterised per window (only those whose bounding box meets it); ``repairs`` says which were
+    invalid and repaired."""
 
-    def __init__(self, polygons: Sequence[np.ndarray]):
+    def __init__(self, polygons: Sequence[np.ndarray], repairs: Sequence[str] = ()):
         self.polygons = list(polygons)
+        self.repairs = list(repairs)
         self.boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in self.polygons]
                               ).reshape(-1, 4)
 
@@ -115,6 +181,12 @@ class PolygonMask:
         for k in np.flatnonzero((b[:, 2] >= x) & (b[:, 0] < x + w) & (b[:, 3] >= y) & (b[:, 1] < y + h)):
             draw.polygon([(px - x, py - y) for px, py in self.polygons[k].tolist()], fill=1)
         return np.asarray(canvas, dtype=np.uint8)
+
+
+def polygon_repairs(mask: MaskWindow) -> list[str]:
+    """The invalid polygons repaired in a mask of :func:`open_mask` (none for a mask that is not polygons)."""
+    owner = getattr(mask, "__self__", None)
+    return owner.repairs if isinstance(owner, PolygonMask) else []
 
 
 class ImageMask:
@@ -138,29 +210,38 @@ def _rle_row(path: Path, mask_id: str) -> str:
     for ident, rle in read_rle_csv(path):
         if ident == mask_id:
             return rle
-    raise ValueError(f"{path}: no row with id {mask_id!r}")
+    raise ValueError(f"no row with id {mask_id!r}")
+
+
+def _mask_window(p: Path, mask_id: str | None, shape: tuple[int, int]) -> MaskWindow:
+    if p.suffix.lower() == ".csv":
+        if not mask_id:
+            raise ValueError("an RLE CSV needs the entry's label_id")
+        try:
+            return RLEMask(_rle_row(p, mask_id), shape).window
+        except RLEError as err:
+            raise ValueError(f"{str(err).removeprefix(f'{p}: ')} (slide {shape[1]}x{shape[0]}, WxH)") from None
+    if p.suffix.lower() in (".json", ".geojson"):
+        return PolygonMask(*_polygons_of(p, shape)).window
+    mask = ImageMask(p)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH), the slide {shape[1]}x{shape[0]}")
+    return mask.window
 
 
 @lru_cache(maxsize=8)
 def _open_mask(path: str, mask_id: str | None, shape: tuple[int, int], identity: tuple) -> MaskWindow:
     p = Path(path)
-    if p.suffix.lower() == ".csv":
-        if not mask_id:
-            raise ValueError(f"{p}: an RLE CSV needs the entry's label_id")
-        try:
-            return RLEMask(_rle_row(p, mask_id), shape).window
-        except RLEError as err:
-            raise RLEError(f"{p} id {mask_id}: {err} (slide {shape[1]}x{shape[0]}, WxH)") from None
-    if p.suffix.lower() in (".json", ".geojson"):
-        return PolygonMask(_polygons_of(p)).window
-    mask = ImageMask(p)
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{p}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH), the slide {shape[1]}x{shape[0]}")
-    return mask.window
+    try:
+        return _mask_window(p, mask_id, shape)
+    except (ValueError, OSError) as err:  # RLEError and SlideError included
+        source = f"{p} id {mask_id}" if p.suffix.lower() == ".csv" and mask_id else str(p)
+        raise MaskError(source, str(err).removeprefix(f"{p}: ")) from None
 
 
 def open_mask(path: str | Path, mask_id: str | None, shape: tuple[int, int]) -> MaskWindow:
-    """The window function of a slide's mask (see the module doc); the last few are kept open per process."""
+    """The window function of a slide's mask (see the module doc); the last few are kept open per process.
+    :class:`MaskError` names a source that cannot be used."""
     st = Path(path).stat()
     return _open_mask(str(Path(path).resolve()), mask_id, tuple(shape), (st.st_size, st.st_mtime_ns))
 
