@@ -100,9 +100,24 @@ def case_rle_encode(root: Path) -> tuple[list[str], list[str], list[str]]:
             ["masks.csv"])
 
 
+def case_pseudo_label(root: Path) -> tuple[list[str], list[str], list[str]]:
+    images = [root / f"t{i}.png" for i in range(6)]
+    for i, path in enumerate(images):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(path)
+    datalist = {"task": "classification", "label_kind": "number",
+                "training": [{"image": p.name, "label": i % 2, "fold": i % 2} for i, p in enumerate(images[:4])],
+                "test": [{"image": p.name} for p in images[4:]]}
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    (root / "preds.csv").write_text(f"image,prob\n{images[4]},0.99\n{images[5]},abc\n{root / 'nowhere.png'},0.01\n")
+    (root / "out").mkdir()
+    return (["pseudo-label", "--datalist", str(root / "datalist.json"), "--predictions", str(root / "preds.csv"),
+             "--out", str(root / "out" / "round1.json")], ["t5.png", "nowhere.png"], ["round1.json"])
+
+
 CASES: dict[str, Callable[[Path], tuple[list[str], list[str], list[str]]]] = {
     "labelme-to-masks": case_labelme_to_masks, "make-datalist": case_make_datalist, "ensemble": case_ensemble,
     "postprocess": case_postprocess, "evaluate": case_evaluate, "rle-encode": case_rle_encode,
+    "pseudo-label": case_pseudo_label,
 }
 
 
