@@ -1,6 +1,6 @@
 """Every file-based stage on a batch of good files mixed with bad ones (made here from real-looking images):
 no traceback, each bad file named on its own ERROR line, the good outputs written, the exit code as the README
-says (1: some inputs skipped), and a second run without --overwrite refused (2) with nothing changed.
+says (1: some inputs skipped), and a second run without --overwrite refused with nothing changed.
 
 The stages that train or predict are covered end to end elsewhere: four-channel, grey and undecodable images
 through make-datalist, build-lmdb, MONAI's runner and predict (test_image_policy.py), a corrupt cache
