@@ -47,7 +47,6 @@ class ImageModeError(StasError, ValueError):
         return type(self), (self.path, self.reason)
 
 
-
 def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """The image policy: ``img`` (read from ``path``) as 8-bit RGB.
 

@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stas_pipeline.core.errors import EXIT_DONE, EXIT_SKIPPED
+
 
 @dataclass
 class Problems:
@@ -44,7 +46,7 @@ class Problems:
 
     def exit_code(self) -> int:
         """0 when nothing was skipped, 1 otherwise."""
-        return 1 if self.skipped else 0
+        return EXIT_SKIPPED if self.skipped else EXIT_DONE
 
     def finish(self) -> int:
         """Print the summary (stdout) and return the exit code."""
