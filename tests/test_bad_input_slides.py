@@ -2,7 +2,8 @@
 tile by tile): a LabelMe file drawn on another size, a GeoJSON that is not JSON, and a self-intersecting polygon.
 Each bad file is named under its own name, no traceback reaches the user, the good slides are tiled, the invalid
 polygon is repaired (shapely's ``make_valid``, checked with ``is_valid``) and counted, or with
-``--refuse-invalid-polygons`` its slide is left out; an existing datalist is never replaced."""
+``--refuse-invalid-polygons`` its slide is left out; an existing datalist is never replaced. A four-channel (RGBA)
+slide is tiled by the image policy, like its RGB original."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import shapely
 
 from stas_pipeline import cli
 from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
-from stas_pipeline.tasks.slide.tiling import open_mask, polygon_repairs
+from stas_pipeline.tasks.slide.tiling import load_tile, open_mask, polygon_repairs
 
 H, W, SIZE = 600, 800, 256
 # a bowtie: its edges (100,100)-(300,300) and (300,100)-(100,300) cross at (200, 200)
@@ -105,6 +106,37 @@ def test_refuse_invalid_polygons_leaves_their_slide_out(case, tmp_path, capsys):
             and "slide s0.tif left out (--refuse-invalid-polygons)" in err)
     datalist = json.loads((tmp_path / "tiles" / "datalist.json").read_text())
     assert {e["group"] for e in datalist["training"]} == {"s3", "s4"}
+
+
+def test_an_rgba_slide_is_tiled_like_its_rgb_original(case, tmp_path, capsys):
+    """s4 stored with an opaque alpha channel and then half transparent: tiled through ``stas tile`` and read by
+    the cache's loading step, its tiles equal the RGB slide's (opaque) or that slide composited on white."""
+    import tifffile
+
+    rgb = tifffile.imread(case / "slides" / "s4.tif")
+    slides, masks = tmp_path / "slides", tmp_path / "masks"
+    slides.mkdir(), masks.mkdir()
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, tile=(128, 128), photometric="rgb")  # one level, as the others
+    for name, alpha in (("opaque", 255), ("half", 128)):
+        rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), alpha, np.uint8)], axis=-1)
+        tifffile.imwrite(slides / f"{name}.tif", rgba, tile=(128, 128), photometric="rgb", extrasamples=[2])
+        (masks / f"{name}.geojson").write_bytes((case / "masks" / "s4.geojson").read_bytes())
+    assert cli.main(tile_argv(tmp_path, tmp_path / "tiles")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    entries = json.loads((tmp_path / "tiles" / "datalist.json").read_text())["training"]
+    first = {Path(e["image"]).stem: e for e in reversed(entries)}
+    assert sorted(first) == ["half", "opaque"]
+    for entry in first.values():  # paths relative to the datalist
+        entry = {**entry, "image": str(tmp_path / "tiles" / entry["image"]),
+                 "label": str(tmp_path / "tiles" / entry["label"])}
+        tile = load_tile(entry)
+        original = load_tile({**entry, "image": str(tmp_path / "rgb.tif")})
+        want = original["image"]
+        if Path(entry["image"]).stem == "half":
+            want = np.rint(want * (128 / 255) + 255 * (1 - 128 / 255)).astype(np.uint8)
+        assert tile["image"].shape == want.shape and np.abs(tile["image"].astype(int) - want).max() <= 1
+        assert entry["image"].endswith("opaque.tif") <= np.array_equal(tile["image"], want)
+        assert np.array_equal(tile["label"], original["label"])
 
 
 def test_one_process_run_names_the_files_without_a_traceback(case, tmp_path):

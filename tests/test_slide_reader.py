@@ -97,3 +97,39 @@ def test_a_real_aperio_svs_reads_by_window_and_tiles(tmp_path):
     grid = len(range(0, 2967 - 512 + 256, 256)) * len(range(0, 2220 - 512 + 256, 256))
     assert not datalist["training"] and 0.3 * grid < len(datalist["test"]) < 0.9 * grid
     assert (tmp_path / "tissue" / "cmu_small_region.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["rgba", "cmyk", "grey", "grey16", "rgb16"])
+def test_slides_of_every_mode_are_read_as_the_image_policy_reads_images(kind, tmp_path):
+    """A four-channel, CMYK, grey or 16-bit slide gives the RGB that the image policy gives the same pixels as a
+    PIL image, windows past the edge white; a float slide is refused by name."""
+    from PIL import Image
+
+    from stas_pipeline.core.images import to_rgb
+
+    rng = np.random.default_rng(0)
+    shape = {"rgba": (64, 80, 4), "cmyk": (64, 80, 4), "grey": (64, 80), "grey16": (64, 80), "rgb16": (64, 80, 3)}
+    data = rng.integers(0, 65536 if kind.endswith("16") else 256, shape[kind]).astype(
+        np.uint16 if kind.endswith("16") else np.uint8)
+    extra = {"rgba": dict(photometric="rgb", extrasamples=[2]), "cmyk": dict(photometric="separated"),
+             "rgb16": dict(photometric="rgb")}.get(kind, dict(photometric="minisblack"))
+    path = tmp_path / f"{kind}.tif"
+    tifffile.imwrite(path, data, tile=(16, 16), **extra)
+    if kind == "rgb16":
+        expected = (data >> 8).astype(np.uint8)
+    else:
+        pil = Image.fromarray(data.astype(np.int32) if kind == "grey16" else data,
+                              {"rgba": "RGBA", "cmyk": "CMYK", "grey": "L", "grey16": "I"}[kind])
+        expected = np.asarray(to_rgb(pil, path))
+    with Slide(path) as slide:
+        window = slide.read_rgb(-4, 10, 40, 80)
+    assert window.shape == (40, 80, 3) and window.dtype == np.uint8
+    assert (window[:4] == 255).all() and (window[:, 70:] == 255).all()
+    assert np.array_equal(window[4:, :70], expected[:36, 10:80])
+
+
+def test_a_float_slide_is_refused_by_name(tmp_path):
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, np.zeros((32, 32, 3), np.float32), tile=(16, 16), photometric="rgb")
+    with Slide(path) as slide, pytest.raises(SlideError, match=r"float\.tif: float32 samples"):
+        slide.read_rgb(0, 0, 8, 8)

@@ -72,6 +72,30 @@ def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
         raise ImageModeError(path, f"{img.mode} image cannot be converted to RGB ({err})") from err
 
 
+def rgb_array(array: np.ndarray, path: str | Path, cmyk: bool = False) -> np.ndarray:
+    """The image policy of :func:`to_rgb` for a decoded (H, W, C) array (a slide's window): (H, W, 3) uint8.
+
+    16-bit values are scaled by ``>> 8``; one channel is repeated; two (grey and alpha) and four (RGB and alpha)
+    are composited on white; four with ``cmyk`` (a TIFF's photometric SEPARATED) are converted as PIL converts
+    CMYK. Floating-point data, or another channel count, raise :class:`ImageModeError`."""
+    if array.dtype.kind == "f":
+        raise ImageModeError(path, f"{array.dtype} samples (floating point) have no fixed scale to 8 bits")
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+    channels = array.shape[-1]
+    if channels == 3:
+        return array
+    if channels == 1:
+        return np.repeat(array, 3, axis=-1)
+    if channels == 4 and cmyk:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(array), mode="CMYK").convert("RGB"))
+    if channels in (2, 4):
+        colour, alpha = array[..., :-1].astype(np.float32), array[..., -1:].astype(np.float32) / 255
+        rgb = np.rint(colour * alpha + BACKGROUND[0] * (1 - alpha)).astype(np.uint8)
+        return rgb if channels == 4 else np.repeat(rgb, 3, axis=-1)
+    raise ImageModeError(path, f"{channels} channels (an image is grey, grey and alpha, RGB, RGBA or CMYK)")
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """The image at ``path`` decoded in full, by the image policy (:func:`to_rgb`): (H, W, 3) uint8. Raises what
     PIL raises for a file it cannot decode, and :class:`ImageModeError`."""

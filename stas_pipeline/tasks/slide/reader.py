@@ -4,7 +4,9 @@
 window of any pyramid level through tifffile's zarr store, which decodes only the tiles the window touches.
 (MONAI's ``WSIReader(backend="tifffile")`` decodes the whole level for every patch, MONAI issue 6513;
 ``benchmarks/slide_reads.py`` measures both.) Windows are (y, x, height, width) in the level's own pixels; the
-part of a window outside the level is filled with ``fill``. Arrays are (H, W, C) uint8 (C = 1 for grey).
+part of a window outside the level is filled with ``fill``. :meth:`Slide.read` gives the stored samples, (H, W, C)
+(C = 1 for grey; masks are read so); :meth:`Slide.read_rgb` gives (H, W, 3) uint8 by the image policy of
+:func:`stas_pipeline.core.images.rgb_array` (16-bit, grey, RGBA, CMYK slides), which every image read goes through.
 
 :func:`write_slide` writes a pyramidal tiled TIFF from a function that returns any window of level 0 (level k is
 level 0 averaged over 2**k x 2**k blocks), tile by tile, so a 40,000 x 40,000 slide is written in bounded memory;
@@ -25,8 +27,7 @@ import zarr
 
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path
-
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")
+from stas_pipeline.core.images import ImageModeError, rgb_array
 
 
 class SlideError(StasError, ValueError):
@@ -49,6 +50,7 @@ class Slide:
             raise SlideError(f"{self.path}: image axes {axes!r} (a slide is YXS, YX or CYX)")
         self._axes = axes
         self._levels = series.levels
+        self._cmyk = series.keyframe.photometric == tifffile.PHOTOMETRIC.SEPARATED
         self._arrays: dict[int, zarr.Array] = {}
 
     def __enter__(self) -> Slide:
@@ -92,15 +94,33 @@ class Slide:
         return self._arrays[level]
 
     def read(self, y: int, x: int, height: int, width: int, level: int = 0, fill: int = 0) -> np.ndarray:
-        """The window at (y, x) of ``height`` x ``width`` pixels of ``level`` as (height, width, C) uint8; pixels
-        outside the level are ``fill``."""
+        """The window at (y, x) of ``height`` x ``width`` pixels of ``level`` as (height, width, C) stored samples
+        (uint8 for most slides); pixels outside the level are ``fill``."""
         if height <= 0 or width <= 0:
             raise ValueError(f"window of {height} x {width} pixels")
         rows, cols = self.level_shape(level)
-        out = np.full((height, width, self.channels), fill, dtype=np.uint8)
+        out = np.full((height, width, self.channels), fill, dtype=self._levels[0].dtype)
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + height, rows), min(x + width, cols)
-        if y0 >= y1 or x0 >= x1:
-            return out
+        if y0 < y1 and x0 < x1:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._window(y, x, y0, x0, y1, x1, level, height, width)
+        return out
+
+    def read_rgb(self, y: int, x: int, height: int, width: int, level: int = 0, fill: int = 255) -> np.ndarray:
+        """:meth:`read` by the image policy: (height, width, 3) uint8, outside the level ``fill`` (white)."""
+        rows, cols = self.level_shape(level)
+        out = np.full((height, width, 3), fill, dtype=np.uint8)
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + height, rows), min(x + width, cols)
+        if y0 < y1 and x0 < x1:
+            window = self._window(y, x, y0, x0, y1, x1, level, height, width)
+            try:
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = rgb_array(window, self.path, cmyk=self._cmyk)
+            except ImageModeError as err:
+                raise SlideError(str(err)) from err
+        return out
+
+    def _window(self, y: int, x: int, y0: int, x0: int, y1: int, x1: int, level: int, height: int,
+                width: int) -> np.ndarray:
+        """The stored samples of rows y0:y1, columns x0:x1 of ``level`` as (h, w, C)."""
         array = self._array(level)
         try:
             if self._axes[0] == "Y":
@@ -110,8 +130,7 @@ class Slide:
         except Exception as err:  # noqa: BLE001 - a truncated or corrupt tile
             raise SlideError(f"{self.path}: cannot decode level {level} window at y={y}, x={x}, {height} x "
                              f"{width} ({type(err).__name__}: {err})") from err
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = window.reshape(y1 - y0, x1 - x0, -1)
-        return out
+        return window.reshape(y1 - y0, x1 - x0, -1)
 
     def smallest_level_at_least(self, long_side: int) -> int:
         """The smallest level whose longer side is at least ``long_side`` pixels (level 0 when none is)."""

@@ -272,11 +272,10 @@ def read_level(slide: Slide, scale: int) -> tuple[int, int]:
 
 
 def read_tile_image(slide: Slide, y: int, x: int, spec: TileSpec) -> np.ndarray:
-    """The (out, out, C) uint8 tile at level-0 corner (y, x) (see :func:`read_level`); outside the slide white."""
+    """The (out, out, 3) uint8 tile at level-0 corner (y, x) (see :func:`read_level`); outside the slide white."""
     level, factor = read_level(slide, spec.scale)
     down = spec.scale / factor
-    window = slide.read(round(y / down), round(x / down), spec.out * factor, spec.out * factor, level=level,
-                        fill=255)
+    window = slide.read_rgb(round(y / down), round(x / down), spec.out * factor, spec.out * factor, level=level)
     return np.rint(_area_down(window, factor)).astype(np.uint8)
 
 

@@ -24,7 +24,8 @@ STRIP_ROWS = 1024  # level rows read at a time when a thumbnail has to be averag
 
 
 def thumbnail(slide: Slide, max_side: int = 2048) -> tuple[np.ndarray, float]:
-    """An (h, w, C) uint8 thumbnail whose longer side is at most ``max_side``, and its downsample from level 0.
+    """An (h, w, 3) uint8 thumbnail (by :meth:`Slide.read_rgb`) whose longer side is at most ``max_side``, and its
+    downsample from level 0.
 
     Read from the smallest level at least ``max_side`` long, then averaged over integer blocks, a strip of rows
     at a time, so memory stays bounded even for a slide without a pyramid."""
@@ -32,10 +33,10 @@ def thumbnail(slide: Slide, max_side: int = 2048) -> tuple[np.ndarray, float]:
     rows, cols = slide.level_shape(level)
     factor = max(1, -(-max(rows, cols) // max_side))
     out_rows, out_cols = -(-rows // factor), -(-cols // factor)
-    out = np.empty((out_rows, out_cols, slide.channels), dtype=np.uint8)
+    out = np.empty((out_rows, out_cols, 3), dtype=np.uint8)
     step = max(1, STRIP_ROWS // factor) * factor
     for y in range(0, out_rows * factor, step):
-        strip = slide.read(y, 0, step, out_cols * factor, level=level, fill=255).astype(np.float32)
+        strip = slide.read_rgb(y, 0, step, out_cols * factor, level=level).astype(np.float32)
         blocks = strip.reshape(step // factor, factor, out_cols, factor, -1).mean(axis=(1, 3))
         out[y // factor:y // factor + step // factor] = np.rint(blocks[:out_rows - y // factor])
     return out, slide.downsample(level) * factor
