@@ -77,7 +77,7 @@ def test_missing_mask_refused(tmp_path, capsys):
     images, pred = make_case(tmp_path)
     (pred / "img_b.png").unlink()
     out = tmp_path / "s.zip"
-    assert run(images, pred, out) == 1
+    assert run(images, pred, out) == 2
     err = capsys.readouterr().err
     assert f"ERROR {images / 'img_b.png'}: no mask img_b.png (pass --allow-missing" in err
     assert f"ERROR {out}: not written" in err and not out.exists()
@@ -98,7 +98,7 @@ def test_extra_prediction_refused(tmp_path, capsys):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(pred / "stray.png")
     np.save(pred / "img_a.npy", np.zeros((10, 16)))  # probabilities beside the masks are ignored
     out = tmp_path / "s.zip"
-    assert run(images, pred, out, "--allow-missing") == 1
+    assert run(images, pred, out, "--allow-missing") == 2
     err = capsys.readouterr().err
     assert f"ERROR {pred / 'stray.png'}: no test image with this name" in err and not out.exists()
 
@@ -107,7 +107,7 @@ def test_size_mismatch_refused(tmp_path, capsys):
     images, pred = make_case(tmp_path)
     Image.fromarray(np.zeros((10, 15), np.uint8)).save(pred / "img_a.png")
     out = tmp_path / "s.zip"
-    assert run(images, pred, out) == 1
+    assert run(images, pred, out) == 2
     err = capsys.readouterr().err
     assert f"ERROR {images / 'img_a.jpg'}: mask {pred / 'img_a.png'} is 15x10, the image 16x10" in err
     assert not out.exists()
@@ -116,7 +116,7 @@ def test_size_mismatch_refused(tmp_path, capsys):
 def test_unreadable_mask_refused(tmp_path, capsys):
     images, pred = make_case(tmp_path)
     (pred / "img_c.png").write_bytes(b"broken")
-    assert run(images, pred, tmp_path / "s.zip") == 1
+    assert run(images, pred, tmp_path / "s.zip") == 2
     assert "cannot read mask" in capsys.readouterr().err and not (tmp_path / "s.zip").exists()
 
 
@@ -145,7 +145,7 @@ def test_test_images_from_a_datalist(tmp_path):
     datalist.write_text(json.dumps({"training": [], "test": test}))
     out = tmp_path / "s.zip"
     argv = ["--pred", str(pred), "--out", str(out), "--datalist", str(datalist)]
-    assert main(argv) == 1  # img_b.png has no test image
+    assert main(argv) == 2  # img_b.png has no test image
     (pred / "img_b.png").unlink()
     assert main(argv) == 0 and sorted(zip_masks(out)) == ["img_a.png", "img_c.png"]
     datalist.write_text(json.dumps({"training": []}))

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stas_pipeline.core.errors import EXIT_DONE, EXIT_SKIPPED
+from stas_pipeline.core.errors import EXIT_DONE, EXIT_NOTHING, EXIT_SKIPPED
 
 
 @dataclass
@@ -15,10 +15,13 @@ class Problems:
     """Collects skipped inputs and warnings of one stage run.
 
     Each problem is printed at once as ``ERROR <file>: <reason>`` (or ``WARNING``) on stderr, so
-    that a long run shows them as they happen; :meth:`summary` and :meth:`exit_code` close the run.
+    that a long run shows them as they happen; :meth:`summary` and :meth:`exit_code` close the run. ``done`` names
+    the counters of the stage's outputs (``written``, ``scored``...): skipped inputs and none of them counted
+    means nothing could be done.
     """
 
     stage: str
+    done: tuple[str, ...] = ()
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
@@ -45,8 +48,10 @@ class Problems:
         return f"{self.stage}: " + ", ".join(parts)
 
     def exit_code(self) -> int:
-        """0 when nothing was skipped, 1 otherwise."""
-        return EXIT_SKIPPED if self.skipped else EXIT_DONE
+        """0 when nothing was skipped; 2 when inputs were skipped and no ``done`` counter counted anything; else 1."""
+        if not self.skipped:
+            return EXIT_DONE
+        return EXIT_NOTHING if self.done and not any(self.counts[name] for name in self.done) else EXIT_SKIPPED
 
     def finish(self) -> int:
         """Print the summary (stdout) and return the exit code."""

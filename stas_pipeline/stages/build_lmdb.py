@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     knobs = dict(args.set)
     if args.image_size is not None:
         knobs["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size)
-    problems = Problems("build-lmdb")
+    problems = Problems("build-lmdb", done=("decoded", "reused"))
     (chain,) = parsed_content(args.bundle, ["task#preprocessing"], knobs)
     stats = build_cache(items, args.out, Preprocessing(chain), problems, progress=not args.no_progress,
                         loader=get_task(datalist.task).entry_loader())

@@ -21,7 +21,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog,
         description="Write a submission zip: one single-channel 0/255 PNG per test image, named "
         "<image stem>.png, at the image's size. Everything is checked first; any problem (a missing mask, "
-        "a mask without a test image, a size mismatch) refuses the submission.",
+        "a mask without a test image, a size mismatch) refuses the submission: each problem named, nothing written, "
+        "exit 2.",
     )
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted <image stem>.png masks")
     parser.add_argument("--out", type=Path, required=True, help="zip file to write, e.g. submission.zip")
@@ -41,7 +42,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 @command
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run the stage; 0 when the zip was written, 1 when it was refused, 2 for unusable input."""
+    """Run the stage; 0 when the zip was written, 2 when it was refused or the input is unusable."""
     args = build_parser(prog).parse_args(argv)
     images = images_in_folder(args.test_images) if args.test_images is not None else test_images(args.datalist)
     problems = export_submission(args.pred, args.out, images, allow_missing=args.allow_missing,

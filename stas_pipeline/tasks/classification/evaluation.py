@@ -276,7 +276,7 @@ def evaluate_predictions(
         raise PredictionsError(f"worst must be >= 0, got {worst}")
     predictions, datalist, out = Path(predictions), Path(datalist), Path(out)
     _check_outputs(out, overwrite)
-    problems = Problems(STAGE)
+    problems = Problems(STAGE, done=("scored",))
     members, preds = read_predictions_csv(predictions, problems)
     if not preds:
         raise PredictionsError(f"{predictions}: {_why_no_row(predictions)}; nothing to score")

@@ -44,7 +44,7 @@ def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | P
                      cuts_file: str | Path | None = None) -> tuple[dict, Problems]:
     """Score ``predictions`` against ``datalist``'s ``section`` into ``out`` (see the module doc); with
     ``cuts_file`` (a ``cut_points.json``) also with its cuts, as ``with_cut_points``."""
-    problems = problems or Problems("evaluate")
+    problems = problems or Problems("evaluate", done=("scored",))
     out = Path(out)
     if not overwrite and any((out / name).exists() for name in OUTPUTS):
         raise OutputExistsError(f"{out}: holds an earlier evaluation; pass --overwrite or another --out")

@@ -175,7 +175,7 @@ def evaluate_folders(
         raise InputFolderError(f"{pred}: no prediction is named like a reference mask of {ref}{example}; "
                                "nothing to score")
 
-    problems = Problems(STAGE)
+    problems = Problems(STAGE, done=("scored",))
     for stem in sorted(pred_files.keys() - ref_files.keys()):
         problems.warn(pred_files[stem], "no reference mask with this name; not scored")
     rows = []

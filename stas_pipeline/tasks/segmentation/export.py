@@ -112,7 +112,7 @@ def export_submission(
         raise OutputExistsError(out)
     if not test_images:
         raise InputFolderError("no test images")
-    problems = Problems(STAGE)
+    problems = Problems(STAGE, done=("written",))  # a refused zip: nothing written, exit 2
     problems.count("written", 0)
     pairs = _check(prediction_files(pred), [Path(p) for p in test_images], allow_missing, problems)
     if problems.skipped:

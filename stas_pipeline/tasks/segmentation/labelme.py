@@ -237,7 +237,7 @@ def convert_folder(
     if not files:
         raise InputFolderError(f"{annotations}: no LabelMe *.json files in this folder")
 
-    problems = Problems(STAGE)
+    problems = Problems(STAGE, done=("written",))
     for counter in ("written", "empty masks", "clipped points"):
         problems.count(counter, 0)
     made_from: dict[str, Path] = {}  # output name -> the file it was written from in this run

@@ -68,7 +68,7 @@ def tile_slides(slides: list[Path], out: Path, masks: Path | None, spec: TileSpe
     """Plan every slide's tiles and write ``out/datalist.json`` and ``out/tissue/`` (both only when done). A mask
     source that cannot be used is reported under its own name; invalid polygons are repaired and counted, or with
     ``refuse_invalid`` leave their slide out."""
-    problems = Problems(STAGE)
+    problems = Problems(STAGE, done=("slides",))
     datalist_path = out / "datalist.json"
     if datalist_path.exists() and not overwrite:
         raise OutputExistsError(datalist_path)
