@@ -409,11 +409,12 @@ def augmented(chain: Compose, photo: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 NORMALIZE = ["ScaleIntensityRanged", "NormalizeIntensityd", "EnsureTyped"]
+STAIN = ["StainNormalized", "RandStainJitterd"]  # off by default (tests/test_stain_bundles.py)
 
 
 def test_new_augmentation_knobs_are_off_by_default_and_recorded(photo):
     chain, info = train_chain()
-    assert chain_names(chain) == ["RandFlipd", "RandFlipd", "RandRotate90d", "RandAugMixd", *NORMALIZE]
+    assert chain_names(chain) == [*STAIN, "RandFlipd", "RandFlipd", "RandRotate90d", "RandAugMixd", *NORMALIZE]
     assert (info["rotate_degrees"], info["crop_scale"], info["color_jitter"]) == (0, 1.0, 0.0)
     off, _ = train_chain(flip_prob=0.0)  # nothing random left: the cached image, normalised
     expected = Compose(off.transforms[-3:])({"image": photo})["image"]
@@ -429,7 +430,8 @@ def test_new_augmentation_knobs_are_off_by_default_and_recorded(photo):
 ])
 def test_each_knob_adds_its_transform_in_order_keeps_the_shape_and_is_seeded(photo, knobs, added):
     chain, info = train_chain(flip_prob=0.0, **knobs)
-    assert chain_names(chain) == ["RandFlipd", "RandFlipd", "RandRotate90d", *added, "RandAugMixd", *NORMALIZE]
+    assert chain_names(chain) == [*STAIN, "RandFlipd", "RandFlipd", "RandRotate90d", *added, "RandAugMixd",
+                                  *NORMALIZE]
     assert all(info[k] == v for k, v in knobs.items())
     out = augmented(chain, photo, 1)
     assert out.shape == (8, 3, 128, 128)
@@ -441,7 +443,7 @@ def test_each_knob_adds_its_transform_in_order_keeps_the_shape_and_is_seeded(pho
 
 def test_rotation_and_crop_parameters():
     chain, _ = train_chain(rotate_degrees=30, crop_scale=0.75)
-    rotate, crop, resize = chain.transforms[3:6]
+    rotate, crop, resize = chain.transforms[5:8]
     assert rotate.prob == 0.5 and rotate.rand_rotate.range_x == pytest.approx((-math.pi / 6, math.pi / 6))
     assert rotate.padding_mode == ("zeros",)
     rotate.set_random_state(seed=0)

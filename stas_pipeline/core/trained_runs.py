@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from monai.transforms import Compose
 from torch import nn
 
 from stas_pipeline.core.bundles import parsed_content
@@ -17,6 +18,7 @@ from stas_pipeline.core.lmdb_cache import Preprocessing
 from stas_pipeline.core.models import build_network
 from stas_pipeline.core.run_recorder import CheckpointError, load_model_weights
 from stas_pipeline.core.runs import read_json_object
+from stas_pipeline.core.stain import StainShiftd
 
 RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
 RECORDS = ("best.json", "metrics.json")  # the run records beside a checkpoint, in the order they are read
@@ -54,9 +56,19 @@ class TrainedRun:
         return cls(name, model, Preprocessing.of(preprocessing), transform, None, *score)
 
 
-def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu") -> TrainedRun:
+def shifted(transform: Callable, stain_shift: tuple[float, float, float] | None) -> Callable:
+    """``transform`` after a fixed stain shift of the image (``predict --stain-shift``: the shift check), or
+    ``transform`` itself when there is none."""
+    if stain_shift is None:
+        return transform
+    return Compose([StainShiftd("image", stain_shift), transform])
+
+
+def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu",
+                     stain_shift: tuple[float, float, float] | None = None) -> TrainedRun:
     """The run of ``checkpoint`` (``info`` is its best.json): the recorded network with the checkpoint's weights,
-    and the chain of its bundle with the run's recorded knobs (image size, crop, ...)."""
+    and the chain of its bundle with the run's recorded knobs (image size, crop, stain normalisation...), after
+    ``stain_shift`` (:func:`shifted`)."""
     missing = next((key for key in ("bundle", "network") if key not in info), None)
     if missing is not None:
         raise CheckpointError(f"{record_of(checkpoint)}: no {missing!r} key: not a run record written by a "
@@ -67,7 +79,8 @@ def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.dev
     preprocessing, transform = parsed_content(info["bundle"], ["task#preprocessing", "task#val_transforms"],
                                               {**knobs, "encoder_weights": "none"})
     name = f"{info['bundle']}/fold{info.get('fold')}"
-    return TrainedRun(name, model.to(device).eval(), Preprocessing.of(preprocessing), transform, info.get("fold"))
+    return TrainedRun(name, model.to(device).eval(), Preprocessing.of(preprocessing), shifted(transform, stain_shift),
+                      info.get("fold"))
 
 
 def record_of(checkpoint: str | Path) -> Path:

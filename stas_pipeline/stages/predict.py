@@ -47,6 +47,7 @@ import torch
 from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import positive_int
 from stas_pipeline.core.datalist import read_datalist
+from stas_pipeline.core.stain import STAIN_SHIFTS, parse_stain_shift
 from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, run_info_of
 from stas_pipeline.tasks import choose
 from stas_pipeline.tasks.base import Predictor, claimed_by_options
@@ -95,6 +96,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    parser.add_argument("--stain-shift", type=stain_shift_arg, metavar="SHIFT",
+                        help="shift the stain of every image before the runs' chain, as another scanner or lab "
+                             "would: a name (" + ", ".join(STAIN_SHIFTS) + ") or factors on the haematoxylin, "
+                             "eosin and DAB concentrations, e.g. h=1.2,e=0.9 (the shift check: "
+                             "benchmarks/shift_check.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     slides = parser.add_argument_group("whole slides (--slides, or a datalist of tiles: its settings are the "
                                        "defaults)")
@@ -116,6 +122,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="write nothing: time the first N images (default 8) after a warm-up batch and print "
                              "the projected wall time for all the images")
     return parser
+
+
+def stain_shift_arg(text: str) -> tuple[float, float, float]:
+    """``--stain-shift``: :func:`parse_stain_shift`, its error as argparse's."""
+    try:
+        return parse_stain_shift(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _duration(seconds: float) -> str:

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stas_pipeline.core.bundles import add_bundle_dir
+from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.images import read_rgb
 from stas_pipeline.core.problems import Problems
 
 Predictor = Callable[[Sequence[Path], bool], Problems]  # (inputs, estimating) -> problems; estimating writes nothing
@@ -61,6 +63,11 @@ class Task:
         """``(entry, preprocessing, keys) -> loaded arrays`` for entries that are not plain files (tiles of a
         slide), or None: the chain's own loader on the entry's files."""
         return None
+
+    def read_entry(self, entry: dict) -> dict:
+        """An entry's ``image`` as an (H, W, 3) uint8 array by the image policy (its paths resolved); tasks whose
+        entries are not image files (tiles of a slide) override it."""
+        return {"image": read_rgb(entry["image"])}
 
     # --- predict ---------------------------------------------------------------------------------------------
     def predictor(self, args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
@@ -161,6 +168,11 @@ def choose(*names: str | None, what: str = "the inputs") -> Task:
     if not given:
         raise TaskError(f"{what}: no task is declared (a datalist's or run record's 'task')")
     return most_specific(given, what)
+
+
+def load_entry(datalist: str | Path, entry: dict) -> dict:
+    """``entry`` of ``datalist`` read by its task's :meth:`Task.read_entry` (what a bundle fits a stain target to)."""
+    return get_task(read_datalist(datalist).task).read_entry(entry)
 
 
 def task_of_predictions(paths: Sequence[Path], explicit: str | None = None) -> Task:

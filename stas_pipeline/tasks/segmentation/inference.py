@@ -36,7 +36,7 @@ from stas_pipeline.core.lmdb_cache import Preprocessing, describe, image_size_pa
 from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
-from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, load_trained_run, run_info_of
+from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, load_trained_run, run_info_of, shifted
 from stas_pipeline.tasks.base import Predictor
 
 STAGE = "predict"
@@ -74,13 +74,14 @@ def default_val_transform() -> Compose:
     return Compose([ScaleIntensityd("image"), EnsureTyped("image", track_meta=False)])
 
 
-def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SegmentationRun:
+def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu",
+                   stain_shift: tuple[float, float, float] | None = None) -> SegmentationRun:
     """The run of a training checkpoint, its model in eval mode, rebuilt from the ``best.json`` (or
     ``metrics.json``) beside it: with the chain of the recorded bundle and knobs, or for runs recorded without a
-    bundle the segmentation bundle's chain at the recorded image size."""
+    bundle the segmentation bundle's chain at the recorded image size; after ``stain_shift`` (the shift check)."""
     info = run_info_of(checkpoint)
     if "bundle" in info:
-        run = load_trained_run(checkpoint, info, device)  # any task's recorded network and declared chain
+        run = load_trained_run(checkpoint, info, device, stain_shift)  # any task's network and declared chain
         return SegmentationRun(run.model, info["image_size"], run.preprocessing, run.transform,
                                info.get("crop_size") or None)
     if "network" in info:
@@ -88,7 +89,9 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu") -
     else:  # runs recorded before the network definition was
         model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
     load_model_weights(model, checkpoint)
-    return SegmentationRun.of((model.to(device).eval(), int(info["image_size"])))
+    run = SegmentationRun.of((model.to(device).eval(), int(info["image_size"])))
+    run.transform = shifted(run.transform, stain_shift)
+    return run
 
 
 def flip_tta(model: nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
@@ -291,7 +294,7 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
         images = list(assignments)
     else:
         images = images_in_folder(args.images) if args.images else test_images(args.datalist)
-    models = [load_run_model(ckpt, args.device) for ckpt in args.checkpoint]
+    models = [load_run_model(ckpt, args.device, args.stain_shift) for ckpt in args.checkpoint]
     settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
                 args.amp)
 

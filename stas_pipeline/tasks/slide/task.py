@@ -31,6 +31,11 @@ class SlideTask(SegmentationTask):
 
         return array_loader(load_tile)
 
+    def read_entry(self, entry: dict) -> dict:
+        from stas_pipeline.tasks.slide.tiling import load_tile
+
+        return load_tile(entry)
+
     def predictor(self, args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
         from stas_pipeline.tasks.slide.inference import predictor
 
