@@ -15,7 +15,8 @@ COPY stas_pipeline stas_pipeline
 COPY data_prep data_prep
 RUN bash docker/install.sh
 
-COPY bundles bundles
 COPY benchmarks benchmarks
+# bundles/ is a link to the package's own bundles (the card's commands run from here)
+RUN ln -s stas_pipeline/bundles bundles
 
 CMD ["stas", "--help"]

@@ -50,6 +50,8 @@ STAGES: dict[str, tuple[str, str]] = {
         "stas_pipeline.stages.demo", "every stage end to end on a synthetic (or --data) set, with a summary"),
     "experiments": (
         "stas_pipeline.stages.experiments", "table of training runs: CV/test scores and the knobs that differ"),
+    "bundle": (
+        "stas_pipeline.stages.bundle", "a bundle as one self-contained file for MONAI's runner, from any folder"),
 }
 
 
@@ -106,6 +108,9 @@ def command(stage_main: StageMain) -> StageMain:
         except KeyboardInterrupt:
             print(f"{prog or stage_main.__module__}: interrupted", file=sys.stderr, flush=True)
             return 130
+        except BrokenPipeError:  # the output piped into a reader that stopped (stas bundle --list | head)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except Exception:  # noqa: BLE001 - every other failure is an internal fault, reported in one line
             print(_internal_fault(prog or stage_main.__module__, debug), file=sys.stderr, flush=True)
             return EXIT_INTERNAL

@@ -1,43 +1,50 @@
-"""Finding and parsing this repository's MONAI bundles from Python (stages that need a bundle's declared parts)."""
+"""Finding, resolving and parsing the MONAI bundles from Python, from any working directory.
+
+The bundles ship inside the package (``stas_pipeline/bundles/``; the repository's ``bundles/`` links to it, so
+the card's ``python -m monai.bundle run training --config_file bundles/deeplab_effb6.json`` runs from the
+repository root as MONAI resolves macros: relative to the working directory). Here a bundle's ``%file#id``
+macros are expanded by :func:`resolved_config`, files found relative to the package's folder holding
+``bundles/``, then the referencing file's folder, then the working directory: nothing depends on where a stage
+is started, and no stage changes directory. :func:`resolved_config` is also what a training run writes into its
+folder (``config.json``), so that its chain is rebuilt from the run alone."""
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import json
+import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from stas_pipeline.core.errors import StasError
 
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"  # the package's bundles (package data)
+MACRO_ROOT = BUNDLES_DIR.parent  # "%bundles/common.json#..." is relative to it
+RUN_CONFIG = "config.json"  # the resolved configuration a training run writes beside its checkpoints
+
 
 class BundleError(StasError, RuntimeError):
     """A bundle that cannot be found or parsed."""
-
-
-def repository_root() -> Path:
-    """The folder holding ``bundles/`` (the bundles' ``%bundles/...`` macros are relative to it)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "bundles" / "common.json").is_file():
-        raise BundleError(f"bundles/common.json not found beside the package (looked in {root}); "
-                          "use a clone installed with 'pip install -e .'")
-    return root
 
 
 _EXTRA_DIRS: list[Path] = []  # folders of bundles that tasks outside the package ship (Task.bundle_dir)
 
 
 def add_bundle_dir(folder: str | Path) -> None:
-    """Look for bundles by name in ``folder`` too, after the repository's ``bundles/``."""
+    """Look for bundles by name in ``folder`` too, after the package's ``bundles/``."""
     folder = Path(folder).resolve()
     if folder not in _EXTRA_DIRS:
         _EXTRA_DIRS.append(folder)
 
 
 def bundle_file(bundle: str | Path) -> Path:
-    """``<name>.json`` in ``bundles/`` (or a task's bundle folder) for a bundle name, or the file itself."""
+    """``<name>.json`` in the package's ``bundles/`` (or a task's bundle folder) for a bundle name, or the file
+    itself."""
     path = Path(bundle)
     if path.suffix != ".json":
-        folders = [repository_root() / "bundles", *_EXTRA_DIRS]
+        folders = [BUNDLES_DIR, *_EXTRA_DIRS]
         path = next((f / f"{bundle}.json" for f in folders if (f / f"{bundle}.json").is_file()),
                     folders[0] / f"{bundle}.json")
     if not path.is_file():
@@ -45,17 +52,85 @@ def bundle_file(bundle: str | Path) -> Path:
     return path.resolve()
 
 
-def parsed_content(bundle: str | Path, ids: list[str], overrides: Mapping[str, Any] | None = None) -> list[Any]:
-    """The instantiated ``ids`` of a bundle (e.g. ``task#preprocessing``) after ``overrides`` of its top-level
-    keys (keys the bundle does not have are ignored, so a run's recorded knobs can be passed whole)."""
-    from monai.bundle import (
-        ConfigParser,  # here: MONAI takes seconds to import, and the task registry needs this module
-    )
+def _macro_file(path: str, referrer: Path) -> Path:
+    """The file a macro names: relative to the package's folder holding ``bundles/``, the referring file's folder
+    or the working directory, the first that exists."""
+    if not path:
+        return referrer
+    candidates = [Path(path)] if Path(path).is_absolute() else \
+        [MACRO_ROOT / path, referrer.parent / path, Path.cwd() / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise BundleError(f"{referrer}: macro file {path!r} not found (looked in {MACRO_ROOT}, {referrer.parent} and "
+                          "the working directory)")
+    return found.resolve()
+
+
+def _expand(value: Any, referrer: Path, files: dict[Path, Any]) -> Any:
+    from monai.bundle import ConfigParser  # here: MONAI takes seconds to import, and light stages import this
+
+    if isinstance(value, dict):
+        return {k: _expand(v, referrer, files) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, referrer, files) for v in value]
+    if not (isinstance(value, str) and value.startswith("%")):
+        return value
+    path, ids = ConfigParser.split_path_id(value[1:])
+    file = _macro_file(path, referrer)
+    if file not in files:
+        files[file] = ConfigParser.load_config_file(file)
+    try:
+        content = ConfigParser(config=files[file])[ids]
+    except (KeyError, IndexError, ValueError) as err:
+        raise BundleError(f"{referrer}: macro {value!r}: {file} has no {ids!r} ({err})") from None
+    return _expand(copy.deepcopy(content), file, files)
+
+
+def resolved_config(bundle: str | Path) -> dict:
+    """The configuration of ``bundle`` (a name or a file) with every ``%file#id`` macro expanded: a
+    configuration that needs no ``bundles/`` folder and no working directory."""
+    from monai.bundle import ConfigParser
 
     path = bundle_file(bundle)
-    parser = ConfigParser()
-    parser.read_config(str(path))
+    return _expand(ConfigParser.load_config_file(path), path, {})
+
+
+def write_resolved(bundle: str | Path, folder: str | Path) -> Path:
+    """``folder/<name>.json``: :func:`resolved_config` of ``bundle``, with the bundles' ``logging.conf`` beside it
+    (MONAI's runner reads the one beside a config file): a bundle file MONAI's runner can run from any working
+    directory (``monai.bundle.run(config_file=...)``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{bundle_file(bundle).stem}.json"
+    path.write_text(json.dumps(resolved_config(bundle), indent=1) + "\n")
+    shutil.copyfile(BUNDLES_DIR / "logging.conf", folder / "logging.conf")
+    return path
+
+
+def parsed_content(bundle: str | Path | Mapping, ids: list[str], overrides: Mapping[str, Any] | None = None
+                   ) -> list[Any]:
+    """The instantiated ``ids`` of a bundle (a name, a file or a resolved configuration; e.g.
+    ``task#preprocessing``) after ``overrides`` of its top-level keys (keys the bundle does not have are
+    ignored, so a run's recorded knobs can be passed whole)."""
+    from monai.bundle import ConfigParser
+
+    config = copy.deepcopy(dict(bundle)) if isinstance(bundle, Mapping) else resolved_config(bundle)
+    parser = ConfigParser(config)
     parser.update({k: v for k, v in (overrides or {}).items() if k in parser.config})
-    with contextlib.chdir(repository_root()):
-        parser.parse()
-        return [parser.get_parsed_content(i) for i in ids]
+    parser.parse()
+    return [parser.get_parsed_content(i) for i in ids]
+
+
+def running_parser() -> Any:
+    """The ``ConfigParser`` of the MONAI bundle run this is called from (a component it instantiated, a handler
+    of its engine), or None outside one. MONAI passes a component nothing of its run; the run's parser is on the
+    call stack (``ConfigParser.get_parsed_content``)."""
+    from monai.bundle import ConfigParser
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        parser = frame.f_locals.get("self")
+        if isinstance(parser, ConfigParser) and isinstance(parser.config, dict):
+            return parser
+        frame = frame.f_back
+    return None

@@ -25,7 +25,7 @@ import monai.bundle
 import torch
 
 from stas_pipeline import cli
-from stas_pipeline.core.bundles import repository_root
+from stas_pipeline.core.bundles import write_resolved
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import write_json
 from stas_pipeline.core.problems import Problems
@@ -172,20 +172,16 @@ class FoldTrainingDemo(Demo):
     def train_folds(self, bundle: str, datalist: Path, run_root: Path, what: str, **overrides) -> None:
         """Every fold of ``bundle`` through MONAI's entry point into ``run_root/fold<k>``."""
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cwd = os.getcwd()
+        config = write_resolved(bundle, self.out / "configs")  # runs from any working directory
         for fold in range(self.folds):
             print(f"training {bundle} {what} fold {fold} of {self.folds} ({self.epochs} epochs, "
                   f"{self.image_size} px, {self.weights} weights, {device})", flush=True)
-            os.chdir(repository_root())  # the bundles' macros are relative to the repository root
-            try:
-                monai.bundle.run(
-                    run_id="training", config_file=f"bundles/{bundle}.json", dataset_dir=str(self.out),
-                    datalist=str(datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
-                    image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
-                    encoder_weights=self.weights, device=device, amp=False, num_workers=0,
-                    output_dir=str(run_root.parent), seed=self.args.seed, **overrides)
-            finally:
-                os.chdir(cwd)
+            monai.bundle.run(
+                run_id="training", config_file=str(config), dataset_dir=str(self.out),
+                datalist=str(datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
+                image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
+                encoder_weights=self.weights, device=device, amp=False, num_workers=0,
+                output_dir=str(run_root.parent), seed=self.args.seed, **overrides)
             metrics = json.loads((run_root / f"fold{fold}" / "metrics.json").read_text())
             key = next(k for k in metrics if k.startswith("best_val_"))
             print(f"{what} fold {fold}: {key} {metrics[key]:.4f} at epoch {metrics['best_epoch']}", flush=True)

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from stas_pipeline.core.bundles import repository_root
+from stas_pipeline.core.bundles import BUNDLES_DIR, MACRO_ROOT
 from stas_pipeline.core.datalist import load_fold, mask_of, number_of
 from stas_pipeline.core.errors import StasError
 
@@ -76,16 +76,15 @@ def labels_text(labels: list[object]) -> str:
 
 @functools.cache
 def declared() -> dict[str, TaskLabels]:
-    """Task name -> its labels declaration and bundles, from the repository's bundles."""
-    root = repository_root()
+    """Task name -> its labels declaration and bundles, from the package's bundles."""
     blocks: dict[str, tuple[Labels, list[tuple[float, str]]]] = {}
-    for path in sorted((root / "bundles").glob("*.json")):
+    for path in sorted(BUNDLES_DIR.glob("*.json")):
         bundle = json.loads(path.read_text(encoding="utf-8"))
         macro = bundle.get("task") if isinstance(bundle, dict) else None
         if not (isinstance(macro, str) and macro.startswith("%") and "#" in macro):
             continue
         file, *keys = macro[1:].split("#")
-        block = json.loads((root / file).read_text(encoding="utf-8"))
+        block = json.loads((MACRO_ROOT / file).read_text(encoding="utf-8"))
         for key in keys:
             block = block[key]
         if "labels" not in block:

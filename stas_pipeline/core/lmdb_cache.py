@@ -26,7 +26,6 @@ import os
 import shlex
 import shutil
 import struct
-import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,7 +43,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 from tqdm import tqdm
 
-from stas_pipeline.core.bundles import BundleError, bundle_file, parsed_content
+from stas_pipeline.core.bundles import BundleError, bundle_file, parsed_content, running_parser
 from stas_pipeline.core.datalist import SECTIONS, mask_of, read_datalist
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.images import image_error
@@ -349,21 +348,15 @@ def read_meta(cache_dir: str | Path) -> dict | None:
 
 
 def _bundle_run() -> ConfigParser | None:
-    """The parser of the MONAI bundle run this is called from, if any, and if its bundle is found by name.
-
-    MONAI gives a component it instantiates nothing of the run (bundle, overrides); the run's parser is on the
-    call stack (``ConfigParser.get_parsed_content``)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        parser = frame.f_locals.get("self")
-        if isinstance(parser, ConfigParser) and isinstance(parser.config, dict):
-            try:
-                bundle_file(str(parser.config.get("bundle_name")))
-            except BundleError:
-                return None
-            return parser
-        frame = frame.f_back
-    return None
+    """The parser of the MONAI bundle run this is called from, if any, and if its bundle is found by name."""
+    parser = running_parser()
+    if parser is None:
+        return None
+    try:
+        bundle_file(str(parser.config.get("bundle_name")))
+    except BundleError:
+        return None
+    return parser
 
 
 def _plain(value: Any) -> bool:

@@ -5,7 +5,8 @@ In ``run_dir`` it keeps:
 - ``last.pt``: model, optimiser, scheduler, epoch, iteration, best metric and the metric history, written
   atomically every epoch, so a run killed at any moment resumes (``resume=True``) from its last epoch;
 - ``best.pt`` (model ``state_dict`` only) and ``best.json`` (the run's knobs, task and network definition, fold,
-  epoch, key metric);
+  epoch, key metric), and with them ``config.json``: the bundle run's whole configuration, its macros expanded
+  and the run's overrides applied, from which inference rebuilds the run's chain without the bundle file;
 - ``metrics.json`` (per epoch: loss, key metric (``val_dice``, ``val_auc``), lr, seconds) and ``curves.png``.
 
 All checkpoints load with ``torch.load(..., weights_only=True)``. Only rank 0 writes under DDP.
@@ -18,6 +19,7 @@ per-iteration losses only with ``STAS_DEBUG=1`` (:func:`terminal_logging`). A ke
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -30,6 +32,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from torch import nn
 
+from stas_pipeline.core.bundles import RUN_CONFIG, running_parser
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path, write_json
 
@@ -145,6 +148,8 @@ class RunRecorder:
         self.best_metric, self.best_epoch = -math.inf, 0
         self.resume_from: dict | None = None
         refuse_earlier_run(self.run_dir, resume)
+        parser = running_parser()  # the bundle run instantiating this recorder
+        self.config = json.loads(json.dumps(parser.get(), default=str)) if parser is not None else None
         if resume and (self.run_dir / LAST).exists():
             self.resume_from = load_checkpoint(self.run_dir / LAST)
 
@@ -205,6 +210,8 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model = self._model
         if improved:
+            if self.config is not None:
+                write_json(self.run_dir / RUN_CONFIG, self.config, overwrite=True)
             self._save(model.state_dict(), BEST)
             write_json(self.run_dir / "best.json", {**self.run_info, "epoch": engine.state.epoch,
                                                      self.key_metric: metric}, overwrite=True)

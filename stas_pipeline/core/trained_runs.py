@@ -1,6 +1,8 @@
 """Trained runs rebuilt for inference from a checkpoint and the ``best.json`` beside it: the recorded network with
 the checkpoint's weights, and the chain the run's bundle declares (``task#preprocessing``, ``task#val_transforms``)
-with the run's recorded knobs, so inference sees what validation saw. For every task."""
+with the run's recorded knobs, so inference sees what validation saw. For every task. The chain is read from the
+run's own ``config.json`` (the bundle run's resolved configuration): a run folder stands alone, whatever the
+bundle files say now; runs trained before runs kept it are rebuilt from their bundle by name."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from monai.transforms import Compose
 from torch import nn
 
-from stas_pipeline.core.bundles import parsed_content
+from stas_pipeline.core.bundles import RUN_CONFIG, parsed_content
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.lmdb_cache import Preprocessing
 from stas_pipeline.core.models import build_network
@@ -76,7 +78,9 @@ def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.dev
     model = build_network(**{**info["network"], "encoder_weights": None})
     load_model_weights(model, checkpoint)
     knobs = {k: v for k, v in info.items() if k not in RECORDED_NOT_KNOBS and not isinstance(v, (dict, list))}
-    preprocessing, transform = parsed_content(info["bundle"], ["task#preprocessing", "task#val_transforms"],
+    config = Path(checkpoint).with_name(RUN_CONFIG)
+    bundle = read_json_object(config) if config.is_file() else info["bundle"]  # runs before config.json: by name
+    preprocessing, transform = parsed_content(bundle, ["task#preprocessing", "task#val_transforms"],
                                               {**knobs, "encoder_weights": "none"})
     name = f"{info['bundle']}/fold{info.get('fold')}"
     return TrainedRun(name, model.to(device).eval(), Preprocessing.of(preprocessing), shifted(transform, stain_shift),

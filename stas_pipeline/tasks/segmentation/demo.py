@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
 
 import monai.bundle
 import torch
 
-from stas_pipeline.core.bundles import parsed_content, repository_root
+from stas_pipeline.core.bundles import parsed_content, write_resolved
 from stas_pipeline.core.datalist import entries, test_images, write_datalist
 from stas_pipeline.core.datalist_tables import fold_table
 from stas_pipeline.core.demo_runner import Demo, StageError, check_problems, link, lite0_weights_installed
@@ -164,22 +163,17 @@ class SegmentationDemo(Demo):
         print(f"{self.cache}: {stats.written + stats.reused} samples, {stats.bytes_on_disk / 2**20:.1f} MiB")
 
     def stage_train(self) -> None:
-        root = repository_root()
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cwd = os.getcwd()
+        config = write_resolved(self.bundle, self.out / "configs")  # runs from any working directory
         for fold in range(self.args.folds_to_train):
             print(f"training {self.bundle} fold {fold} of {self.folds} ({self.epochs} epochs, {self.image_size} px, "
                   f"batch {self.batch_size}, {self.weights} weights, {device})", flush=True)
-            os.chdir(root)  # the bundles reference bundles/common.json from the repository root
-            try:
-                monai.bundle.run(
-                    run_id="training", config_file=f"bundles/{self.bundle}.json", dataset_dir=str(self.out),
-                    datalist=str(self.datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
-                    image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
-                    encoder_weights=self.weights, device=device, amp=False, num_workers=0,
-                    output_dir=str(self.runs), seed=self.args.seed, **self.knobs)
-            finally:
-                os.chdir(cwd)
+            monai.bundle.run(
+                run_id="training", config_file=str(config), dataset_dir=str(self.out),
+                datalist=str(self.datalist), cache_dir=str(self.cache), fold=fold, epochs=self.epochs,
+                image_size=self.image_size, batch_size=self.batch_size, lr=self.lr,
+                encoder_weights=self.weights, device=device, amp=False, num_workers=0,
+                output_dir=str(self.runs), seed=self.args.seed, **self.knobs)
             metrics_file = self.run_dir(fold) / "metrics.json"
             if not metrics_file.is_file() or not (self.run_dir(fold) / "best.pt").is_file():
                 raise StageError(f"fold {fold}: training wrote no {metrics_file} / best.pt")
