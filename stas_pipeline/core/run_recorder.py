@@ -201,6 +201,7 @@ class RunRecorder:
         row = {"epoch": engine.state.epoch, "loss": sum(self._losses) / max(len(self._losses), 1),
                self.key_metric: metric, "lr": self._lr, "seconds": round(time.perf_counter() - self._t0, 3)}
         self.history.append(row)
+        engine.state.metrics["epoch_loss"] = row["loss"]  # for the epoch-level handlers after this one (MLflow)
         improved = metric is not None and metric > self.best_metric
         if improved:
             self.best_metric, self.best_epoch = metric, engine.state.epoch
