@@ -8,7 +8,8 @@ every macro expanded (``core/bundles.py``, ``resolved_config``) and the bundles'
     stas bundle deeplab_lite0 --out configs/deeplab_lite0.json
     python -m monai.bundle run training --config_file configs/deeplab_lite0.json --dataset_dir DATA ...
 
-``stas bundle --list`` prints the bundle names with their task.
+``stas bundle --list`` prints the bundle names with their task; ``stas bundle mlflow`` writes the MLflow tracking
+settings (``--tracking``).
 """
 
 from __future__ import annotations
@@ -48,14 +49,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.name is None:
         parser.error("give a bundle name, or --list")
     config = resolved_config(args.name)  # an unknown bundle: one line, before anything is written
-    out = args.out or Path(f"{config['bundle_name']}.json")
+    out = args.out or Path(f"{config.get('bundle_name', Path(args.name).stem)}.json")
     if out.exists() and not args.overwrite:
         raise OutputExistsError(out)
     written = write_resolved(args.name, out.parent or Path("."))
     if written != out:
         written.replace(out)
-    print(f"wrote {out} (and {out.parent / 'logging.conf'}): python -m monai.bundle run training --config_file {out} "
-          "--dataset_dir DATA")
+    run = f": python -m monai.bundle run training --config_file {out} --dataset_dir DATA" \
+        if "bundle_name" in config else " (tracking settings: --tracking " + str(out) + ")"
+    print(f"wrote {out} (and {out.parent / 'logging.conf'}){run}")
     return 0
 
 
