@@ -46,6 +46,9 @@ STAGES: dict[str, tuple[str, str]] = {
         "stas_pipeline.stages.rle", "mask images <-> Kaggle RLE CSV (id,encoding), slide-sized masks by window"),
     "export": (
         "stas_pipeline.stages.export", "checked submission zip: one 0/255 PNG per test image"),
+    "export-model": (
+        "stas_pipeline.stages.export_model",
+        "trained runs -> a MONAI model-zoo bundle (TorchScript, ONNX; runs anywhere with monai.bundle run)"),
     "demo": (
         "stas_pipeline.stages.demo", "every stage end to end on a synthetic (or --data) set, with a summary"),
     "experiments": (

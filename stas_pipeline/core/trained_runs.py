@@ -66,17 +66,26 @@ def shifted(transform: Callable, stain_shift: tuple[float, float, float] | None)
     return Compose([StainShiftd("image", stain_shift), transform])
 
 
+BACKENDS = ("torch", "onnxruntime")  # what runs a run's network in stas predict
+
+
 def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu",
-                     stain_shift: tuple[float, float, float] | None = None) -> TrainedRun:
+                     stain_shift: tuple[float, float, float] | None = None, backend: str = "torch") -> TrainedRun:
     """The run of ``checkpoint`` (``info`` is its best.json): the recorded network with the checkpoint's weights,
     and the chain of its bundle with the run's recorded knobs (image size, crop, stain normalisation...), after
-    ``stain_shift`` (:func:`shifted`)."""
+    ``stain_shift`` (:func:`shifted`). ``backend`` ``onnxruntime``: the network is ONNX Runtime on the CPU running
+    the run's ``model.onnx`` (exported beside the checkpoint on first use)."""
     missing = next((key for key in ("bundle", "network") if key not in info), None)
     if missing is not None:
         raise CheckpointError(f"{record_of(checkpoint)}: no {missing!r} key: not a run record written by a "
                               "bundle's training, its model cannot be rebuilt")
-    model = build_network(**{**info["network"], "encoder_weights": None})
-    load_model_weights(model, checkpoint)
+    if backend == "onnxruntime":
+        from stas_pipeline.core.exported import input_size, onnx_model_for  # exporting imports this module
+
+        model = onnx_model_for(checkpoint, info, (1, 3, *input_size(info)))
+    else:
+        model = build_network(**{**info["network"], "encoder_weights": None})
+        load_model_weights(model, checkpoint)
     knobs = {k: v for k, v in info.items() if k not in RECORDED_NOT_KNOBS and not isinstance(v, (dict, list))}
     config = Path(checkpoint).with_name(RUN_CONFIG)
     bundle = read_json_object(config) if config.is_file() else info["bundle"]  # runs before config.json: by name

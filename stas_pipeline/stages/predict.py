@@ -48,7 +48,7 @@ from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import positive_int
 from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.stain import STAIN_SHIFTS, parse_stain_shift
-from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, run_info_of
+from stas_pipeline.core.trained_runs import BACKENDS, TTA_FLIPS, PredictError, run_info_of
 from stas_pipeline.tasks import choose
 from stas_pipeline.tasks.base import Predictor, claimed_by_options
 from stas_pipeline.tasks.classification.inference import TTA_MODES
@@ -96,6 +96,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the networks: torch (default), or onnxruntime on the CPU: each run's "
+                             "model.onnx, exported beside its checkpoint on first use (pip install "
+                             "'stas_pipeline[export]'); the same chain, windows, TTA and averaging")
     parser.add_argument("--stain-shift", type=stain_shift_arg, metavar="SHIFT",
                         help="shift the stain of every image before the runs' chain, as another scanner or lab "
                              "would: a name (" + ", ".join(STAIN_SHIFTS) + ") or factors on the haematoxylin, "

@@ -170,7 +170,7 @@ def predictor(args: argparse.Namespace, infos: list[dict], scorer_for: Callable[
     :func:`predict_scores` (``scorer_for(info)``: a run's score, None for the probability)."""
     runs = []
     for checkpoint, info in zip(args.checkpoint, infos, strict=True):
-        run = load_trained_run(checkpoint, info, args.device, args.stain_shift)
+        run = load_trained_run(checkpoint, info, args.device, args.stain_shift, args.backend)
         run.score = scorer_for(info) or run.score
         runs.append(run)
     assignments = None

@@ -75,13 +75,14 @@ def default_val_transform() -> Compose:
 
 
 def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu",
-                   stain_shift: tuple[float, float, float] | None = None) -> SegmentationRun:
+                   stain_shift: tuple[float, float, float] | None = None, backend: str = "torch") -> SegmentationRun:
     """The run of a training checkpoint, its model in eval mode, rebuilt from the ``best.json`` (or
     ``metrics.json``) beside it: with the chain of the recorded bundle and knobs, or for runs recorded without a
-    bundle the segmentation bundle's chain at the recorded image size; after ``stain_shift`` (the shift check)."""
+    bundle the segmentation bundle's chain at the recorded image size; after ``stain_shift`` (the shift check);
+    ``backend`` as :func:`load_trained_run` takes it (runs recorded without a bundle: torch only)."""
     info = run_info_of(checkpoint)
     if "bundle" in info:
-        run = load_trained_run(checkpoint, info, device, stain_shift)  # any task's network and declared chain
+        run = load_trained_run(checkpoint, info, device, stain_shift, backend)  # any task's network and chain
         return SegmentationRun(run.model, info["image_size"], run.preprocessing, run.transform,
                                info.get("crop_size") or None)
     if "network" in info:
@@ -294,7 +295,7 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
         images = list(assignments)
     else:
         images = images_in_folder(args.images) if args.images else test_images(args.datalist)
-    models = [load_run_model(ckpt, args.device, args.stain_shift) for ckpt in args.checkpoint]
+    models = [load_run_model(ckpt, args.device, args.stain_shift, args.backend) for ckpt in args.checkpoint]
     settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
                 args.amp)
 

@@ -266,7 +266,7 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
     ``--out-of-fold`` its training slides) and their predictor; the datalist's ``tiles`` settings are the
     defaults of the window and tissue options."""
     tiles = (read_datalist(args.datalist).get("tiles") if args.datalist else None) or {}
-    runs = [load_run_model(ckpt, args.device, args.stain_shift) for ckpt in args.checkpoint]
+    runs = [load_run_model(ckpt, args.device, args.stain_shift, args.backend) for ckpt in args.checkpoint]
     sizes = {image_size_pair(r.image_size) for r in runs}
     if len(sizes) > 1 or len(next(iter(sizes))) != 2 or len(set(next(iter(sizes)))) != 1:
         raise PredictError(f"whole-slide prediction needs runs of one square image size, got {sorted(sizes)}")
