@@ -1,0 +1,67 @@
+"""Exported models against PyTorch on real images: ``stas export-model`` of trained runs, then the bundle's members
+through the same prediction code with each backend (the state dicts, TorchScript, ONNX Runtime), on a folder of
+real images (the public STAS images, the public tiles). Reports the largest difference of the probability maps
+(segmentation) or scores (image-level) from PyTorch's, and whether the masks (bytes of the PNGs) or the rounded
+scores are identical.
+
+    python benchmarks/export_check.py --checkpoint runs/deeplab_lite0_crops/fold0/best.pt \\
+        --images ../shared/data/stas_public/Train_Images --n 4
+    python benchmarks/export_check.py --checkpoint runs/fundus_lite0/fold*/best.pt \\
+        --images ../shared/data/stas_tiles_public/tiles --n 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from stas_pipeline import cli
+from stas_pipeline.tasks.classification.inference import predict_scores
+from stas_pipeline.tasks.model_zoo import bundle_runs
+from stas_pipeline.tasks.segmentation.inference import predict_images
+
+BACKENDS = ("torch", "torchscript", "onnxruntime")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", type=Path, required=True, help="best.pt of runs of one task")
+    parser.add_argument("--images", type=Path, required=True, help="folder of real images")
+    parser.add_argument("--n", type=int, default=4, help="images (the first n by name; 4)")
+    parser.add_argument("--tta", default="none", help="flip TTA (none)")
+    args = parser.parse_args(argv)
+    images = sorted(p for p in args.images.iterdir() if p.is_file())[:args.n]
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle"
+        assert cli.main(["export-model", *map(str, args.checkpoint), "--out", str(bundle)]) == 0
+        members = json.loads((bundle / "configs" / "inference.json").read_text())["members"]
+        results: dict[str, dict] = {}
+        for backend in BACKENDS:
+            runs = bundle_runs(bundle, members, backend=backend)
+            if hasattr(runs[0], "window"):  # segmentation runs
+                out = Path(tmp) / backend
+                predict_images(runs, images, out / "masks", save_probs=out / "probs", probs_format="npy",
+                               tta=args.tta)
+                results[backend] = {"masks": [p.read_bytes() for p in sorted((out / "masks").iterdir())],
+                                    "values": np.concatenate([np.load(p).ravel()
+                                                              for p in sorted((out / "probs").iterdir())])}
+            else:
+                rows = predict_scores(runs, images, tta=args.tta)[1]
+                results[backend] = {"masks": [round(r["prob"], 3) for r in rows],
+                                    "values": np.array([r["prob"] for r in rows])}
+    report = {"checkpoints": [str(c) for c in args.checkpoint], "images": len(images), "tta": args.tta}
+    for backend in BACKENDS[1:]:
+        report[backend] = {
+            "max_abs_difference": float(np.abs(results[backend]["values"] - results["torch"]["values"]).max()),
+            "outputs_identical": results[backend]["masks"] == results["torch"]["masks"]}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
