@@ -79,6 +79,9 @@ def test_stage_command_parses(stage, argv):
 
 @pytest.mark.parametrize("argv", bundle_commands(), ids=lambda v: v[0])
 def test_bundle_command_names_real_files_entries_and_keys(argv):
+    if argv[0] == "--config_file":  # MONAI's default entry point: a bundle stas export-model writes, not ours
+        assert "configs/inference.json" in argv[1]
+        return
     run_id, rest = argv[0], argv[1:]
     files = rest[rest.index("--config_file") + 1]
     files = json.loads(files.replace("'", '"')) if files.startswith("[") else [files]

@@ -44,7 +44,7 @@ RASTER_CELLS = 1 << 22  # window cells accumulated at once by :func:`rasterize`
 _DX, _DY = np.array([1, 0, -1, 0]), np.array([0, 1, 0, -1])  # edge directions: east, south, west, north
 _FOUR, _EIGHT = ndimage.generate_binary_structure(2, 1), np.ones((3, 3), bool)
 
-BandReader = Callable[[int, int], tuple[np.ndarray, "np.ndarray | None"]]  # (y0, y1) -> mask rows, probabilities
+BandReader = Callable[[int, int], tuple[np.ndarray, np.ndarray | None]]  # (y0, y1) -> mask rows, probabilities
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class GeoJSONStyle:
     simplify: float = 0.0
 
 
-def add_options(parser: argparse.ArgumentParser, what: str) -> None:
+def add_geojson_options(parser: argparse.ArgumentParser, what: str) -> None:
     """``--geojson`` (``what`` says which files it adds), ``--geojson-type``, ``--geojson-class``, ``--simplify``."""
     parser.add_argument("--geojson", action="store_true",
                         help=f"also write {what} as QuPath GeoJSON: one feature per 8-connected object, outlines "
@@ -67,17 +67,20 @@ def add_options(parser: argparse.ArgumentParser, what: str) -> None:
                         help="QuPath object type of the features (annotation)")
     parser.add_argument("--geojson-class", default=DEFAULT_CLASS, metavar="NAME",
                         help=f"QuPath classification of the features ({DEFAULT_CLASS})")
-    parser.add_argument("--simplify", type=float, default=0.0, metavar="TOL",
+    parser.add_argument("--simplify", type=_tolerance, default=0.0, metavar="TOL",
                         help="simplify the outlines by this tolerance in level-0 pixels, topology kept (0: exact)")
 
 
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def style_of(args: argparse.Namespace) -> GeoJSONStyle | None:
-    """The style the options of :func:`add_options` ask for; None without ``--geojson``."""
-    if not args.geojson:
-        return None
-    if args.simplify < 0:
-        raise ValueError(f"--simplify {args.simplify}: a tolerance is >= 0")
-    return GeoJSONStyle(args.geojson_type, args.geojson_class, simplify=args.simplify)
+    """The style the options of :func:`add_geojson_options` ask for; None without ``--geojson``."""
+    return GeoJSONStyle(args.geojson_type, args.geojson_class, simplify=args.simplify) if args.geojson else None
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -161,7 +164,7 @@ def _rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     pairs = np.lexsort((vertex, ids))
     twice = (vertex[pairs][1:] == vertex[pairs][:-1]) & (ids[pairs][1:] == ids[pairs][:-1])
     cut = np.isin(ids, ids[pairs][1:][twice])  # rings through a vertex twice: cut into simple rings
-    parts_ids, parts_edges, next_id = [ids[~cut]], [edges[~cut]], len(ids) and ids.max() + 1
+    parts_ids, parts_edges, next_id = [ids[~cut]], [edges[~cut]], ids.max() + 1
     cut_edges, cut_vertices = edges[cut], vertex[cut]  # in ring order, grouped by ring
     bounds = np.flatnonzero(np.r_[True, np.diff(ids[cut]) != 0, True])
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):

@@ -2,7 +2,8 @@
 
 ``stas predict --checkpoint runs/deeplab_lite0/fold*/best.pt --images DIR --out DIR`` writes, for every image,
 ``DIR/<image stem>.png`` (the binary mask, 0/255, at the image's original size) and with ``--save-probs PDIR``
-the probability map ``PDIR/<image stem>.png`` (uint8, p * 255) or ``.npy`` (float32). Several checkpoints
+the probability map ``PDIR/<image stem>.png`` (uint8, p * 255) or ``.npy`` (float32); with ``--geojson`` also
+``DIR/<image stem>.geojson``, the mask's objects as QuPath GeoJSON (``core/geojson.py``). Several checkpoints
 (models x folds) are averaged in probability space, as is flip TTA. Each checkpoint's model is rebuilt from the
 ``best.json``/``metrics.json`` written beside it by training (network, image size), and each image goes through
 the run's declared chain as validation saw it: the bundle's ``task#preprocessing`` (with the run's recorded
@@ -25,7 +26,8 @@ stas_pipeline/tasks/classification/inference.py.
 Whole slides (``--slides``, or ``--datalist`` of a tile datalist written by ``stas tile``, whose window and
 tissue settings become the defaults; with ``--out-of-fold`` each training slide by the runs of its fold): windows
 over tissue at the training scale, stitched into ``--out/<id>_prob.npy``, ``<id>.tif`` (level-0 mask),
-``<id>_overlay.png`` and ``predictions.csv`` (RLE). See stas_pipeline/tasks/slide/inference.py.
+``<id>_overlay.png``, ``predictions.csv`` (RLE) and with ``--geojson`` ``<id>.geojson``. See
+stas_pipeline/tasks/slide/inference.py.
 
 ``--estimate [N]`` (any task) writes nothing: it loads the checkpoints, predicts a warm-up batch, then times the
 first N images (8; at least one batch) with the full settings (every checkpoint, TTA, mode, batch size,
@@ -47,6 +49,7 @@ import torch
 from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import positive_int
 from stas_pipeline.core.datalist import read_datalist
+from stas_pipeline.core.geojson import add_geojson_options
 from stas_pipeline.core.stain import STAIN_SHIFTS, parse_stain_shift
 from stas_pipeline.core.trained_runs import BACKENDS, TTA_FLIPS, PredictError, run_info_of
 from stas_pipeline.tasks import choose
@@ -106,6 +109,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              "eosin and DAB concentrations, e.g. h=1.2,e=0.9 (the shift check: "
                              "benchmarks/shift_check.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_geojson_options(parser, "each mask (<out>/<image stem>.geojson; slides: <out>/<id>.geojson, from the "
+                                "probability map, band by band)")
     slides = parser.add_argument_group("whole slides (--slides, or a datalist of tiles: its settings are the "
                                        "defaults)")
     slides.add_argument("--scale", type=positive_int, help="windows are read this many times smaller (4)")
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise PredictError("--out-of-fold needs --datalist")
     if args.tta not in TTA_FLIPS and not task.image_level:
         raise PredictError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
+    if args.geojson and task.image_level:
+        raise PredictError(f"--geojson writes masks as polygons; {task.name} runs predict no masks")
     images, predict = task.predictor(args, infos)
     if args.estimate:
         print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))

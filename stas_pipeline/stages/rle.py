@@ -4,7 +4,8 @@
 column strips: never whole); the id is the file name without its suffix; nonzero pixels are foreground. A JPEG
 mask is refused (lossy: its pixels are not the mask's); an RGB mask is read as grey, with a warning.
 ``stas rle decode masks.csv --out DIR (--shape H W | --like SLIDE_OR_IMAGE...)`` writes ``DIR/<id>.png`` (0/255)
-or, with ``--format tif``, a tiled pyramidal TIFF written window by window (for slide-sized masks). ``--like``
+or, with ``--format tif``, a tiled pyramidal TIFF written window by window (for slide-sized masks); with
+``--geojson`` also ``DIR/<id>.geojson``, the mask's objects as QuPath GeoJSON (``core/geojson.py``). ``--like``
 takes each id's size from the file of the same name. A mask or row that cannot be used is reported with the
 reason and skipped; the rest is written; the CSV or folder appears only when complete. A UTF-8 BOM in the CSV
 is accepted. Exit 0 when everything was converted, 1 when anything was skipped, 2 when nothing could be (nothing
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from stas_pipeline.cli import command
+from stas_pipeline.core.geojson import add_geojson_options, style_of
 from stas_pipeline.tasks.slide.rle import decode_csv, encode_files
 
 
@@ -39,6 +41,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     dec.add_argument("--format", choices=["png", "tif"], default="png",
                      help="png (0/255, whole mask in memory) or tif (tiled pyramid, written by window; default png)")
     dec.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_geojson_options(dec, "each mask (<id>.geojson)")
     return parser
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         problems = encode_files(args.masks, args.out, args.overwrite)
     else:
         problems = decode_csv(args.csv, args.out, tuple(args.shape) if args.shape else None, args.like or [],
-                              args.format, args.overwrite)
+                              args.format, args.overwrite, style_of(args))
     return problems.finish()
 
 

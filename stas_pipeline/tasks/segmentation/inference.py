@@ -7,7 +7,8 @@ model, the probabilities resized back (bilinear). ``sliding_window`` mode: the c
 MONAI's Gaussian-weighted SlidingWindowInferer at the original resolution. A run trained on crops (its
 ``window``, the bundle's ``crop_size``) is always predicted by Gaussian-weighted windows of that size over the
 output of its whole chain (the scale it was trained at), the probabilities resized back. Runs and flip TTA are
-averaged in probability space; memory does not grow with the number of images. ``stas predict`` is the command.
+averaged in probability space; memory does not grow with the number of images. Masks are also written as QuPath
+GeoJSON on request (``core/geojson.py``). ``stas predict`` is the command.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from stas_pipeline.core.datalist import entries, test_images
 from stas_pipeline.core.errors import NothingWrittenError
 from stas_pipeline.core.fileio import atomic_folder, write_png
+from stas_pipeline.core.geojson import GeoJSONStyle, mask_features, style_of, write_geojson
 from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import Preprocessing, describe, image_size_pair, to_uint8
 from stas_pipeline.core.models import build_model, build_network
@@ -229,12 +231,14 @@ def predict_images(
     overwrite: bool = False,
     problems: Problems | None = None,
     assignments: dict[Path, list[int]] | None = None,
+    geojson: GeoJSONStyle | None = None,
 ) -> Problems:
     """Predict every image with ``models`` (runs, see :meth:`SegmentationRun.of`) into ``out`` (and
     ``save_probs``), ``batch_size`` images at a time, decoded and put through the runs' chains by ``num_workers``
     processes; each output folder appears only when complete. ``assignments`` (out-of-fold prediction): the
-    indices of the runs that predict each image (by its path), instead of all of them. An image that cannot be
-    read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is."""
+    indices of the runs that predict each image (by its path), instead of all of them. With ``geojson`` each mask
+    is also written as ``<stem>.geojson`` (its objects' mean probabilities from the averaged map). An image that
+    cannot be read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is."""
     problems = problems or Problems(STAGE)
     if mode not in MODES or tta not in TTA_FLIPS:
         raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
@@ -263,6 +267,8 @@ def predict_images(
             for (path, _), prob in zip(readable, probs, strict=True):
                 prob = prob[0].cpu().numpy()
                 write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))
+                if geojson is not None:
+                    write_geojson(masks_dir / f"{path.stem}.geojson", mask_features(prob > threshold, prob, geojson))
                 if probs_dir is not None and probs_format == "npy":
                     np.save(probs_dir / f"{path.stem}.npy", prob.astype(np.float32))
                 elif probs_dir is not None:
@@ -298,13 +304,15 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
     models = [load_run_model(ckpt, args.device, args.stain_shift, args.backend) for ckpt in args.checkpoint]
     settings = (args.probs_format, args.threshold, args.mode, args.tta, args.overlap, args.batch_size, args.workers,
                 args.amp)
+    geojson = style_of(args)
 
     def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
         if not estimating:
             return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite,
-                                  assignments=assignments)
+                                  assignments=assignments, geojson=geojson)
         with tempfile.TemporaryDirectory() as tmp:  # written as the run would write them, then removed
             probs = Path(tmp, "probs") if args.save_probs else None
-            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True, assignments=assignments)
+            return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True, assignments=assignments,
+                                  geojson=geojson)
 
     return images, predict

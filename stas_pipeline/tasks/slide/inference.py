@@ -12,7 +12,9 @@ stitched with Gaussian weights (MONAI's importance map) or centre weights (a win
 - ``<id>_prob.npy``: the probability map at the prediction scale, uint8 (p x 255), a memory-mapped ``.npy``;
 - ``<id>.tif``: the binary mask at level 0 (p > threshold, each scaled pixel repeated), a tiled pyramidal TIFF;
 - ``<id>_overlay.png``: a thumbnail with the mask's outline;
-- a row ``id,encoding`` of ``predictions.csv`` (level-0 RLE, Kaggle's convention), written by column strips.
+- a row ``id,encoding`` of ``predictions.csv`` (level-0 RLE, Kaggle's convention), written by column strips;
+- with ``geojson``, ``<id>.geojson``: the mask's objects as QuPath GeoJSON, traced on the scaled map band by band
+  with vertices times the scale (clipped to the slide), so the polygons are exactly the level-0 ``<id>.tif``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from stas_pipeline.core.datalist import read_datalist, test_images
 from stas_pipeline.core.errors import NothingWrittenError
 from stas_pipeline.core.fileio import atomic_folder, write_png
+from stas_pipeline.core.geojson import BandReader, GeoJSONStyle, band_features, style_of, write_geojson
 from stas_pipeline.core.lmdb_cache import describe, image_size_pair, to_uint8
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError
@@ -62,6 +65,7 @@ class SlideSettings:
     threshold: float = 0.5
     batch_size: int = 8
     skip_empty: float | None = None  # skip the decoder where the auxiliary head's presence is below this
+    geojson: GeoJSONStyle | None = None  # also write the mask as QuPath GeoJSON in this style
 
 
 def window_weights(out: int, stride: int, mode: str) -> np.ndarray:
@@ -193,6 +197,14 @@ def _mask_source(prob: np.ndarray, scale: int, cut: int) -> Callable[[int, int, 
     return window
 
 
+def _mask_bands(prob: np.ndarray, cut: int) -> BandReader:
+    """Rows y0:y1 of the scaled mask ``prob > cut`` and their probabilities (a band source of the GeoJSON)."""
+    def read(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+        band = np.asarray(prob[y0:y1])
+        return band > cut, band / 255.0
+    return read
+
+
 def slide_rle(prob: np.ndarray, shape: tuple[int, int], scale: int, cut: int) -> str:
     """The level-0 RLE of ``prob > cut`` (``shape`` = level-0 height, width), by column strips."""
     height, width = shape
@@ -229,6 +241,10 @@ def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: S
         write_slide(out_dir / f"{ident}.tif", _mask_source(prob, spec.scale, cut), height, width, channels=1,
                     levels=3)
         write_png(out_dir / f"{ident}_overlay.png", overlay_png(slide, prob, cut))
+        if settings.geojson is not None:
+            write_geojson(out_dir / f"{ident}.geojson", band_features(
+                _mask_bands(prob, cut), shape[0], settings.geojson, width=shape[1], scale=spec.scale,
+                shape=(height, width)))
         rle = slide_rle(prob, (height, width), spec.scale, cut)
         del prob
     return rle, windows, skipped
@@ -279,7 +295,8 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
                             args.thumbnail or tiles.get("thumbnail", defaults.thumbnail), args.min_tissue)
     if args.skip_empty is not None and not all(hasattr(r.model, "presence") for r in runs):
         raise PredictError("--skip-empty needs runs trained with the auxiliary head (aux_head true)")
-    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size, args.skip_empty)
+    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size, args.skip_empty,
+                             style_of(args))
     problems = Problems("predict")
     assignments = None
     if args.slides:

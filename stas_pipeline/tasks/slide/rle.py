@@ -24,6 +24,7 @@ from PIL import Image
 
 from stas_pipeline.core.errors import NothingWrittenError, StasError, refused
 from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, atomic_path, write_png
+from stas_pipeline.core.geojson import GeoJSONStyle, band_features, mask_features, write_geojson
 from stas_pipeline.core.images import IMAGE_SUFFIXES, SLIDE_SUFFIXES, strip_suffix
 from stas_pipeline.core.mask_io import read_grey_png
 from stas_pipeline.core.problems import Problems
@@ -272,10 +273,11 @@ def _sizes_like(files: list[Path], problems: Problems) -> dict[str, tuple[int, i
 
 @_system_errors()
 def decode_csv(csv_path: Path, out: Path, shape: tuple[int, int] | None, like: list[Path], fmt: str = "png",
-               overwrite: bool = False) -> Problems:
+               overwrite: bool = False, geojson: GeoJSONStyle | None = None) -> Problems:
     """``out/<id>.png`` (or tiled ``.tif`` with ``fmt="tif"``) for every row of an RLE CSV, each of ``shape`` or
-    of the ``like`` file of the same id; bad rows are reported and skipped; the folder appears when complete
-    (NothingWrittenError when no row could be decoded)."""
+    of the ``like`` file of the same id, and with ``geojson`` ``out/<id>.geojson`` (a TIFF's read back by bands);
+    bad rows are reported and skipped; the folder appears when complete (NothingWrittenError when no row could
+    be decoded)."""
     problems = Problems(f"{STAGE} decode")
     rows = read_rle_csv(csv_path)
     sizes = _sizes_like(like, problems)
@@ -289,10 +291,18 @@ def decode_csv(csv_path: Path, out: Path, shape: tuple[int, int] | None, like: l
                 if size is None:
                     raise ValueError(f"no size: no --like file named {ident}.* and no --shape")
                 if fmt == "png":
-                    write_png(tmp / f"{ident}.png", decode(rle, size) * 255)
+                    mask = decode(rle, size)
+                    write_png(tmp / f"{ident}.png", mask * 255)
+                    if geojson is not None:
+                        write_geojson(tmp / f"{ident}.geojson", mask_features(mask, style=geojson))
                 else:
                     write_slide(tmp / f"{ident}.tif", RLEMask(rle, size).image, size[0], size[1], channels=1,
                                 levels=3)
+                    if geojson is not None:
+                        with Slide(tmp / f"{ident}.tif") as slide:
+                            write_geojson(tmp / f"{ident}.geojson", band_features(
+                                lambda y0, y1, s=slide, w=size[1]: (s.read(y0, 0, y1 - y0, w)[..., 0], None),
+                                size[0], geojson, width=size[1]))
                 problems.count("decoded")
                 done.add(ident)
             except (RLEError, ValueError) as err:

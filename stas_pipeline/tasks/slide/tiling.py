@@ -11,9 +11,10 @@ A tile entry of a datalist is an ordinary segmentation entry whose ``image`` is 
 ``size / scale`` pixels across (read from the largest pyramid level at most ``scale`` times smaller, then
 averaged down), its mask the window's mask averaged down and cut at 0.5. The mask source (:func:`open_mask`) is
 an RLE CSV (``label_id`` names the row; Kaggle's convention, ``tasks/slide/rle.py``), a mask image of the slide's
-size (a TIFF read by window, or a PNG), or polygons (GeoJSON features, or a LabelMe file) rasterised per
-window. :func:`load_tile` is what the cache builder calls for entries with a ``tile``; the cache keys them by
-slide and window and checks the slide's and the mask file's identity like any other source.
+size (a TIFF read by window, or a PNG), or polygons (GeoJSON features with their holes, read exactly as
+``stas predict --geojson`` writes them, or a LabelMe file) rasterised per window. :func:`load_tile` is what
+the cache builder calls for entries with a ``tile``; the cache keys them by slide and window and checks the
+slide's and the mask file's identity like any other source.
 
 :func:`tile_grid` lays out overlapping windows (``stride`` apart; optionally the grid again shifted by a quarter
 of a tile, the recipe's extra tiles); :func:`plan_tiles` keeps those over tissue and records their tissue and
@@ -33,6 +34,7 @@ import shapely
 from PIL import Image, ImageDraw
 
 from stas_pipeline.core.errors import StasError
+from stas_pipeline.core.geojson import polygonal, rasterize
 from stas_pipeline.core.images import SLIDE_MASK_SUFFIXES, SLIDE_SUFFIXES, has_suffix
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.slide.reader import Slide, SlideError
@@ -114,72 +116,81 @@ def _check_labelme_size(data: dict, shape: tuple[int, int]) -> None:
                          f"{shape[0]} (level 0): its polygons were drawn on another image (a downscaled copy?)")
 
 
-def _rings_of(data: object, shape: tuple[int, int]) -> list[np.ndarray]:
-    """The polygons of parsed JSON: LabelMe shapes, or GeoJSON Polygon/MultiPolygon features (outer rings)."""
+def _polygons_of(data: object, shape: tuple[int, int]) -> tuple[list[shapely.Polygon], bool]:
+    """The polygons of parsed JSON, and whether they are GeoJSON: LabelMe shapes (whose declared size must be
+    ``shape``), or GeoJSON Polygon/MultiPolygon features with their interior rings (holes)."""
     if isinstance(data, dict) and "shapes" in data:  # LabelMe
         _check_labelme_size(data, shape)
         shapes = data["shapes"] if isinstance(data["shapes"], list) else []
-        return [_ring(s["points"], f"shape {k + 1}") for k, s in enumerate(shapes)
-                if isinstance(s, dict) and len(s.get("points") or []) >= 3]
+        return [shapely.Polygon(_ring(s["points"], f"shape {k + 1}")) for k, s in enumerate(shapes)
+                if isinstance(s, dict) and len(s.get("points") or []) >= 3], False
     features = data.get("features", [data]) if isinstance(data, dict) else data
     if not isinstance(features, list):
         raise ValueError("neither GeoJSON features nor LabelMe shapes")
-    rings = []
+    polygons = []
     for k, feature in enumerate(f for f in features if isinstance(f, dict)):
         geometry = feature.get("geometry", feature)
         kind, coordinates = (geometry.get("type"), geometry.get("coordinates")) if isinstance(geometry, dict) \
             else (None, None)
         try:
-            if kind == "Polygon":
-                rings.append(_ring(coordinates[0], f"feature {k + 1}"))
-            elif kind == "MultiPolygon":
-                rings += [_ring(polygon[0], f"feature {k + 1}") for polygon in coordinates]
+            parts = [coordinates] if kind == "Polygon" else list(coordinates) if kind == "MultiPolygon" else []
+            parts = [[_ring(ring, f"feature {k + 1}") for ring in rings] for rings in parts]
         except (TypeError, IndexError, KeyError):
-            raise ValueError(f"feature {k + 1}: {kind} without coordinates") from None
-    return [r for r in rings if len(r) >= 3]
+            parts = [[]]
+        if not all(parts):
+            raise ValueError(f"feature {k + 1}: {kind} without coordinates")
+        polygons += [shapely.Polygon(shell, [h for h in holes if len(h) >= 3]) for shell, *holes in parts
+                     if len(shell) >= 3]
+    return polygons, True
 
 
-def _made_valid(rings: list[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-    """The rings with each invalid one (self-intersecting, ...) replaced by the outer rings of shapely's
-    ``make_valid`` of it, and why each replaced one was invalid; valid rings are kept as they are."""
+def _made_valid(polygons: list[shapely.Polygon], holes: bool) -> tuple[list[shapely.Polygon], list[str]]:
+    """The polygons with each invalid one (self-intersecting, ...) replaced by the polygonal parts of shapely's
+    ``make_valid`` of it (with ``holes``, else their outer rings), and why each replaced one was invalid; valid
+    polygons are kept as they are."""
     out, repairs = [], []
-    for k, ring in enumerate(rings):
-        polygon = shapely.Polygon(ring)
+    for k, polygon in enumerate(polygons):
         if polygon.is_valid:
-            out.append(ring)
+            out.append(polygon)
             continue
         repairs.append(f"polygon {k + 1}: {shapely.is_valid_reason(polygon)}")
-        out += [np.asarray(part.exterior.coords, dtype=np.float64)
-                for part in shapely.get_parts(shapely.make_valid(polygon)) if isinstance(part, shapely.Polygon)]
+        parts = polygonal(shapely.make_valid(polygon))
+        out += parts if holes else [shapely.Polygon(part.exterior) for part in parts]
     return out, repairs
 
 
-def _polygons_of(path: Path, shape: tuple[int, int]) -> tuple[list[np.ndarray], list[str]]:
-    """(n, 2) arrays of (x, y) vertices: GeoJSON Polygon/MultiPolygon features (outer rings) or LabelMe shapes
-    (whose declared size must be ``shape``), invalid ones repaired; and the repairs (see :func:`_made_valid`)."""
+def _read_polygons(path: Path, shape: tuple[int, int]) -> PolygonMask:
+    """The polygon mask of a GeoJSON or LabelMe file, invalid polygons repaired (see :func:`_made_valid`)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not JSON ({err})") from None
-    return _made_valid(_rings_of(data, shape))
+    polygons, geojson = _polygons_of(data, shape)
+    return PolygonMask(*_made_valid(polygons, geojson), pixel_edges=geojson)
 
 
 class PolygonMask:
     """Polygons rasterised per window (only those whose bounding box meets it); ``repairs`` says which were
-    invalid and repaired."""
+    invalid and repaired. GeoJSON (``pixel_edges``): vertices on pixel edges, a pixel inside when its centre is,
+    holes honoured (:func:`~stas_pipeline.core.geojson.rasterize`, the inverse of ``stas predict --geojson``);
+    LabelMe: vertices at pixel centres, outer rings drawn by PIL, as LabelMe draws its own masks."""
 
-    def __init__(self, polygons: Sequence[np.ndarray], repairs: Sequence[str] = ()):
+    def __init__(self, polygons: Sequence[shapely.Polygon], repairs: Sequence[str] = (), pixel_edges: bool = True):
         self.polygons = list(polygons)
         self.repairs = list(repairs)
-        self.boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in self.polygons]
-                              ).reshape(-1, 4)
+        self.pixel_edges = pixel_edges
+        self.boxes = shapely.bounds(np.asarray(self.polygons, dtype=object)).reshape(-1, 4)
 
     def window(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        b = self.boxes
+        chosen = [self.polygons[k] for k in
+                  np.flatnonzero((b[:, 2] >= x) & (b[:, 0] < x + w) & (b[:, 3] >= y) & (b[:, 1] < y + h))]
+        if self.pixel_edges:
+            return rasterize(chosen, y, x, h, w)
         canvas = Image.new("L", (w, h), 0)
         draw = ImageDraw.Draw(canvas)
-        b = self.boxes
-        for k in np.flatnonzero((b[:, 2] >= x) & (b[:, 0] < x + w) & (b[:, 3] >= y) & (b[:, 1] < y + h)):
-            draw.polygon([(px - x, py - y) for px, py in self.polygons[k].tolist()], fill=1)
+        for polygon in chosen:
+            draw.polygon([(px - x, py - y) for px, py in shapely.get_coordinates(polygon.exterior).tolist()], fill=1)
         return np.asarray(canvas, dtype=np.uint8)
 
 
@@ -222,7 +233,7 @@ def _mask_window(p: Path, mask_id: str | None, shape: tuple[int, int]) -> MaskWi
         except RLEError as err:
             raise ValueError(f"{str(err).removeprefix(f'{p}: ')} (slide {shape[1]}x{shape[0]}, WxH)") from None
     if p.suffix.lower() in (".json", ".geojson"):
-        return PolygonMask(*_polygons_of(p, shape)).window
+        return _read_polygons(p, shape).window
     mask = ImageMask(p)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH), the slide {shape[1]}x{shape[0]}")
