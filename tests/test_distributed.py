@@ -25,7 +25,7 @@ def test_three_process_run_writes_once_and_scores_like_one_process(synthetic_dat
 
     run_dir = tmp_path / "deeplab_lite0" / "fold0"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best.json", "best.pt", "curves.png", "last.pt", "metrics.json", "tensorboard"]
+        "best.json", "best.pt", "config.json", "curves.png", "last.pt", "metrics.json", "tensorboard"]
     writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").iterdir()}  # events...<host>.<pid>.<n>
     assert len(writers) == 1, "only rank 0 writes TensorBoard logs"
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
