@@ -197,6 +197,15 @@ def stain_shift(image: np.ndarray, factors: tuple[float, float, float]) -> np.nd
     return np.ascontiguousarray(np.moveaxis(out.numpy(), 0, -1))
 
 
+def _on_uint8_hwc(img: NdarrayOrTensor, fn: Callable[[np.ndarray], np.ndarray], transform: str) -> NdarrayOrTensor:
+    """``fn`` of a (3, H, W) image on the 0..255 scale as (H, W, 3) uint8 (rounded, clipped), back in the image's
+    type, dtype and layout."""
+    _check_rgb_chw(img, transform)
+    chw = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    out = fn(_as_uint8_hwc(np.moveaxis(chw, 0, -1)))
+    return convert_to_dst_type(np.ascontiguousarray(np.moveaxis(out, -1, 0)), dst=img)[0]
+
+
 class StainShiftd(MapTransform):
     """:func:`stain_shift` of ``keys`` by ``factors``: (3, H, W) images on the 0..255 scale (rounded and clipped
     to uint8 first), each returned with its type, dtype and shape; factors (1, 1, 1) return the data as it is."""
@@ -211,11 +220,7 @@ class StainShiftd(MapTransform):
         if self.factors == (1.0, 1.0, 1.0):
             return d
         for key in self.key_iterator(d):
-            img = d[key]
-            _check_rgb_chw(img, type(self).__name__)
-            chw = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-            out = stain_shift(_as_uint8_hwc(np.moveaxis(chw, 0, -1)), self.factors)
-            d[key] = convert_to_dst_type(np.ascontiguousarray(np.moveaxis(out, -1, 0)), dst=img)[0]
+            d[key] = _on_uint8_hwc(d[key], lambda hwc: stain_shift(hwc, self.factors), type(self).__name__)
         return d
 
 
@@ -394,12 +399,7 @@ class StainNormalized(MapTransform):
         if self.target is None:
             return d
         for key in self.key_iterator(d):
-            img = d[key]
-            _check_rgb_chw(img, type(self).__name__)
-            chw = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-            out = normalize_stain(_as_uint8_hwc(np.moveaxis(chw, 0, -1)), self.target)
-            out = np.ascontiguousarray(np.moveaxis(out, -1, 0))
-            d[key] = convert_to_dst_type(out, dst=img)[0]
+            d[key] = _on_uint8_hwc(d[key], lambda hwc: normalize_stain(hwc, self.target), type(self).__name__)
         return d
 
 
