@@ -112,3 +112,13 @@ def test_bundles_resolve_from_any_working_directory(tmp_path):
                            str(tmp_path / "c" / "fundus.json"), "--dataset_dir", str(tmp_path), "--encoder_weights",
                            "none", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_stas_bundle_writes_only_its_out_file(tmp_path):
+    """``--out`` names the one file written: a user's own ``<bundle>.json`` and ``logging.conf`` beside it stay."""
+    mine = {"fundus_lite0.json": "my own bundle\n", "logging.conf": "my own logging\n"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    assert cli.main(["bundle", "fundus_lite0", "--out", str(tmp_path / "resolved.json")]) == 0
+    assert {name: (tmp_path / name).read_text() for name in mine} == mine
+    assert json.loads((tmp_path / "resolved.json").read_text()) == resolved_config("fundus_lite0")

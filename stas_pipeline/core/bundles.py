@@ -95,15 +95,16 @@ def resolved_config(bundle: str | Path) -> dict:
     return _expand(ConfigParser.load_config_file(path), path, {})
 
 
-def write_resolved(bundle: str | Path, folder: str | Path) -> Path:
-    """``folder/<name>.json``: :func:`resolved_config` of ``bundle``, with the bundles' ``logging.conf`` beside it
-    (MONAI's runner reads the one beside a config file): a bundle file MONAI's runner can run from any working
-    directory (``monai.bundle.run(config_file=...)``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{bundle_file(bundle).stem}.json"
+def write_resolved(bundle: str | Path, path: str | Path) -> Path:
+    """Write :func:`resolved_config` of ``bundle`` to ``path``, with the bundles' ``logging.conf`` beside it
+    (MONAI's runner reads the one beside a config file; one already there is kept): a bundle file MONAI's runner
+    can run from any working directory (``monai.bundle.run(config_file=...)``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(resolved_config(bundle), indent=1) + "\n")
-    shutil.copyfile(BUNDLES_DIR / "logging.conf", folder / "logging.conf")
+    logging_conf = path.parent / "logging.conf"
+    if not logging_conf.exists():
+        shutil.copyfile(BUNDLES_DIR / "logging.conf", logging_conf)
     return path
 
 

@@ -25,7 +25,7 @@ import monai.bundle
 import torch
 
 from stas_pipeline import cli
-from stas_pipeline.core.bundles import write_resolved
+from stas_pipeline.core.bundles import bundle_file, write_resolved
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import write_json
 from stas_pipeline.core.problems import Problems
@@ -172,7 +172,7 @@ class FoldTrainingDemo(Demo):
     def train_folds(self, bundle: str, datalist: Path, run_root: Path, what: str, **overrides) -> None:
         """Every fold of ``bundle`` through MONAI's entry point into ``run_root/fold<k>``."""
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        config = write_resolved(bundle, self.out / "configs")  # runs from any working directory
+        config = write_resolved(bundle, self.out / "configs" / f"{bundle_file(bundle).stem}.json")
         for fold in range(self.folds):
             print(f"training {bundle} {what} fold {fold} of {self.folds} ({self.epochs} epochs, "
                   f"{self.image_size} px, {self.weights} weights, {device})", flush=True)

@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = args.out or Path(f"{config.get('bundle_name', Path(args.name).stem)}.json")
     if out.exists() and not args.overwrite:
         raise OutputExistsError(out)
-    written = write_resolved(args.name, out.parent or Path("."))
-    if written != out:
-        written.replace(out)
+    write_resolved(args.name, out)
     run = f": python -m monai.bundle run training --config_file {out} --dataset_dir DATA" \
         if "bundle_name" in config else " (tracking settings: --tracking " + str(out) + ")"
     print(f"wrote {out} (and {out.parent / 'logging.conf'}){run}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import monai.bundle
 import torch
 
-from stas_pipeline.core.bundles import parsed_content, write_resolved
+from stas_pipeline.core.bundles import bundle_file, parsed_content, write_resolved
 from stas_pipeline.core.datalist import entries, test_images, write_datalist
 from stas_pipeline.core.datalist_tables import fold_table
 from stas_pipeline.core.demo_runner import Demo, StageError, check_problems, link, lite0_weights_installed
@@ -164,7 +164,7 @@ class SegmentationDemo(Demo):
 
     def stage_train(self) -> None:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        config = write_resolved(self.bundle, self.out / "configs")  # runs from any working directory
+        config = write_resolved(self.bundle, self.out / "configs" / f"{bundle_file(self.bundle).stem}.json")
         for fold in range(self.args.folds_to_train):
             print(f"training {self.bundle} fold {fold} of {self.folds} ({self.epochs} epochs, {self.image_size} px, "
                   f"batch {self.batch_size}, {self.weights} weights, {device})", flush=True)
