@@ -1,8 +1,8 @@
 """Exported models against PyTorch on real images: ``stas export-model`` of trained runs, then the bundle's members
 through the same prediction code with each backend (the state dicts, TorchScript, ONNX Runtime), on a folder of
 real images (the public STAS images, the public tiles). Reports the largest difference of the probability maps
-(segmentation) or scores (image-level) from PyTorch's, and whether the masks (bytes of the PNGs) or the rounded
-scores are identical.
+(segmentation) or scores (image-level) from PyTorch's, and whether the masks (bytes of the PNGs; else how many
+pixels differ), the grades (grading runs) or the rounded scores are identical.
 
     python benchmarks/export_check.py --checkpoint runs/deeplab_lite0_crops/fold0/best.pt \\
         --images ../shared/data/stas_public/Train_Images --n 4
@@ -19,9 +19,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from stas_pipeline import cli
 from stas_pipeline.tasks.classification.inference import predict_scores
+from stas_pipeline.tasks.grading.metrics import grade_of
 from stas_pipeline.tasks.model_zoo import bundle_runs
 from stas_pipeline.tasks.segmentation.inference import predict_images
 
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         assert cli.main(["export-model", *map(str, args.checkpoint), "--out", str(bundle)]) == 0
-        members = json.loads((bundle / "configs" / "inference.json").read_text())["members"]
+        inference = json.loads((bundle / "configs" / "inference.json").read_text())
+        members, grading = inference["members"], bool(inference["predict"].get("grade_of"))
         results: dict[str, dict] = {}
         for backend in BACKENDS:
             runs = bundle_runs(bundle, members, backend=backend)
@@ -47,9 +50,15 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(tmp) / backend
                 predict_images(runs, images, out / "masks", save_probs=out / "probs", probs_format="npy",
                                tta=args.tta)
-                results[backend] = {"masks": [p.read_bytes() for p in sorted((out / "masks").iterdir())],
+                masks = sorted((out / "masks").iterdir())
+                results[backend] = {"masks": [p.read_bytes() for p in masks],
+                                    "pixels": np.concatenate([np.asarray(Image.open(p)).ravel() for p in masks]),
                                     "values": np.concatenate([np.load(p).ravel()
                                                               for p in sorted((out / "probs").iterdir())])}
+            elif grading:  # grading runs: the grades from the default cut points
+                rows = predict_scores(runs, images, tta=args.tta, value="score", grade_of=grade_of)[1]
+                results[backend] = {"masks": [r["grade"] for r in rows],
+                                    "values": np.array([r["score"] for r in rows])}
             else:
                 rows = predict_scores(runs, images, tta=args.tta)[1]
                 results[backend] = {"masks": [round(r["prob"], 3) for r in rows],
@@ -59,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         report[backend] = {
             "max_abs_difference": float(np.abs(results[backend]["values"] - results["torch"]["values"]).max()),
             "outputs_identical": results[backend]["masks"] == results["torch"]["masks"]}
+        if "pixels" in results["torch"]:
+            report[backend]["mask_pixels_differing"] = (
+                f"{int((results[backend]['pixels'] != results['torch']['pixels']).sum())} of "
+                f"{results['torch']['pixels'].size}")
     print(json.dumps(report, indent=2))
     return 0
 
