@@ -2,7 +2,8 @@
 predicted whole and scored, each stage a separate ``stas`` process whose peak RSS (``/usr/bin/time``) and wall
 time are recorded. Two small slides with masks train the model (deeplab_lite0, a few epochs on their tiles);
 the big slide has no mask in the tiling CSV, so ``stas tile`` lists its tiles as the test set and
-``stas predict`` predicts it whole; its own mask (RLE) scores the prediction.
+``stas predict`` predicts it whole (with its QuPath GeoJSON, traced band by band); its own mask (RLE) scores the
+prediction.
 
     python benchmarks/slide_scale.py --size 40000 --out /tmp/slide_scale        # must stay under 2 GiB RSS
 """
@@ -67,8 +68,11 @@ def main() -> None:
                        "--output_dir", str(out / "runs")], out, results)
     checkpoint = out / "runs" / "deeplab_lite0" / "fold0" / "best.pt"
     measured("predict", [*STAS, "predict", "--checkpoint", str(checkpoint), "--datalist",
-                         str(out / "tiles" / "datalist.json"), "--batch-size", "16", "--overwrite", "--out",
-                         str(out / "pred")], out, results)
+                         str(out / "tiles" / "datalist.json"), "--batch-size", "16", "--overwrite", "--geojson",
+                         "--out", str(out / "pred")], out, results)
+    (geojson,) = (out / "pred").glob("*.geojson")
+    results["predict"]["geojson"] = {"file": geojson.name, "mib": round(geojson.stat().st_size / 2**20, 1),
+                                     "features": len(json.loads(geojson.read_text())["features"])}
     windows = int((out / "predict.log").read_text().split("windows ")[1].split(",")[0])  # tissue >= 0.01: more
     results["predict"]["windows"] = windows  # than the tile list's 0.05
     results["predict"]["windows_per_s"] = round(windows / results["predict"]["seconds"], 1)

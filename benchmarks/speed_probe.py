@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import torch
 from adabelief_pytorch import AdaBelief
 
-from stas_pipeline.core.losses import DiceWithAuxLoss
+from stas_pipeline.core.losses import SegmentationLoss
 from stas_pipeline.core.models import build_model
 
 
@@ -38,7 +38,7 @@ def step_seconds(encoder: str, batch: int, size: int, steps: int, channels_last:
                           weight_decouple=True, weight_decay=1e-4, rectify=False, print_change_log=False)
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, size, size) > 0.9).float()
-    loss_fn, times = DiceWithAuxLoss(), []
+    loss_fn, times = SegmentationLoss(), []
     for _ in range(steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)

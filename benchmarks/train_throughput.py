@@ -29,7 +29,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped, RandRotate90d, ScaleIntensityd
 
 from stas_pipeline.core.lmdb_cache import LMDBCacheDataset, Preprocessing, build_cache
-from stas_pipeline.core.losses import DiceWithAuxLoss
+from stas_pipeline.core.losses import SegmentationLoss
 from stas_pipeline.core.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def random_batches(batch: int, size: int, device: torch.device) -> Iterator[tupl
 def measure(model: torch.nn.Module, batches: Iterator, steps: int, warmup: int, device: torch.device,
             amp: bool, channels_last: bool) -> float:
     """Images per second of ``steps`` training steps after ``warmup`` ones."""
-    loss_fn = DiceWithAuxLoss()
+    loss_fn = SegmentationLoss()
     optimizer = AdaBelief(model.parameters(), lr=1e-4, eps=1e-16, betas=(0.9, 0.99), weight_decouple=True,
                           weight_decay=1e-4, rectify=False, print_change_log=False)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16

@@ -6,19 +6,17 @@ bands traced alone and merged equal the whole mask; a scaled map equals its leve
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import shapely
-from monai.bundle import run
 from PIL import Image
 from scipy import ndimage
+from tiny_runs import prepare, train
 
 from stas_pipeline import cli
 from stas_pipeline.core.geojson import GeoJSONStyle, band_features, mask_features, rasterize, write_geojson
-from stas_pipeline.core.synthetic import make_dataset
 from stas_pipeline.tasks.slide.inference import upsampled
 from stas_pipeline.tasks.slide.reader import Slide
 from stas_pipeline.tasks.slide.rle import encode
@@ -159,21 +157,8 @@ def test_qupath_fields_detection_and_simplify(tmp_path):
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """deeplab_lite0 trained one epoch at 32 px on eight synthetic STAS-like images: (its best.pt, the images)."""
     root = tmp_path_factory.mktemp("geojson_run")
-    images, masks = make_dataset(root / "data", n=8, height=48, width=64)
-    assert cli.main(["make-datalist", "--images", str(images), "--masks", str(masks), "--folds", "2",
-                     "--out", str(root / "datalist.json")]) == 0
-    assert cli.main(["build-lmdb", "--datalist", str(root / "datalist.json"), "--out", str(root / "cache"),
-                     "--bundle", "deeplab_lite0", "--image-size", "32", "--no-progress"]) == 0
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        run(run_id="training", config_file="bundles/deeplab_lite0.json", dataset_dir=str(root),
-            datalist=str(root / "datalist.json"), cache_dir=str(root / "cache"), image_size=32, epochs=1,
-            batch_size=4, encoder_weights="none", device="cpu", amp=False, num_workers=0,
-            output_dir=str(root / "runs"))
-    finally:
-        os.chdir(cwd)
-    return root / "runs" / "deeplab_lite0" / "fold0" / "best.pt", images
+    prepare(root)
+    return train(root) / "best.pt", root / "data" / "images"
 
 
 def test_stas_predict_geojson_on_images(trained, tmp_path):

@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 from torchvision.ops import sigmoid_focal_loss
 
-from stas_pipeline.core.losses import DiceWithAuxLoss, SmoothedBCELoss
+from stas_pipeline.core.losses import SegmentationLoss, SmoothedBCELoss
 
 
 def bce(x: float, t: float) -> float:
@@ -99,9 +99,9 @@ def test_dice_plus_bce_adds_the_weighted_pixelwise_bce():
     logits, target = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.7).float()
     dice = DiceLoss(sigmoid=True)(logits, target)
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    assert torch.allclose(DiceWithAuxLoss(bce_weight=0.0)(logits, target), dice)
-    assert torch.allclose(DiceWithAuxLoss(bce_weight=0.5)(logits, target), dice + 0.5 * bce)
+    assert torch.allclose(SegmentationLoss(bce_weight=0.0)(logits, target), dice)
+    assert torch.allclose(SegmentationLoss(bce_weight=0.5)(logits, target), dice + 0.5 * bce)
     aux = torch.randn(2, 1)
     has_fg = target.flatten(1).amax(1, keepdim=True)
     expected = dice + 0.5 * bce + 0.1 * F.binary_cross_entropy_with_logits(aux, has_fg)
-    assert torch.allclose(DiceWithAuxLoss(aux_weight=0.1, bce_weight=0.5)((logits, aux), target), expected)
+    assert torch.allclose(SegmentationLoss(aux_weight=0.1, bce_weight=0.5)((logits, aux), target), expected)

@@ -111,13 +111,13 @@ def write_resolved(bundle: str | Path, path: str | Path) -> Path:
 def parsed_content(bundle: str | Path | Mapping, ids: list[str], overrides: Mapping[str, Any] | None = None
                    ) -> list[Any]:
     """The instantiated ``ids`` of a bundle (a name, a file or a resolved configuration; e.g.
-    ``task#preprocessing``) after ``overrides`` of its top-level keys (keys the bundle does not have are
-    ignored, so a run's recorded knobs can be passed whole)."""
+    ``task#preprocessing``) after ``overrides`` of its keys, top-level or nested (``augment#flip``); ids the
+    bundle does not have are ignored, so a run's recorded knobs can be passed whole."""
     from monai.bundle import ConfigParser
 
     config = copy.deepcopy(dict(bundle)) if isinstance(bundle, Mapping) else resolved_config(bundle)
     parser = ConfigParser(config)
-    parser.update({k: v for k, v in (overrides or {}).items() if k in parser.config})
+    parser.update({k: v for k, v in (overrides or {}).items() if k in parser})
     parser.parse()
     return [parser.get_parsed_content(i) for i in ids]
 

@@ -9,7 +9,8 @@ Layout (a MONAI decathlon datalist, paths relative to the file)::
      "test": [{"image": rel[, "label": ...]}, ...],
      ...}                                          # what the task adds: "tiles" settings, "classes", ...
 
-An entry may also name a window of its image (``"tile": {"y", "x", "size", "scale"}``: a tile of a slide);
+An entry may also name a window of its image (``"tile": {"y", "x", "size", "scale"}``: a tile of a slide, its
+scale a float when tiled by microns per pixel);
 entries without ``fold`` (pseudo labels) train in every fold. :func:`read_datalist` checks the layout and
 resolves paths against the file's folder; :func:`entries` gives one section; :func:`load_fold` one fold's
 training and validation parts; :func:`mask_of` and :func:`number_of` read an entry's label as its kind says.

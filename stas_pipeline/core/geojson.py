@@ -239,7 +239,7 @@ def _geometry_json(geometry: shapely.Geometry) -> dict:
     return {"type": "MultiPolygon", "coordinates": polygons}
 
 
-def _feature(piece: _Piece, style: GeoJSONStyle, scale: int, shape: tuple[int, int] | None) -> dict | None:
+def _feature(piece: _Piece, style: GeoJSONStyle, scale: float, shape: tuple[int, int] | None) -> dict | None:
     """A feature in QuPath's format; None when nothing polygonal is left of it."""
     limit = np.array([shape[1], shape[0]], np.float64) if shape is not None else np.inf
     geometry = shapely.transform(piece.geometry, lambda c: np.minimum(c * scale, limit))
@@ -269,7 +269,7 @@ def _merged(pieces: list[_Piece]) -> _Piece:
 
 
 def band_features(read: BandReader, rows: int, style: GeoJSONStyle = GeoJSONStyle(), band_rows: int | None = None,
-                  width: int | None = None, scale: int = 1, shape: tuple[int, int] | None = None) -> Iterator[dict]:
+                  width: int | None = None, scale: float = 1, shape: tuple[int, int] | None = None) -> Iterator[dict]:
     """The features of a mask of ``rows`` rows given by bands: ``read(y0, y1)`` returns its rows y0:y1 (bool
     or 0/nonzero) and their probabilities in [0, 1] (or None), ``band_rows`` at a time (default: about
     :data:`BAND_PIXELS` pixels, from ``width``). A mask ``scale`` times smaller than level 0 has its vertices

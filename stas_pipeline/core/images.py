@@ -23,7 +23,8 @@ _R = TypeVar("_R")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")  # images: training, test, prediction inputs
 MASK_SUFFIXES = (".png",)  # masks of images (single-channel PNG)
-SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs")  # whole slides (tiled, pyramidal)
+OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")  # slides read by OpenSlide
+SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs", *OPENSLIDE_SUFFIXES)  # whole slides
 SLIDE_MASK_SUFFIXES = (".tif", ".tiff", ".png", ".json", ".geojson")  # slide masks: images or polygons
 
 

@@ -1,5 +1,6 @@
-"""Losses: the STAS recipe's Dice loss, plus the auxiliary "image has STAS" head when the model has one; and the
-glaucoma recipe's binary cross-entropy with asymmetrically smoothed targets and an optional focal term."""
+"""Losses: the segmentation task's (the STAS recipe's Dice loss or the HuBMAP recipe's BCE + Lovasz hinge, plus the
+auxiliary "image has foreground" head and deep supervision when the model has them); and the glaucoma recipe's
+binary cross-entropy with asymmetrically smoothed targets and an optional focal term."""
 
 from __future__ import annotations
 
@@ -7,27 +8,64 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.losses import DiceLoss
+from segmentation_models_pytorch.losses import LovaszLoss
 from torch import nn
 
+MASK_LOSSES = ("dice", "bce_lovasz")
 
-class DiceWithAuxLoss(nn.Module):
-    """``DiceLoss(sigmoid=True)`` on the mask logits, plus ``bce_weight`` x the pixelwise BCE when > 0 (Dice + BCE,
-    nnU-Net's loss); when the prediction is ``(mask_logits, class_logits)`` (a model with an auxiliary head, in
-    training) adds ``aux_weight`` x BCE of the class logits against "the mask has foreground"."""
 
-    def __init__(self, aux_weight: float = 0.1, bce_weight: float = 0.0, **dice_kwargs):
+class SegmentationLoss(nn.Module):
+    """The segmentation task's loss on what the network returns in training (see
+    :class:`stas_pipeline.core.models.AuxOutputInTraining`): mask logits, ``(mask_logits, class_logits)`` or a dict
+    ``{"masks", "labels", "deep"}``.
+
+    - the mask term, ``mask_loss``: ``"dice"`` (the STAS recipe's ``DiceLoss(sigmoid=True)``, plus ``bce_weight``
+      x the pixelwise BCE when > 0: nnU-Net's Dice + BCE) or ``"bce_lovasz"`` (the HuBMAP recipe's BCE + Lovasz
+      hinge, smp's binary ``LovaszLoss``, Berman et al. 2018); ``batch``: Dice over the whole batch, or one Lovasz
+      hinge over the batch's pixels (else per image, averaged);
+    - with class logits, ``aux_weight`` x their BCE against "the mask has foreground";
+    - with deep-supervision logits, ``deep_weight`` x (BCE + Lovasz hinge) of each, on the images whose mask has
+      foreground only (zero, still in the graph, when none has).
+    """
+
+    def __init__(self, mask_loss: str = "dice", aux_weight: float = 0.1, bce_weight: float = 0.0,
+                 deep_weight: float = 0.1, batch: bool = False):
         super().__init__()
-        self.dice = DiceLoss(sigmoid=True, **dice_kwargs)
-        self.aux_weight, self.bce_weight = aux_weight, bce_weight
+        if mask_loss not in MASK_LOSSES:
+            raise ValueError(f"mask_loss must be one of {', '.join(MASK_LOSSES)}, got {mask_loss!r}")
+        if mask_loss != "dice" and bce_weight:
+            raise ValueError(f"bce_weight {bce_weight} adds BCE to the Dice loss; mask_loss {mask_loss!r} has its own")
+        self.mask_loss, self.bce_weight = mask_loss, bce_weight
+        self.aux_weight, self.deep_weight = aux_weight, deep_weight
+        self.dice = DiceLoss(sigmoid=True, batch=batch)
+        self.lovasz = LovaszLoss("binary", per_image=not batch)
 
-    def forward(self, pred: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        masks, logits = pred if isinstance(pred, (tuple, list)) else (pred, None)
-        loss = self.dice(masks, target)
-        if self.bce_weight > 0:
-            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(masks.float(), target.float())
+    def bce_lovasz(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """BCE + Lovasz hinge of mask logits (N, 1, H, W) against a 0/1 mask of the same shape."""
+        logits = logits.float()
+        return F.binary_cross_entropy_with_logits(logits, target) + self.lovasz(logits, target)
+
+    def forward(self, pred: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | dict, target: torch.Tensor
+                ) -> torch.Tensor:
+        if isinstance(pred, dict):
+            masks, logits, deep = pred["masks"], pred.get("labels"), pred.get("deep", [])
+        else:
+            (masks, logits), deep = (pred if isinstance(pred, (tuple, list)) else (pred, None)), []
+        target = torch.as_tensor(target).float()
+        if self.mask_loss == "dice":
+            loss = self.dice(masks, target)
+            if self.bce_weight > 0:
+                loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(masks.float(), target)
+        else:
+            loss = self.bce_lovasz(masks, target)
+        has_fg = target.flatten(1).amax(dim=1) > 0
         if logits is not None:
-            has_fg = target.flatten(1).amax(dim=1, keepdim=True).float()
-            loss = loss + self.aux_weight * F.binary_cross_entropy_with_logits(logits, has_fg)
+            loss = loss + self.aux_weight * F.binary_cross_entropy_with_logits(logits, has_fg[:, None].float())
+        if deep:
+            keep = has_fg.nonzero()[:, 0]
+            for stage in deep:
+                loss = loss + self.deep_weight * (self.bce_lovasz(stage[keep], target[keep]) if len(keep)
+                                                  else stage.sum() * 0.0)
         return loss
 
 

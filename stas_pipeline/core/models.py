@@ -2,7 +2,9 @@
 
 :func:`build_network` is the one entry point: ``kind="segmentation"`` (:func:`build_model`) or
 ``"classification"`` (:func:`build_classifier`); a run records its keyword arguments so that ``stas predict``
-rebuilds the same network from the checkpoint's JSON.
+rebuilds the same network from the checkpoint's JSON. A U-Net or DeepLabV3+ can add an auxiliary classification
+head, deep supervision and hypercolumns (:class:`AuxOutputInTraining`): extra outputs in training only, so that
+validation, prediction and export see the mask logits alone.
 
 ``encoder_weights`` is ``None``/``"none"`` (random), a local file (a timm state dict as ``.pth``/``.pt``/
 ``.bin``, a ``.safetensors`` file, or a known foreign layout whose tensors match timm's in order and shape),
@@ -19,7 +21,10 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
 from stas_pipeline.core.errors import StasError
@@ -37,20 +42,86 @@ class WeightsError(StasError, RuntimeError):
 
 
 class AuxOutputInTraining(nn.Module):
-    """An smp model with an auxiliary classification head: returns ``(mask_logits, class_logits)`` while
-    training (for the loss) and ``mask_logits`` alone in eval mode (for inference and validation)."""
+    """An smp model with the outputs only training uses: in eval mode (inference, validation, export) it returns
+    the mask logits alone; in training, with the auxiliary classification head, ``(mask_logits, class_logits)``,
+    and with ``deep_supervision`` a dict ``{"masks", "labels" (None without the head), "deep"}``, ``deep`` one
+    logit map per decoder stage but the last (:func:`decoder_stages`), each from a 1x1 convolution, upsampled
+    (bilinear) to the input size. ``hypercolumns``: the decoder stages' feature maps, upsampled (bilinear) to the
+    last stage's size and concatenated, feed the segmentation head (whose first convolution takes them all)."""
 
-    def __init__(self, model: smp.base.SegmentationModel):
+    def __init__(self, model: smp.base.SegmentationModel, deep_supervision: bool = False,
+                 hypercolumns: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.hypercolumns = model, hypercolumns
+        channels = stage_channels(model) if deep_supervision or hypercolumns else []
+        conv = model.segmentation_head[0]
+        if hypercolumns:
+            model.segmentation_head[0] = nn.Conv2d(sum(channels), conv.out_channels, conv.kernel_size,
+                                                   padding=conv.padding)
+            smp.base.initialization.initialize_head(model.segmentation_head[0])
+        self.deep_heads = nn.ModuleList(nn.Conv2d(c, conv.out_channels, 1) for c in channels[:-1]
+                                        ) if deep_supervision else None
+        if self.deep_heads is not None:
+            smp.base.initialization.initialize_head(self.deep_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        masks, labels = self.model(x)
-        return (masks, labels) if self.training else masks
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | dict:
+        head = self.model.classification_head
+        if self.deep_heads is None and not self.hypercolumns:
+            outputs = self.model(x)
+            masks, labels = outputs if head is not None else (outputs, None)
+            return (masks, labels) if self.training and head is not None else masks
+        features = self.model.encoder(x)
+        stages = decoder_stages(self.model.decoder, features)
+        columns = [F.interpolate(s, size=stages[-1].shape[-2:], mode="bilinear", align_corners=False)
+                   for s in stages[:-1]]
+        masks = self.model.segmentation_head(torch.cat([*columns, stages[-1]], 1) if self.hypercolumns
+                                             else stages[-1])
+        if not self.training:
+            return masks
+        labels = head(features[-1]) if head is not None else None
+        if self.deep_heads is None:
+            return (masks, labels) if head is not None else masks
+        deep = [F.interpolate(h(s), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                for h, s in zip(self.deep_heads, stages[:-1], strict=True)]
+        return {"masks": masks, "labels": labels, "deep": deep}
 
     def presence(self, x: torch.Tensor) -> torch.Tensor:
         """The auxiliary head's probability (N,) that each image holds foreground: the encoder only, no decoder."""
         return torch.sigmoid(self.model.classification_head(self.model.encoder(x)[-1]).float())[:, 0]
+
+
+def decoder_stages(decoder: nn.Module, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The feature maps of an smp decoder's stages, coarse to fine, for the encoder's ``features``; the last is
+    the decoder's own output. U-Net: each decoder block's output (five at depth 5, strides 16 to 1); DeepLabV3+:
+    the ASPP block's output (stride 16, or 8) and the fused high-resolution features (stride 4). Other decoders
+    are refused."""
+    if isinstance(decoder, UnetDecoder):  # as UnetDecoder.forward, keeping each block's output
+        shapes = [f.shape[2:] for f in features][::-1]
+        skips = list(features[1:])[::-1]
+        x, stages = decoder.center(skips[0]), []
+        for i, block in enumerate(decoder.blocks):
+            x = block(x, *shapes[i + 1], skip_connection=skips[i + 1] if i + 1 < len(skips) else None)
+            stages.append(x)
+        return stages
+    if isinstance(decoder, DeepLabV3PlusDecoder):  # as DeepLabV3PlusDecoder.forward, keeping the ASPP output
+        aspp = decoder.aspp(features[-1])
+        return [aspp, decoder.block2(torch.cat([decoder.up(aspp), decoder.block1(features[2])], dim=1))]
+    raise _staged_decoders_only(decoder)
+
+
+def stage_channels(model: smp.base.SegmentationModel) -> list[int]:
+    """The channels of each of :func:`decoder_stages`' feature maps of ``model``."""
+    decoder, last = model.decoder, model.segmentation_head[0].in_channels
+    if isinstance(decoder, UnetDecoder):
+        return [block.conv2[0].out_channels for block in decoder.blocks]
+    if isinstance(decoder, DeepLabV3PlusDecoder):
+        return [last, last]  # the ASPP block and the fusion share the decoder's channels
+    raise _staged_decoders_only(decoder)
+
+
+def _staged_decoders_only(decoder: nn.Module) -> ValueError:
+    return ValueError(f"deep supervision and hypercolumns need a Unet or DeepLabV3Plus decoder, not "
+                      f"{type(decoder).__name__}")
 
 
 def check_encoder_name(encoder_name: str) -> None:
@@ -70,13 +141,17 @@ def build_model(
     image_size: int | tuple[int, int] | None = None,
     decoder_channels: int | Sequence[int] | None = None,
     frozen_stages: int = 0,
+    deep_supervision: bool = False,
+    hypercolumns: bool = False,
 ) -> nn.Module:
     """An smp ``arch`` with the timm encoder ``encoder_name`` (``tu-`` prefix added).
 
     With ``aux_head`` the model also has a classification head (avg pooling, ``aux_dropout``, ``classes``
-    outputs), see :class:`AuxOutputInTraining`. ``image_size`` is checked against the encoder's stride.
+    outputs). ``image_size`` is checked against the encoder's stride.
     ``decoder_channels`` is the arch's own argument (its default when ``None``); ``frozen_stages`` freezes the
     encoder through its first feature levels after the weights are loaded (see :func:`freeze_encoder_stages`).
+    ``deep_supervision`` and ``hypercolumns`` (Unet and DeepLabV3Plus) add the training outputs and the head input
+    of :class:`AuxOutputInTraining`; with none of the three the smp model itself is returned.
     """
     check_encoder_name(encoder_name)
     aux = {"classes": classes, "dropout": aux_dropout, "pooling": "avg"} if aux_head else None
@@ -92,7 +167,9 @@ def build_model(
     if encoder_weights not in (None, "", "none", "None"):
         load_encoder_weights(model.encoder.model, encoder_name, str(encoder_weights))
     freeze_encoder_stages(model.encoder.model, frozen_stages)
-    return AuxOutputInTraining(model) if aux_head else model
+    if aux_head or deep_supervision or hypercolumns:
+        return AuxOutputInTraining(model, deep_supervision=deep_supervision, hypercolumns=hypercolumns)
+    return model
 
 
 def freeze_encoder_stages(encoder: nn.Module, stages: int) -> list[str]:

@@ -17,6 +17,11 @@ a fraction <= 0 means 1.0 and a fraction > 1 crops nothing (it never pads).
 
 :class:`RandAugMixd` (timm's AugMix) and :class:`RandColorJitterd` (torchvision's ColorJitter) are MONAI randomizable
 dictionary transforms for the training chain (after the cache, before intensity scaling).
+
+The segmentation bundles' augmentation set (``bundles/augment.json``, after the crops, on images scaled to 0..1)
+is MONAI's own transforms plus three that MONAI lacks: :class:`BackgroundFilld` (a spatial transform whose border
+is the slide's background colour, not black), :class:`RandOpticalDistortiond` (lens distortion) and
+:class:`RandCLAHEd` (scikit-image's CLAHE).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import torch.nn.functional as F
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor, PILReader
 from monai.transforms import CropForegroundd, LoadImaged, MapTransform, Randomizable, RandomizableTransform
-from monai.utils import convert_to_dst_type, ensure_tuple
+from monai.utils import convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 from PIL import Image
+from skimage.exposure import equalize_adapthist
 from timm.data.auto_augment import augment_and_mix_transform
 from torchvision.transforms import functional as TF
 
@@ -277,6 +283,117 @@ class RandColorJitterd(Randomizable, MapTransform):
         for k in self._order:
             x = self.ADJUST[k](x, float(self._factors[k]))
         return convert_to_dst_type(torch.round(x * 255) if integral else x * 255, dst=img)[0]
+
+
+class BackgroundFilld(Randomizable, MapTransform):
+    """A spatial dictionary ``transform`` (declared with ``padding_mode="zeros"``) whose pixels from outside the
+    image are ``background`` on ``keys`` (the image; 1.0 is white on the 0..1 scale) instead of 0; its other keys
+    (the mask) keep 0. Each image travels through ``transform`` with an extra channel of ones, which comes out as
+    the share of each pixel that came from inside the image (v); the image gets ``background * (1 - v)`` added:
+    exactly constant padding for the linear and nearest interpolations. An image the transform leaves in place
+    comes back unchanged. Only ``transform``'s own keys go through it: a MONAI spatial transform that skips a
+    sample turns every value of the dict into a tensor (the cache's ``orig_size`` too), which then fails to
+    collate with the samples it moved. Randomness is ``transform``'s (``set_random_state`` is passed on)."""
+
+    def __init__(self, keys: KeysCollection, transform: MapTransform, background: float = 1.0,
+                 allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.transform, self.background = transform, float(background)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
+                         ) -> BackgroundFilld:
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        if isinstance(self.transform, Randomizable):
+            self.transform.randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        for key in keys:
+            image = torch.as_tensor(d[key])
+            d[key] = torch.cat([image, torch.ones_like(image[:1])])
+        d.update(self.transform({k: d[k] for k in self.transform.keys if k in d}))
+        for key in keys:
+            image, inside = d[key][:-1], d[key][-1:]
+            outside = bool((inside < 1).any())
+            d[key] = image + self.background * (1 - inside) if self.background and outside else image
+        return d
+
+
+class RandOpticalDistortiond(RandomizableTransform, MapTransform):
+    """Lens (barrel or pincushion) distortion of ``keys`` (C, H, W), as albumentations' ``OpticalDistortion``:
+    with positions normalised to [-1, 1] and the centre c shifted by up to ``shift_limit`` (a fraction of the
+    half-size, uniform per axis), the output pixel at p samples the input at ``c + (p - c)(1 + k |p - c|^2)``,
+    k uniform in [-``distort_limit``, ``distort_limit``] (k > 0 pulls the borders in: barrel). ``mode`` (per key,
+    ``bilinear`` for the image, ``nearest`` for a mask) and zeros outside the image (:class:`BackgroundFilld` for
+    another colour), by ``torch.nn.functional.grid_sample``; each comes back with its type and dtype (integers
+    rounded)."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.1, distort_limit: float = 0.1, shift_limit: float = 0.05,
+                 mode: str | Sequence[str] = "bilinear", allow_missing_keys: bool = False):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.distort_limit, self.shift_limit = float(distort_limit), float(shift_limit)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self._k, self._centre = 0.0, np.zeros(2)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self._k = self.R.uniform(-self.distort_limit, self.distort_limit)
+        self._centre = self.R.uniform(-self.shift_limit, self.shift_limit, size=2)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key, mode in self.key_iterator(d, self.mode):
+            d[key] = self._distort(d[key], mode)
+        return d
+
+    def _distort(self, img: NdarrayOrTensor, mode: str) -> NdarrayOrTensor:
+        x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        h, w = x.shape[-2:]
+        ys, xs = (torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=x.device) for n in (h, w))
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2): x then y, as grid_sample
+        centre = torch.as_tensor(self._centre, dtype=grid.dtype, device=x.device)
+        offset = grid - centre
+        grid = centre + offset * (1 + self._k * offset.square().sum(-1, keepdim=True))
+        out = F.grid_sample(x[None].float(), grid[None], mode=mode, padding_mode="zeros", align_corners=False)[0]
+        return convert_to_dst_type(out if torch.is_floating_point(x) else out.round(), dst=img)[0]
+
+
+class RandCLAHEd(RandomizableTransform, MapTransform):
+    """Contrast-limited adaptive histogram equalisation (scikit-image's ``equalize_adapthist``: on the HSV value
+    of an RGB image, tiles of ``kernel_size``, 1/8 of the image by default) of ``keys``, (C, H, W) images on the
+    0..1 scale (clipped there first; C = 1 or 3), with probability ``prob``; each comes back with its type and
+    dtype, on 0..1."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.1, clip_limit: float = 0.01,
+                 kernel_size: int | None = None, allow_missing_keys: bool = False):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.clip_limit, self.kernel_size = float(clip_limit), kernel_size
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            _check_chw(img, "RandCLAHEd")
+            arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            hwc = np.clip(np.moveaxis(arr, 0, -1), 0, 1).astype(np.float32)
+            out = equalize_adapthist(hwc[..., 0] if hwc.shape[-1] == 1 else hwc, kernel_size=self.kernel_size,
+                                     clip_limit=self.clip_limit)
+            out = out[None] if out.ndim == 2 else np.moveaxis(out, -1, 0)
+            d[key] = convert_to_dst_type(np.ascontiguousarray(out, dtype=np.float32), dst=img)[0]
+        return d
 
 
 def _check_chw(img: NdarrayOrTensor, transform: str) -> None:

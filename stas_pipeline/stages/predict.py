@@ -26,19 +26,32 @@ stas_pipeline/tasks/classification/inference.py.
 Whole slides (``--slides``, or ``--datalist`` of a tile datalist written by ``stas tile``, whose window and
 tissue settings become the defaults; with ``--out-of-fold`` each training slide by the runs of its fold): windows
 over tissue at the training scale, stitched into ``--out/<id>_prob.npy``, ``<id>.tif`` (level-0 mask),
-``<id>_overlay.png``, ``predictions.csv`` (RLE) and with ``--geojson`` ``<id>.geojson``. See
-stas_pipeline/tasks/slide/inference.py.
+``<id>_overlay.png``, ``predictions.csv`` (RLE) and with ``--geojson`` ``<id>.geojson``. A datalist tiled with
+``--mpp`` (or ``--mpp`` here) predicts every slide at that physical resolution, each at its own level and scale
+from the pixel size in its metadata, as ``stas tile`` chose them. See stas_pipeline/tasks/slide/inference.py.
 
 ``--estimate [N]`` (any task) writes nothing: it loads the checkpoints, predicts a warm-up batch, then times the
 first N images (8; at least one batch) with the full settings (every checkpoint, TTA, mode, batch size,
 workers, device; segmentation outputs go to a temporary folder, removed) and prints the projected wall time
 for the whole image list, checkpoint loading included. Check it against an inference time limit before the
 run.
+
+In parts (any task; see stas_pipeline/core/sharding.py). Under ``torchrun --nproc_per_node N [--nnodes M]`` each
+process predicts every N-th image (slide) of the list into the same ``--out`` (each on its own GPU with
+``--device cuda``), and rank 0 writes the merged CSV (image-level ``--out``; slides' ``predictions.csv``) once
+all are done: the same bytes as one process. Without torchrun (a Slurm array, any scheduler): ``--num-parts K
+--part-id I`` on each job, then the same command with ``--merge`` instead of ``--part-id`` (it refuses in one
+line while a part is missing or unfinished). Each part records what it finished in ``<out>.parts/`` beside
+``--out`` (removed by the merge); ``--continue`` re-runs a killed part (or a killed single run started with
+``--continue``) without predicting again what it finished: one ``skipped, complete before: <input>`` line each.
+An item counts as finished only once all its files are written. Without ``--continue`` an existing output (or a
+part's own record) is refused as ever, unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -47,9 +60,10 @@ from pathlib import Path
 import torch
 
 from stas_pipeline.cli import command
-from stas_pipeline.core.cli_types import positive_int
+from stas_pipeline.core.cli_types import non_negative_int, positive_float, positive_int
 from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.geojson import add_geojson_options
+from stas_pipeline.core.sharding import ShardError, merge_parts, predict_in_parts, shard_of
 from stas_pipeline.core.stain import STAIN_SHIFTS, parse_stain_shift
 from stas_pipeline.core.trained_runs import BACKENDS, TTA_FLIPS, PredictError, run_info_of
 from stas_pipeline.tasks import choose
@@ -70,7 +84,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source.add_argument("--datalist", help="datalist.json whose 'test' list is predicted (a datalist of tiles "
                                            "written by stas tile: its test slides, whole)")
     source.add_argument("--slides", nargs="+", type=Path, metavar="SLIDE",
-                        help="whole slides (files or folders of TIFF/SVS) predicted window by window")
+                        help="whole slides (files or folders of TIFF/SVS; with OpenSlide also NDPI, MRXS, "
+                             "SCN, BIF, ...) predicted window by window")
     parser.add_argument("--out-of-fold", action="store_true",
                         help="with --datalist: predict each training image (slide) with the runs of its own fold "
                              "only (those that did not train on it): out-of-fold predictions, e.g. to choose "
@@ -113,7 +128,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                 "probability map, band by band)")
     slides = parser.add_argument_group("whole slides (--slides, or a datalist of tiles: its settings are the "
                                        "defaults)")
-    slides.add_argument("--scale", type=positive_int, help="windows are read this many times smaller (4)")
+    resolution = slides.add_mutually_exclusive_group()
+    resolution.add_argument("--scale", type=positive_int, help="windows are read this many times smaller (4)")
+    resolution.add_argument("--mpp", type=positive_float,
+                            help="windows at this many microns per pixel, each slide resampled from its own pixel "
+                                 "size (default: the tile datalist's; --tile-size and --stride then in pixels at it)")
     slides.add_argument("--tile-size", type=positive_int,
                         help="window side in level-0 pixels (default: the run's image size x --scale)")
     slides.add_argument("--stride", type=positive_int, help="level-0 step between windows (default: half a window)")
@@ -130,6 +149,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--estimate", type=positive_int, nargs="?", const=8, metavar="N",
                         help="write nothing: time the first N images (default 8) after a warm-up batch and print "
                              "the projected wall time for all the images")
+    parts = parser.add_argument_group("in parts (torchrun ranks are parts by themselves; see above)")
+    parts.add_argument("--num-parts", type=positive_int, metavar="K",
+                       help="split the images (slides) into K parts: every K-th from --part-id; with --merge: how "
+                            "many parts to merge (default: as the finished parts say)")
+    parts.add_argument("--part-id", type=non_negative_int, metavar="I",
+                       help="the part this job predicts, 0..K-1 (e.g. $SLURM_ARRAY_TASK_ID)")
+    parts.add_argument("--merge", action="store_true",
+                       help="predict nothing: merge the finished parts recorded beside --out into --out")
+    parts.add_argument("--continue", dest="resume", action="store_true",
+                       help="resume: do not predict again the images (slides) this part finished before; give it "
+                            "to the first run too, so that it records them")
     return parser
 
 
@@ -176,11 +206,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise PredictError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
     if args.geojson and task.image_level:
         raise PredictError(f"--geojson writes masks as polygons; {task.name} runs predict no masks")
+    if args.merge:
+        if args.part_id is not None or os.environ.get("WORLD_SIZE", "1") != "1":
+            raise ShardError("--merge runs in one process, without --part-id")
+        return merge_parts(args.out, task.merge_predictions, args.num_parts, args.overwrite).finish()
+    shard = shard_of(args.num_parts, args.part_id)
+    in_parts = (shard.count > 1 or args.resume) and not args.estimate
+    if in_parts and not task.shards():
+        raise PredictError(f"task {task.name!r} predicts in one process only: no --num-parts, --continue or torchrun")
+    args.device = shard.device(args.device)
     images, predict = task.predictor(args, infos)
     if args.estimate:
         print(estimate(images, predict, args.estimate, args.batch_size, time.perf_counter() - start))
         return 0
-    return predict(images, False).finish()
+    if not in_parts:
+        return predict(images, False).finish()
+    return predict_in_parts(images, lambda chosen, journal: predict(chosen, False, journal), args.out, shard,
+                            task.merge_predictions, args.resume, args.overwrite, args.device).finish()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ patient), slides without one to ``test``; each entry carries its slide, window, 
 Then ``stas build-lmdb --datalist DIR/datalist.json --bundle deeplab_lite0 --image-size SIZE/SCALE`` caches the
 tiles (read window by window: memory stays bounded whatever the slide's size).
 
+``--mpp M`` (instead of ``--scale``) cuts the tiles at M microns per pixel whatever each slide was scanned at:
+``--size`` and ``--stride`` are then pixels at M (cache with ``--image-size SIZE``), and each slide's level and
+resampling are chosen from the pixel size in its metadata (TIFF resolution, Aperio MPP, OME PhysicalSizeX,
+OpenSlide mpp-x): the integer ``--scale`` averaging when M is within 1 % of a whole multiple of it, else a resize
+by area from the coarsest level at least as fine as M. A slide without a pixel size, or scanned coarser than M,
+is named and left out. Slides are TIFF, OME-TIFF and SVS (tifffile), or NDPI, MRXS, SCN, BIF and the other
+formats OpenSlide reads, with ``pip install 'stas_pipeline[openslide]'``.
+
 Masks (``--masks``): an RLE CSV (``id,encoding``, ids = slide file names without suffix), or a folder of
 ``<id>.tif``/``<id>.png`` mask images of the slide's size or ``<id>.json``/``<id>.geojson`` polygons (GeoJSON
 features, LabelMe). A slide that cannot be read is reported and left out; so is one whose mask does not fit it
@@ -25,7 +33,7 @@ import sys
 from pathlib import Path
 
 from stas_pipeline.cli import command
-from stas_pipeline.core.cli_types import int_at_least, open_fraction
+from stas_pipeline.core.cli_types import int_at_least, open_fraction, positive_float
 from stas_pipeline.core.errors import refused
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.slide.tile_command import STAGE, TileError, tile_slides
@@ -36,14 +44,21 @@ from stas_pipeline.tasks.slide.tissue import TISSUE_METHODS
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("slides", nargs="+", type=Path, help="slide files (TIFF, OME-TIFF, SVS) or folders of them")
+    parser.add_argument("slides", nargs="+", type=Path,
+                        help="slide files (TIFF, OME-TIFF, SVS; with OpenSlide also NDPI, MRXS, SCN, BIF, ...) or "
+                             "folders of them")
     parser.add_argument("--out", type=Path, required=True, help="folder for datalist.json and tissue/ overlays")
     parser.add_argument("--masks", type=Path, help="RLE CSV (id,encoding) or folder of <id> mask images/polygons; "
                                                    "slides without a mask go to the test list")
-    parser.add_argument("--size", type=int_at_least(16), default=1024, help="tile side in level-0 pixels (1024)")
+    parser.add_argument("--size", type=int_at_least(16), default=1024,
+                        help="tile side in level-0 pixels (1024; with --mpp in pixels at that resolution)")
     parser.add_argument("--stride", type=int_at_least(1), default=512, help="step between tiles (512)")
-    parser.add_argument("--scale", type=int_at_least(1), default=4,
-                        help="downscaling: tiles are cached SIZE/SCALE pixels across (4)")
+    resolution = parser.add_mutually_exclusive_group()
+    resolution.add_argument("--scale", type=int_at_least(1), default=4,
+                            help="downscaling: tiles are cached SIZE/SCALE pixels across (4)")
+    resolution.add_argument("--mpp", type=positive_float,
+                            help="tiles at this many microns per pixel, each slide resampled from its own pixel "
+                                 "size (e.g. 0.5); a slide without one is left out")
     parser.add_argument("--quarter-shift", action="store_true",
                         help="also the grid shifted by a quarter tile both ways (the recipe's extra tiles)")
     parser.add_argument("--tissue-method", choices=TISSUE_METHODS, default="saturation",
@@ -71,7 +86,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     problems = Problems(STAGE)
     slides = find_slides(args.slides, problems)
     with refused(as_error=TileError):  # a bad setting or an unreadable file: the input's fault, exit 2
-        spec = TileSpec(args.size, args.stride, args.scale, args.quarter_shift)
+        spec = TileSpec(args.size, args.stride, 1 if args.mpp else args.scale, args.quarter_shift, args.mpp)
         tissue = TissueSettings(args.tissue_method, args.tissue_threshold, args.thumbnail, args.min_tissue)
         done = tile_slides(slides, args.out, args.masks, spec, tissue, args.folds, args.groups, args.seed,
                            args.overwrite, args.refuse_invalid_polygons)

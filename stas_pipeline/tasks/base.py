@@ -21,7 +21,7 @@ import argparse
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from stas_pipeline.core.bundles import add_bundle_dir
 from stas_pipeline.core.datalist import read_datalist
@@ -29,7 +29,16 @@ from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.images import read_rgb
 from stas_pipeline.core.problems import Problems
 
-Predictor = Callable[[Sequence[Path], bool], Problems]  # (inputs, estimating) -> problems; estimating writes nothing
+if TYPE_CHECKING:
+    from stas_pipeline.core.sharding import Journal
+
+
+class Predictor(Protocol):
+    """``(inputs, estimating, journal=None) -> problems``: estimating writes nothing; with a ``journal`` (a sharded
+    or resumable run, ``core/sharding.py``) each finished input is recorded and no merged output is written."""
+
+    def __call__(self, inputs: Sequence[Path], estimating: bool, journal: Journal | None = None) -> Problems: ...
+
 ENTRY_POINT_GROUP = "stas_pipeline.tasks"
 
 
@@ -74,6 +83,15 @@ class Task:
         """The inputs to predict and the function predicting them, from predict's arguments and the runs'
         records (``best.json``)."""
         raise self._missing("predict")
+
+    def merge_predictions(self, out: Path, header: list[str], rows: list[list[str]], overwrite: bool) -> None:
+        """A sharded prediction's merged output at ``out`` from the parts' recorded ``rows`` (cells under
+        ``header``, in the order of one process). Tasks without it predict in one process only."""
+        raise self._missing("sharded or resumable predict (--num-parts, torchrun, --continue)")
+
+    def shards(self) -> bool:
+        """Whether the task predicts in parts: its predictor takes a journal and it merges the parts."""
+        return type(self).merge_predictions is not Task.merge_predictions
 
     def scorer_for(self, info: dict) -> Callable | None:
         """Image-level: the function turning a run's logits into one score per image, None for a probability."""

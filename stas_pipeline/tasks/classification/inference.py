@@ -44,9 +44,10 @@ from stas_pipeline.core.errors import NothingWrittenError
 from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import describe, to_uint8
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.sharding import Journal
 from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun, load_trained_run
 from stas_pipeline.tasks.base import Predictor
-from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
+from stas_pipeline.tasks.classification.scores_csv import scores_cells, scores_header, write_scores_csv
 
 CROP_FRACTION = 0.875
 TTA_MODES = (*TTA_FLIPS, "two-crop", "ten-crop")
@@ -115,14 +116,20 @@ def predict_scores(
     assignments: Mapping[str, Sequence[str]] | None = None,
     value: str = "prob",
     grade_of: Callable[[float], int] | None = None,
+    journal: Journal | None = None,
 ) -> tuple[Problems, list[dict]]:
     """Predict ``images`` with ``runs`` into the CSV ``out`` (see module doc); returns the problems and rows.
     ``value`` names the mean's column; ``grade_of`` adds a ``grade`` column from the mean. An image that cannot be
-    read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is."""
+    read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is. With a
+    ``journal`` (a part of a sharded run) each row goes to it as predicted, and no CSV is written."""
     problems = problems or Problems("predict")
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
     runs = [TrainedRun.of(r) for r in runs]
+    columns = [value, *(["grade"] if grade_of is not None else [])]
+    header = scores_header([r.name for r in runs], columns)
+    if journal is not None:
+        journal.start(header)
     for run in runs:
         run.model.eval()
     paths = [Path(p).resolve() for p in images]
@@ -153,11 +160,14 @@ def predict_scores(
             mean = float(np.mean(list(values.values())))
             grade = {"grade": grade_of(mean)} if grade_of is not None else {}
             rows.append({"image": str(path), value: mean, **grade, **values})
+            if journal is not None:
+                journal.record(path, scores_cells(rows[-1], header))
             problems.count("predicted")
+    if journal is not None:
+        return problems, rows
     if paths and not rows:
         raise NothingWrittenError(f"{out or 'predict'}: every image was skipped; nothing written")
     if out is not None:
-        columns = [value, *(["grade"] if grade_of is not None else [])]
         write_scores_csv(out, rows, [r.name for r in runs], overwrite, columns)
     return problems, rows
 
@@ -183,9 +193,9 @@ def predictor(args: argparse.Namespace, infos: list[dict], scorer_for: Callable[
     else:
         images = images_in_folder(args.images) if args.images else test_images(args.datalist)
 
-    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+    def predict(chosen: Sequence[Path], estimating: bool, journal: Journal | None = None) -> Problems:
         return predict_scores(runs, chosen, None if estimating else args.out, args.tta, args.batch_size,
                               args.workers, args.amp, args.overwrite, assignments=assignments, value=value,
-                              grade_of=grade_of)[0]
+                              grade_of=grade_of, journal=journal)[0]
 
     return images, predict

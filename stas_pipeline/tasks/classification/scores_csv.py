@@ -127,14 +127,24 @@ def read_predictions_csv(path: str | Path, problems: Problems,
     return members, rows
 
 
+def scores_header(members: Sequence[str], columns: Sequence[str] = ("prob",)) -> list[str]:
+    """The predictions CSV's header: ``image,<columns>,<members>``."""
+    return ["image", *columns, *dict.fromkeys(members)]
+
+
+def scores_cells(row: dict, header: Sequence[str]) -> list[str]:
+    """A row's cells as the CSV holds them (numbers with 6 decimals, empty where a member did not predict)."""
+    values = (row.get(c) for c in header)
+    return [f"{v:.6f}" if isinstance(v, float) else "" if v is None else str(v) for v in values]
+
+
 def write_scores_csv(path: str | Path, rows: Sequence[dict], members: Sequence[str], overwrite: bool = False,
                      columns: Sequence[str] = ("prob",)) -> None:
     """The predictions CSV (``image,<columns>,<members>``; columns ``prob`` for classification, ``score,grade``
     for grading), written atomically; numbers with 6 decimals."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, ["image", *columns, *dict.fromkeys(members)], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    header = scores_header(members, columns)
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerows([header, *(scores_cells(row, header) for row in rows)])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, text.getvalue().encode(), overwrite=overwrite)

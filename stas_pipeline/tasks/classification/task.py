@@ -39,6 +39,12 @@ class ClassificationTask(Task):
 
         return predictor(args, infos, self.scorer_for, self.csv_columns[0], self.grade_of())
 
+    def merge_predictions(self, out: Path, header: list[str], rows: list[list[str]], overwrite: bool) -> None:
+        from stas_pipeline.tasks.classification.scores_csv import write_scores_csv
+
+        members = header[1 + len(self.csv_columns):]
+        write_scores_csv(out, [dict(zip(header, r, strict=True)) for r in rows], members, overwrite, self.csv_columns)
+
     def pseudo_label(self, args: argparse.Namespace) -> Problems:
         from stas_pipeline.tasks.classification.pseudo_labels import pseudo_label_images
 

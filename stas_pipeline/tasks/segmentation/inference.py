@@ -31,13 +31,14 @@ from tqdm import tqdm
 
 from stas_pipeline.core.datalist import entries, test_images
 from stas_pipeline.core.errors import NothingWrittenError
-from stas_pipeline.core.fileio import atomic_folder, write_png
+from stas_pipeline.core.fileio import atomic_path, write_png
 from stas_pipeline.core.geojson import GeoJSONStyle, mask_features, style_of, write_geojson
 from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import Preprocessing, describe, image_size_pair, to_uint8
 from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
+from stas_pipeline.core.sharding import Journal, output_folder
 from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, load_trained_run, run_info_of, shifted
 from stas_pipeline.tasks.base import Predictor
 
@@ -232,23 +233,29 @@ def predict_images(
     problems: Problems | None = None,
     assignments: dict[Path, list[int]] | None = None,
     geojson: GeoJSONStyle | None = None,
+    journal: Journal | None = None,
 ) -> Problems:
     """Predict every image with ``models`` (runs, see :meth:`SegmentationRun.of`) into ``out`` (and
     ``save_probs``), ``batch_size`` images at a time, decoded and put through the runs' chains by ``num_workers``
     processes; each output folder appears only when complete. ``assignments`` (out-of-fold prediction): the
     indices of the runs that predict each image (by its path), instead of all of them. With ``geojson`` each mask
     is also written as ``<stem>.geojson`` (its objects' mean probabilities from the averaged map). An image that
-    cannot be read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is."""
+    cannot be read is reported and skipped; :class:`NothingWrittenError` (nothing written) when every image is.
+    With a ``journal`` (a part of a sharded run) the files go straight into the folders shared by the parts and
+    each image is recorded once all of its files are written."""
     problems = problems or Problems(STAGE)
     if mode not in MODES or tta not in TTA_FLIPS:
         raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
+    if journal is not None:
+        journal.start([])
+    replace = journal is not None and journal.replace  # a part's not-finished image: its stale files
     runs = [SegmentationRun.of(m) for m in models]
     chains = _Chains(runs, mode)
     loader = torch.utils.data.DataLoader(_ImageFiles([Path(p) for p in images], chains), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
     written = 0
-    with atomic_folder(out, overwrite) as masks_dir, \
-            (atomic_folder(save_probs, overwrite) if save_probs else nullcontext()) as probs_dir:
+    with output_folder(out, overwrite, journal) as masks_dir, \
+            (output_folder(save_probs, overwrite, journal) if save_probs else nullcontext()) as probs_dir:
         progress = tqdm(total=len(images), desc=STAGE, unit="img")
         for batch in loader:
             readable = [(path, image) for path, image in batch if not isinstance(image, str)]
@@ -266,18 +273,23 @@ def predict_images(
                     probs[i] = prob
             for (path, _), prob in zip(readable, probs, strict=True):
                 prob = prob[0].cpu().numpy()
-                write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8))
+                write_png(masks_dir / f"{path.stem}.png", np.where(prob > threshold, 255, 0).astype(np.uint8),
+                          replace)
                 if geojson is not None:
-                    write_geojson(masks_dir / f"{path.stem}.geojson", mask_features(prob > threshold, prob, geojson))
+                    write_geojson(masks_dir / f"{path.stem}.geojson", mask_features(prob > threshold, prob, geojson),
+                                  replace)
                 if probs_dir is not None and probs_format == "npy":
-                    np.save(probs_dir / f"{path.stem}.npy", prob.astype(np.float32))
+                    with atomic_path(probs_dir / f"{path.stem}.npy", replace) as tmp:
+                        np.save(tmp, prob.astype(np.float32))
                 elif probs_dir is not None:
-                    write_png(probs_dir / f"{path.stem}.png", np.rint(prob * 255).astype(np.uint8))
+                    write_png(probs_dir / f"{path.stem}.png", np.rint(prob * 255).astype(np.uint8), replace)
+                if journal is not None:
+                    journal.record(path)
                 problems.count("written")
                 written += 1
             progress.update(len(batch))
         progress.close()
-        if images and not written:
+        if images and not written and journal is None:
             raise NothingWrittenError(f"{out}: every image was skipped; nothing written")
     return problems
 
@@ -306,10 +318,10 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
                 args.amp)
     geojson = style_of(args)
 
-    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+    def predict(chosen: Sequence[Path], estimating: bool, journal: Journal | None = None) -> Problems:
         if not estimating:
             return predict_images(models, chosen, args.out, args.save_probs, *settings, args.overwrite,
-                                  assignments=assignments, geojson=geojson)
+                                  assignments=assignments, geojson=geojson, journal=journal)
         with tempfile.TemporaryDirectory() as tmp:  # written as the run would write them, then removed
             probs = Path(tmp, "probs") if args.save_probs else None
             return predict_images(models, chosen, Path(tmp, "masks"), probs, *settings, True, assignments=assignments,

@@ -33,6 +33,9 @@ class SegmentationTask(Task):
 
         return predictor(args, infos)
 
+    def merge_predictions(self, out: Path, header: list[str], rows: list[list[str]], overwrite: bool) -> None:
+        """Nothing to merge: each part wrote its masks into the shared folders."""
+
     def reads_predictions(self, path: Path) -> bool:
         from stas_pipeline.tasks.segmentation.ensemble import is_prediction_folder
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from tqdm import tqdm
 
 from stas_pipeline.core.errors import refused
@@ -28,7 +29,7 @@ from stas_pipeline.tasks.slide.tiling import MaskWindow, mask_sources, open_mask
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
-def probability_histograms(prob: np.ndarray, mask: MaskWindow, shape: tuple[int, int], scale: int
+def probability_histograms(prob: np.ndarray, mask: MaskWindow, shape: tuple[int, int], scale: int | float
                            ) -> tuple[np.ndarray, np.ndarray]:
     """(all pixels, mask pixels): counts of each level-0 probability value 0..255."""
     height, width = shape
@@ -78,13 +79,16 @@ def plot_curve(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def open_prediction(prob_path: Path) -> tuple[np.ndarray, tuple[int, int], int]:
+def open_prediction(prob_path: Path) -> tuple[np.ndarray, tuple[int, int], int | float]:
     """A predicted slide's map (memory-mapped), its level-0 (height, width) read from the ``<id>.tif`` beside it,
-    and the scale between them."""
-    with Slide(prob_path.with_name(prob_path.name.removesuffix("_prob.npy") + ".tif")) as mask:
+    and the scale between them (recorded in that TIFF; a float for a slide predicted by mpp)."""
+    mask_path = prob_path.with_name(prob_path.name.removesuffix("_prob.npy") + ".tif")
+    with Slide(mask_path) as mask:
         shape = mask.level_shape(0)
+    with tifffile.TiffFile(mask_path) as tif:
+        recorded = (tif.shaped_metadata or [{}])[0].get("scale")
     prob = np.load(prob_path, mmap_mode="r")
-    return prob, shape, round(shape[0] / prob.shape[0])
+    return prob, shape, recorded or round(shape[0] / prob.shape[0])  # written before the scale was recorded
 
 
 def predicted_slides(folder: Path) -> dict[str, Path]:

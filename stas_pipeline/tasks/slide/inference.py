@@ -2,7 +2,8 @@
 disk as the probability map, the mask, an overlay and the RLE, never holding a slide-sized array in memory.
 
 For each slide: the tissue of a thumbnail (``tissue.py``) picks the windows of a grid (``TileSpec``: windows of
-``size`` level-0 pixels, ``stride`` apart, read ``scale`` times smaller, as ``stas tile`` cut the training tiles);
+``size`` level-0 pixels, ``stride`` apart, read ``scale`` times smaller, as ``stas tile`` cut the training tiles;
+by mpp, each slide at its own scale, :meth:`TileSpec.at`);
 each window goes through every run's chain as the cache and validation gave it (the chain after loading,
 uint8 rounding, the val transforms), each run with flip TTA; runs (models x folds) are averaged (optionally a
 run's auxiliary "has foreground" head first skips the decoder on windows it calls empty). Windows are
@@ -23,7 +24,8 @@ import argparse
 import json
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +39,24 @@ from tqdm import tqdm
 
 from stas_pipeline.core.datalist import read_datalist, test_images
 from stas_pipeline.core.errors import NothingWrittenError
-from stas_pipeline.core.fileio import atomic_folder, write_png
+from stas_pipeline.core.fileio import write_png
 from stas_pipeline.core.geojson import BandReader, GeoJSONStyle, band_features, style_of, write_geojson
 from stas_pipeline.core.lmdb_cache import describe, image_size_pair, to_uint8
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.sharding import Journal, output_folder
 from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError
 from stas_pipeline.tasks.base import Predictor
 from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta, load_run_model, out_of_fold
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips, file_id, write_rle_csv
-from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, find_slides, plan_tiles, read_tile_image
+from stas_pipeline.tasks.slide.tiling import (
+    TileSpec,
+    TissueSettings,
+    find_slides,
+    plan_tiles,
+    read_tile_image,
+    window_spec,
+)
 from stas_pipeline.tasks.slide.tissue import thumbnail
 
 STITCH_MODES = ("gaussian", "centre")
@@ -137,7 +147,7 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
     ``tiles``, one band of window rows at a time; returns the windows predicted and the window passes (run x
     window) whose decoder ``settings.skip_empty`` skipped."""
     spec = settings.spec
-    size, stride = spec.out, max(1, spec.stride // spec.scale)
+    size, stride = spec.out, max(1, spec.scaled(spec.stride))
     weights = window_weights(size, stride, settings.stitch)
     rows, cols = out.shape
     band_rows = size + stride
@@ -162,7 +172,7 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
 
     for y, row in tqdm(list(_rows_of_windows(tiles)), desc=f"windows {slide.path.name}", unit="row",
                        disable=not progress):
-        top = y // spec.scale
+        top = spec.scaled(y)
         flush(top)
         for start in range(0, len(row), settings.batch_size):
             batch = row[start:start + settings.batch_size]
@@ -170,7 +180,7 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
             probs, skipped = _window_probabilities(runs, prepare, images, settings.tta, size, settings.skip_empty)
             passes_skipped += skipped
             for t, p in zip(batch, probs, strict=True):
-                left, r = t["tile"]["x"] // spec.scale, top - band_top
+                left, r = spec.scaled(t["tile"]["x"]), top - band_top
                 band_sum[r:r + size, left:left + size] += p * weights
                 band_w[r:r + size, left:left + size] += weights
             done += len(batch)
@@ -178,8 +188,18 @@ def stitch_probabilities(slide: Slide, tiles: list[dict], runs: Sequence[Segment
     return done, passes_skipped
 
 
-def upsampled(prob: np.ndarray, scale: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """The level-0 window (h, w) of the scaled map ``prob``, each scaled pixel repeated; 0 beyond the map."""
+def upsampled(prob: np.ndarray, scale: int | float, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """The level-0 window (h, w) of the scaled map ``prob``, each scaled pixel repeated (a float scale: each
+    level-0 pixel the map pixel its centre falls in, as the GeoJSON is drawn); 0 beyond the map."""
+    if not isinstance(scale, int):
+        rows = ((np.arange(y, y + h) + 0.5) / scale).astype(int)
+        cols = ((np.arange(x, x + w) + 0.5) / scale).astype(int)
+        full, inside_rows, inside_cols = np.zeros((h, w), prob.dtype), rows < prob.shape[0], cols < prob.shape[1]
+        if inside_rows.any() and inside_cols.any():
+            rows, cols = rows[inside_rows], cols[inside_cols]
+            part = np.asarray(prob[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+            full[np.ix_(inside_rows, inside_cols)] = part[np.ix_(rows - rows[0], cols - cols[0])]
+        return full
     y0, x0 = y // scale, x // scale
     part = prob[y0:(y + h - 1) // scale + 1, x0:(x + w - 1) // scale + 1]
     up = np.repeat(np.repeat(part, scale, axis=0), scale, axis=1)[y - y0 * scale:, x - x0 * scale:][:h, :w]
@@ -190,7 +210,7 @@ def upsampled(prob: np.ndarray, scale: int, y: int, x: int, h: int, w: int) -> n
     return full
 
 
-def _mask_source(prob: np.ndarray, scale: int, cut: int) -> Callable[[int, int, int, int], np.ndarray]:
+def _mask_source(prob: np.ndarray, scale: int | float, cut: int) -> Callable[[int, int, int, int], np.ndarray]:
     """Level-0 windows (h, w, 1) of ``prob > cut`` as 0/255."""
     def window(y: int, x: int, h: int, w: int) -> np.ndarray:
         return ((upsampled(prob, scale, y, x, h, w) > cut) * np.uint8(255))[..., None]
@@ -205,7 +225,7 @@ def _mask_bands(prob: np.ndarray, cut: int) -> BandReader:
     return read
 
 
-def slide_rle(prob: np.ndarray, shape: tuple[int, int], scale: int, cut: int) -> str:
+def slide_rle(prob: np.ndarray, shape: tuple[int, int], scale: int | float, cut: int) -> str:
     """The level-0 RLE of ``prob > cut`` (``shape`` = level-0 height, width), by column strips."""
     height, width = shape
     source = _mask_source(prob, scale, cut)
@@ -229,17 +249,18 @@ def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: S
                   ident: str, progress: bool = True) -> tuple[str, int, int]:
     """Predict one slide into ``out_dir`` (see the module doc); returns its RLE string, the windows predicted and
     the window passes whose decoder was skipped."""
-    spec = settings.spec
-    plan = plan_tiles(path, spec, settings.tissue)
+    plan = plan_tiles(path, settings.spec, settings.tissue)
+    spec = plan.spec  # the slide's own scale (by mpp)
+    settings = replace(settings, spec=spec)
     cut = int(np.floor(255 * settings.threshold))
     with Slide(path) as slide:
         height, width = slide.level_shape(0)
-        shape = (-(-height // spec.scale), -(-width // spec.scale))
+        shape = spec.scaled_shape(height, width)
         prob = np.lib.format.open_memmap(out_dir / f"{ident}_prob.npy", mode="w+", dtype=np.uint8, shape=shape)
         windows, skipped = stitch_probabilities(slide, plan.tiles, runs, settings, prob, progress)
         prob.flush()
         write_slide(out_dir / f"{ident}.tif", _mask_source(prob, spec.scale, cut), height, width, channels=1,
-                    levels=3)
+                    levels=3, metadata={"scale": spec.scale}, mpp=slide.mpp)  # the map's scale: evaluate reads it
         write_png(out_dir / f"{ident}_overlay.png", overlay_png(slide, prob, cut))
         if settings.geojson is not None:
             write_geojson(out_dir / f"{ident}.geojson", band_features(
@@ -252,28 +273,37 @@ def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: S
 
 def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out: str | Path,
                    settings: SlideSettings, assignments: dict[Path, list[int]] | None = None,
-                   overwrite: bool = False, progress: bool = True) -> Problems:
+                   overwrite: bool = False, progress: bool = True, journal: Journal | None = None) -> Problems:
     """Predict ``slides`` into the folder ``out`` (per slide the files of the module doc, and ``predictions.csv``
     with every slide's RLE), written only when complete. With ``assignments`` a slide is predicted by the runs
-    of those indices only (out-of-fold). A slide that cannot be read is reported and skipped."""
+    of those indices only (out-of-fold). A slide that cannot be read is reported and skipped. With a ``journal``
+    (a part of a sharded run) each slide's files move into ``out`` once all written, its RLE row goes to the
+    journal, and no ``predictions.csv`` is written."""
     problems = Problems("predict")
     rows = []
-    with atomic_folder(out, overwrite) as tmp:
+    if journal is not None:
+        journal.start(["id", "encoding"])
+    with output_folder(out, overwrite, journal) as dest:
         for path in slides:
             chosen = [runs[k] for k in assignments[path]] if assignments is not None else list(runs)
             try:
-                rle, windows, skipped = predict_slide(path, chosen, settings, tmp, file_id(path), progress)
+                with journal.staged(dest) if journal is not None else nullcontext(dest) as folder:
+                    rle, windows, skipped = predict_slide(path, chosen, settings, folder, file_id(path), progress)
             except (SlideError, ValueError, OSError) as err:
                 problems.skip(path, str(err).removeprefix(f"{path}: "))
                 continue
             rows.append((file_id(path), rle))
+            if journal is not None:
+                journal.record(path, rows[-1])
             problems.count("slides")
             problems.count("windows", windows)
             if settings.skip_empty is not None:
                 problems.count("decoder passes skipped", skipped)
+        if journal is not None:
+            return problems
         if not rows:
             raise NothingWrittenError(f"{out}: every slide was skipped; nothing written")
-        write_rle_csv(rows, tmp / "predictions.csv")
+        write_rle_csv(rows, dest / "predictions.csv")
     return problems
 
 
@@ -286,9 +316,7 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
     sizes = {image_size_pair(r.image_size) for r in runs}
     if len(sizes) > 1 or len(next(iter(sizes))) != 2 or len(set(next(iter(sizes)))) != 1:
         raise PredictError(f"whole-slide prediction needs runs of one square image size, got {sorted(sizes)}")
-    scale = args.scale or tiles.get("scale", 4)
-    size = args.tile_size or next(iter(sizes))[0] * scale
-    spec = TileSpec(size, args.stride or tiles.get("stride", size // 2), scale)
+    spec = window_spec(tiles, next(iter(sizes))[0], args.scale, args.mpp, args.tile_size, args.stride)
     defaults = TissueSettings()
     tissue = TissueSettings(args.tissue_method or tiles.get("method", defaults.method),
                             args.tissue_threshold or tiles.get("threshold", defaults.threshold),
@@ -307,9 +335,9 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
     else:
         slides = test_images(args.datalist)
 
-    def predict(chosen: Sequence[Path], estimating: bool) -> Problems:
+    def predict(chosen: Sequence[Path], estimating: bool, journal: Journal | None = None) -> Problems:
         if not estimating:
-            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite)
+            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite, journal=journal)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 done = predict_slides(runs, chosen, Path(tmp, "out"), settings, assignments)

@@ -35,6 +35,7 @@ from stas_pipeline.tasks.classification.pseudo_labels import (
 from stas_pipeline.tasks.slide.evaluation import open_prediction, predicted_slides
 from stas_pipeline.tasks.slide.inference import slide_rle
 from stas_pipeline.tasks.slide.rle import file_id, write_rle_csv
+from stas_pipeline.tasks.slide.tiling import scaled
 
 
 def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, max_uncertain: float,
@@ -60,8 +61,8 @@ def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, m
             counts["slides"] += 1
         prob, scale = opened[ident]
         t = entry["tile"]
-        window = np.asarray(prob[t["y"] // scale:(t["y"] + t["size"]) // scale,
-                                 t["x"] // scale:(t["x"] + t["size"]) // scale])
+        window = np.asarray(prob[scaled(t["y"], scale):scaled(t["y"] + t["size"], scale),
+                                 scaled(t["x"], scale):scaled(t["x"] + t["size"], scale)])
         if window.size == 0 or np.mean((window > lo) & (window < hi)) > max_uncertain:
             counts["tiles_uncertain"] += 1
             continue

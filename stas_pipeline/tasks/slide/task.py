@@ -41,6 +41,12 @@ class SlideTask(SegmentationTask):
 
         return predictor(args, infos)
 
+    def merge_predictions(self, out: Path, header: list[str], rows: list[list[str]], overwrite: bool) -> None:
+        """``predictions.csv`` (``id,encoding``) from the parts' rows; the slides' files are in place."""
+        from stas_pipeline.tasks.slide.rle import write_rle_csv
+
+        write_rle_csv([(ident, rle) for ident, rle in rows], Path(out) / "predictions.csv", overwrite)
+
     def pseudo_label(self, args: argparse.Namespace) -> Problems:
         from stas_pipeline.tasks.slide.pseudo_labels import pseudo_label_tiles
 

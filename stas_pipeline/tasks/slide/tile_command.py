@@ -2,7 +2,9 @@
 
 Slides with a mask go to ``training`` with a fold per slide (or per ``--groups`` group), slides without one to
 ``test``; each entry is a tile entry of ``tiling.py`` (its slide, window, tissue share and mask share). The
-datalist declares the slide task (label kind ``mask``).
+datalist declares the slide task (label kind ``mask``) and records the settings under ``tiles`` (``scale``, or
+with ``TileSpec.mpp`` the target ``mpp``, each entry then carrying its slide's own scale), which ``stas predict``
+takes as its defaults.
 """
 
 from __future__ import annotations
@@ -117,8 +119,9 @@ def tile_slides(slides: list[Path], out: Path, masks: Path | None, spec: TileSpe
             fold_of = dict(zip(slide_groups, assign_folds([0] * len(slide_groups), folds, seed), strict=True))
             for entry in training:
                 entry["fold"] = fold_of[entry["group"]]
-        settings = {"size": spec.size, "stride": spec.stride, "scale": spec.scale,
-                    "quarter_shift": spec.quarter_shift, **vars(tissue)}
+        resolution = {"scale": spec.scale} if spec.mpp is None else {"mpp": spec.mpp}
+        settings = {"size": spec.size, "stride": spec.stride, **resolution, "quarter_shift": spec.quarter_shift,
+                    **vars(tissue)}
         write_datalist(datalist_path, {"tiles": settings, "training": training, "test": test}, "slide", "mask",
                        overwrite=overwrite)
     return problems

@@ -9,7 +9,11 @@ A tile entry of a datalist is an ordinary segmentation entry whose ``image`` is 
 
 ``size`` is the window's side in level-0 pixels, ``scale`` the downscaling: the cached tile is
 ``size / scale`` pixels across (read from the largest pyramid level at most ``scale`` times smaller, then
-averaged down), its mask the window's mask averaged down and cut at 0.5. The mask source (:func:`open_mask`) is
+averaged down), its mask the window's mask averaged down and cut at 0.5. Tiles cut at a physical resolution
+(``TileSpec.mpp``, microns per pixel; :meth:`TileSpec.at`) have each slide's own scale, ``mpp / Slide.mpp``: an
+integer when within 1 % of one (read as above), else a float (``size / scale`` pixels across all the same), for
+which the window is resized by exact area averaging from the coarsest level at least as fine as the target,
+and its mask likewise. The mask source (:func:`open_mask`) is
 an RLE CSV (``label_id`` names the row; Kaggle's convention, ``tasks/slide/rle.py``), a mask image of the slide's
 size (a TIFF read by window, or a PNG), or polygons (GeoJSON features with their holes, read exactly as
 ``stas predict --geojson`` writes them, or a LabelMe file) rasterised per window. :func:`load_tile` is what
@@ -24,6 +28,7 @@ mask fractions.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,24 +49,60 @@ from stas_pipeline.tasks.slide.tissue import thumbnail, tissue_mask
 MaskWindow = Callable[[int, int, int, int], np.ndarray]  # (y, x, h, w) -> (h, w) uint8 0/1
 
 
+def scaled(level0: int, scale: int | float) -> int:
+    """A level-0 coordinate in the pixels of an image ``scale`` times smaller (a float scale: the nearest)."""
+    return level0 // scale if isinstance(scale, int) else round(level0 / scale)
+
+
 @dataclass(frozen=True)
 class TileSpec:
-    """Tiles of ``size`` level-0 pixels, ``stride`` apart, cached ``scale`` times smaller."""
+    """Tiles of ``size`` level-0 pixels, ``stride`` apart, cached ``scale`` times smaller (an integer, or a slide's
+    own float scale by mpp). With ``mpp`` (microns per pixel), ``size`` and ``stride`` are pixels at that
+    resolution and :meth:`at` gives each slide's level-0 spec."""
 
     size: int = 1024
     stride: int = 512
-    scale: int = 4
+    scale: int | float = 4
     quarter_shift: bool = False
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
-        if self.size <= 0 or self.stride <= 0 or self.scale <= 0 or self.size % self.scale:
-            raise ValueError(f"tile size {self.size}, stride {self.stride}, scale {self.scale}: positive, and the "
-                             "size a multiple of the scale")
+        if self.size <= 0 or self.stride <= 0 or self.scale <= 0 or abs(self.size / self.scale - self.out) > 1e-6 \
+                or (self.mpp is not None and self.mpp <= 0):
+            raise ValueError(f"tile size {self.size}, stride {self.stride}, scale {self.scale}, mpp {self.mpp}: "
+                             "positive, and the size a multiple of the scale")
 
     @property
     def out(self) -> int:
         """The cached tile's side."""
-        return self.size // self.scale
+        return round(self.size / self.scale)
+
+    def scaled(self, level0: int) -> int:
+        """A level-0 coordinate in cached-tile pixels (:func:`scaled`)."""
+        return scaled(level0, self.scale)
+
+    def scaled_shape(self, height: int, width: int) -> tuple[int, int]:
+        """A level-0 (height, width) in cached-tile pixels, rounded up: the shape of a slide's prediction map."""
+        return math.ceil(height / self.scale), math.ceil(width / self.scale)
+
+    def at(self, slide: Slide) -> TileSpec:
+        """This spec in ``slide``'s level-0 pixels: itself without ``mpp``; with it, the scale ``mpp /
+        slide.mpp`` (an integer when within 1 % of one; else ``size`` rounded to level-0 pixels and the scale made
+        exact). SlideError: the slide has no mpp, or is coarser than ``mpp``."""
+        if self.mpp is None:
+            return self
+        if slide.mpp is None:
+            raise SlideError(f"{slide.path}: no physical pixel size in its metadata (TIFF resolution, Aperio MPP, "
+                             "OME PhysicalSizeX, OpenSlide mpp-x); use --scale for it instead of --mpp")
+        scale = self.mpp / slide.mpp
+        if scale < 0.99:
+            raise SlideError(f"{slide.path}: scanned at {slide.mpp:.4g} um/px, coarser than the {self.mpp:g} um/px "
+                             "asked (slides are not upsampled)")
+        if abs(scale - round(scale)) <= 0.01 * scale:
+            n = round(scale)
+            return TileSpec(self.size * n, self.stride * n, n, self.quarter_shift)
+        size = round(self.size * scale)
+        return TileSpec(size, max(1, round(self.stride * size / self.size)), size / self.size, self.quarter_shift)
 
 
 def tile_grid(height: int, width: int, spec: TileSpec) -> list[tuple[int, int]]:
@@ -282,8 +323,36 @@ def read_level(slide: Slide, scale: int) -> tuple[int, int]:
     return best
 
 
+def _area_axis(a: np.ndarray, start: float, extent: float, out: int, axis: int) -> np.ndarray:
+    """Means of ``a`` along ``axis`` over ``out`` equal spans covering [start, start + extent) (pixel i covers
+    [i, i + 1)): area averaging, exact for fractional spans (from the integral of the piecewise-constant row)."""
+    a = np.moveaxis(a, axis, 0).astype(np.float64)
+    integral = np.concatenate([np.zeros_like(a[:1]), np.cumsum(a, axis=0)])
+    edges = start + extent / out * np.arange(out + 1)
+    i = np.clip(np.floor(edges).astype(int), 0, len(a) - 1)
+    at = integral[i] + (edges - i).reshape(-1, *[1] * (a.ndim - 1)) * a[i]
+    return np.moveaxis(np.diff(at, axis=0) * (out / extent), 0, axis)
+
+
+def _resized(read: Callable[[int, int, int, int], np.ndarray], top: float, left: float, extent: float,
+             out: int) -> np.ndarray:
+    """The square of side ``extent`` at (top, left) (fractional pixels of ``read(y, x, h, w)``'s image) resized
+    by area to (out, out[, C]), float."""
+    y0, x0 = math.floor(top), math.floor(left)
+    window = read(y0, x0, math.ceil(top + extent) - y0, math.ceil(left + extent) - x0)
+    return _area_axis(_area_axis(window, top - y0, extent, out, 0), left - x0, extent, out, 1)
+
+
 def read_tile_image(slide: Slide, y: int, x: int, spec: TileSpec) -> np.ndarray:
-    """The (out, out, 3) uint8 tile at level-0 corner (y, x) (see :func:`read_level`); outside the slide white."""
+    """The (out, out, 3) uint8 tile at level-0 corner (y, x) (an integer scale: see :func:`read_level`; a float
+    one: tile pixels ``spec.scaled(y)`` on, resized from the coarsest level at least as fine); outside the slide
+    white."""
+    if not isinstance(spec.scale, int):
+        level = max((k for k in range(slide.level_count) if slide.downsample(k) <= 1.01 * spec.scale), default=0)
+        down = slide.downsample(level)
+        window = _resized(lambda *w: slide.read_rgb(*w, level=level), spec.scaled(y) * spec.scale / down,
+                          spec.scaled(x) * spec.scale / down, spec.size / down, spec.out)
+        return np.rint(window).astype(np.uint8)
     level, factor = read_level(slide, spec.scale)
     down = spec.scale / factor
     window = slide.read_rgb(round(y / down), round(x / down), spec.out * factor, spec.out * factor, level=level)
@@ -291,7 +360,11 @@ def read_tile_image(slide: Slide, y: int, x: int, spec: TileSpec) -> np.ndarray:
 
 
 def read_tile_mask(mask: MaskWindow, y: int, x: int, spec: TileSpec) -> np.ndarray:
-    """The (out, out) uint8 0/1 mask of the tile: the level-0 window averaged down, cut at 0.5."""
+    """The (out, out) uint8 0/1 mask of the tile: the level-0 window averaged down (resized by area for a float
+    scale, as :func:`read_tile_image`), cut at 0.5."""
+    if not isinstance(spec.scale, int):
+        window = _resized(mask, spec.scaled(y) * spec.scale, spec.scaled(x) * spec.scale, spec.size, spec.out)
+        return (window >= 0.5).astype(np.uint8)
     return (_area_down(mask(y, x, spec.size, spec.size), spec.scale) >= 0.5).astype(np.uint8)
 
 
@@ -308,6 +381,19 @@ def load_tile(item: dict) -> dict:
     return out
 
 
+def window_spec(tiles: dict, image_size: int, scale: int | None = None, mpp: float | None = None,
+                size: int | None = None, stride: int | None = None) -> TileSpec:
+    """The windows of slide prediction: the options given, else a tile datalist's ``tiles`` settings, else
+    windows of ``image_size`` (the runs') x 4 level-0 pixels, half a window apart. By mpp (``mpp``, or the
+    datalist's unless ``scale`` is given) windows are ``image_size`` pixels at that resolution, each slide at its
+    own scale (:meth:`TileSpec.at`)."""
+    mpp = mpp or (None if scale else tiles.get("mpp"))
+    same_units = (mpp is None) == (tiles.get("mpp") is None)  # the datalist's stride is in these pixels
+    scale = 1 if mpp else scale or tiles.get("scale", 4)
+    size = size or image_size * scale
+    return TileSpec(size, stride or (tiles.get("stride") if same_units else None) or size // 2, scale, mpp=mpp)
+
+
 # ---------------------------------------------------------------------------- planning
 
 
@@ -321,19 +407,22 @@ class TissueSettings:
 
 @dataclass
 class SlidePlan:
-    """The kept tiles of one slide, and what they were chosen on: the thumbnail, its tissue, its downsample."""
+    """The kept tiles of one slide, and what they were chosen on: the thumbnail, its tissue, its downsample; and
+    the slide's own spec (:meth:`TileSpec.at`)."""
 
     tiles: list[dict]
     thumbnail: np.ndarray
     tissue: np.ndarray
     downsample: float
+    spec: TileSpec
 
 
 def plan_tiles(slide_path: str | Path, spec: TileSpec, tissue: TissueSettings,
                mask: MaskWindow | None = None) -> SlidePlan:
     """The tiles of one slide over tissue, as ``{"tile": ..., "tissue": share, "mask_fraction": share}`` (the
-    mask fraction only with ``mask``)."""
+    mask fraction only with ``mask``), in the slide's own spec (by mpp: SlideError for a slide without one)."""
     with Slide(slide_path) as slide:
+        spec = spec.at(slide)
         height, width = slide.level_shape(0)
         thumb, down = thumbnail(slide, tissue.thumbnail)
     if thumb.shape[-1] != 3:
@@ -352,7 +441,7 @@ def plan_tiles(slide_path: str | Path, spec: TileSpec, tissue: TissueSettings,
         if mask is not None:
             entry["mask_fraction"] = round(float(mask(y, x, spec.size, spec.size).mean()), 5)
         tiles.append(entry)
-    return SlidePlan(tiles, thumb, found, down)
+    return SlidePlan(tiles, thumb, found, down, spec)
 
 
 # ---------------------------------------------------------------------------- slides and their masks
