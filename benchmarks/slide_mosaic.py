@@ -1,15 +1,20 @@
 """Real slides with real masks: the public STAS images laid out as mosaics (pyramidal JPEG TIFFs, masks as RLE),
-the tile pipeline trained on part of them and the rest predicted whole, against the same checkpoint predicting
-those images one by one (each image its own slide, the same windows, scale and TTA).
+the slide recipe trained on part of them and the rest predicted whole, against the same runs predicting those
+images one by one (each image its own slide, the same windows, scales and TTA).
 
 Three mosaics of the images in name order: ``train_a`` (the first 50, 10 x 5), ``train_b`` (the next 50) and
-``test`` (the rest, 8 columns; an empty slot is glass). ``stas tile`` (1024-px tiles, stride 512, 4x smaller)
-puts the two training mosaics in two folds and the test mosaic in the test list; fold 0 of deeplab_lite0 trains
-on ``train_b``'s tiles (validated on ``train_a``'s); ``stas predict`` predicts the test mosaic whole, then each
-test image alone; each image's Dice against its reference mask is measured on its own region of the mosaic's
-level-0 mask, and on its own prediction. Each stage is a ``stas`` process with its wall time and peak RSS.
+``test`` (the rest, 8 columns; an empty slot is glass). Per scale of the recipe (``--scales``, default 4 and 2:
+1024-px windows, stride 512, read 4x and 2x smaller), ``stas tile`` puts the two training mosaics in two folds and
+the test mosaic in the test list, and fold 0 of the recipe's bundle (``--bundle``, default
+``deeplab_lite0_slide``) trains on ``train_b``'s tiles (validated on ``train_a``'s): 256-px tiles at 4x, 256-px
+crops (one per 512-px tile) at 2x, so every member costs about the same. ``stas predict`` predicts the test
+mosaic whole with all members (each at its own scale, merged), then each test image alone; each image's Dice
+against its reference mask is measured on its own region of the mosaic's level-0 mask, and on its own
+prediction. Each stage is a ``stas`` process with its wall time and peak RSS.
 
-    python benchmarks/slide_mosaic.py --data ../shared/data/stas_public --out /tmp/mosaic --epochs 12
+    python benchmarks/slide_mosaic.py --out /tmp/mosaic                          # the slide recipe
+    python benchmarks/slide_mosaic.py --out /tmp/mosaic_hc0 --set hypercolumns=false   # a part off (ablation)
+    python benchmarks/slide_mosaic.py --out /tmp/mosaic_old --bundle deeplab_lite0 --scales 4   # the old figure
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from stas_pipeline.tasks.slide.reader import Slide, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips
 
 GLASS = 242
-TILE = {"size": 1024, "stride": 512, "scale": 4}
+TILE = {"size": 1024, "stride": 512}  # level-0 pixels of every scale's windows
+CROP = 256  # members whose tiles are larger train on crops of this size (the same cost per step as 256-px tiles)
 
 
 class Mosaic:
@@ -97,6 +103,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/stas_public",
                         help="folder with Train_Images/*.jpg and reference_masks/*.png")
     parser.add_argument("--out", type=Path, required=True, help="work folder (new or empty)")
+    parser.add_argument("--bundle", default="deeplab_lite0_slide",
+                        help="bundle of every member (deeplab_lite0_slide, the slide recipe; deeplab_lite0 with "
+                             "--scales 4: the figure before the recipe)")
+    parser.add_argument("--scales", type=int, nargs="+", default=[4, 2],
+                        help="one member per scale, merged at prediction (4 2: the recipe's multi-scale ensemble)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="bundle knobs of every member's training, e.g. mask_loss=dice (an ablation)")
     parser.add_argument("--epochs", type=int, default=12, help="training epochs of fold 0 (12)")
     parser.add_argument("--tta", default="hv", help="flip TTA of both predictions (hv)")
     parser.add_argument("--limit", type=int, default=0,
@@ -113,7 +126,8 @@ def main() -> None:
         images, masks = images[:args.limit], masks[:args.limit]
     a = 50 if not args.limit else round(0.4 * args.limit)
     parts = {"train_a": slice(0, a), "train_b": slice(a, 2 * a), "test": slice(2 * a, None)}
-    results: dict = {"images": {name: len(images[part]) for name, part in parts.items()}}
+    results: dict = {"bundle": args.bundle, "scales": args.scales, "knobs": args.set, "epochs": args.epochs,
+                     "images": {name: len(images[part]) for name, part in parts.items()}}
 
     start = time.perf_counter()
     mosaics = {name: Mosaic(images[part], masks[part], columns=10 if name != "test" else 8)
@@ -128,28 +142,35 @@ def main() -> None:
     results["write_slides_s"] = round(time.perf_counter() - start, 1)
     results["mosaics"] = {name: f"{m.shape[1]} x {m.shape[0]}" for name, m in mosaics.items()}
 
-    tiles = ["--size", str(TILE["size"]), "--stride", str(TILE["stride"]), "--scale", str(TILE["scale"])]
-    size = TILE["size"] // TILE["scale"]
-    measured("tile", [*STAS, "tile", str(out / "slides"), "--masks", str(out / "masks.csv"), "--out",
-                      str(out / "tiles"), *tiles, "--folds", "2"], out, results)
-    datalist = json.loads((out / "tiles" / "datalist.json").read_text())
-    results["tiles"] = {"training": len(datalist["training"]), "test_mosaic_windows": len(datalist["test"])}
-    measured("build_lmdb", [*STAS, "build-lmdb", "--datalist", str(out / "tiles" / "datalist.json"), "--out",
-                            str(out / f"cache_{size}"), "--bundle", "deeplab_lite0", "--image-size", str(size),
-                            "--no-progress"], out, results)
-    measured("train", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-                       "bundles/deeplab_lite0.json", "--dataset_dir", str(out / "tiles"), "--datalist",
-                       str(out / "tiles" / "datalist.json"), "--cache_dir", str(out / f"cache_{size}"),
-                       "--image_size", str(size), "--epochs", str(args.epochs), "--batch_size", "8", "--lr", "0.002",
-                       "--device", "cpu", "--num_workers", "0", "--balanced_sampling", "true",
-                       "--output_dir", str(out / "runs")], out, results)
-    checkpoint = str(out / "runs" / "deeplab_lite0" / "fold0" / "best.pt")
-    measured("predict_mosaic", [*STAS, "predict", "--checkpoint", checkpoint, "--datalist",
-                                str(out / "tiles" / "datalist.json"), "--tta", args.tta, "--batch-size", "8",
-                                "--out", str(out / "pred_mosaic")], out, results)
-    measured("predict_images", [*STAS, "predict", "--checkpoint", checkpoint, "--slides", str(out / "images"),
-                                *tiles[2:], "--tile-size", str(TILE["size"]), "--tta", args.tta, "--batch-size", "8",
-                                "--out", str(out / "pred_images")], out, results)
+    checkpoints, knobs = [], [f"--{kv}" for kv in args.set]
+    for scale in args.scales:
+        size, tiles = TILE["size"] // scale, out / f"tiles_{scale}"
+        measured(f"tile_{scale}", [*STAS, "tile", str(out / "slides"), "--masks", str(out / "masks.csv"), "--out",
+                                   str(tiles), "--size", str(TILE["size"]), "--stride", str(TILE["stride"]),
+                                   "--scale", str(scale), "--folds", "2"], out, results)
+        datalist = json.loads((tiles / "datalist.json").read_text())
+        results[f"tiles_{scale}"] = {"training": len(datalist["training"]),
+                                     "test_mosaic_windows": len(datalist["test"])}
+        measured(f"build_lmdb_{scale}", [*STAS, "build-lmdb", "--datalist", str(tiles / "datalist.json"), "--out",
+                                         str(out / f"cache_{scale}"), "--bundle", args.bundle, "--image-size",
+                                         str(size), "--no-progress"], out, results)
+        crops = ["--crop_size", str(CROP), "--crops_per_image", "1"] if size > CROP else []
+        measured(f"train_{scale}", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                                    f"bundles/{args.bundle}.json", "--dataset_dir", str(tiles), "--datalist",
+                                    str(tiles / "datalist.json"), "--cache_dir", str(out / f"cache_{scale}"),
+                                    "--image_size", str(size), "--epochs", str(args.epochs), "--batch_size", "8",
+                                    "--lr", "0.002", "--device", "cpu", "--num_workers", "0",
+                                    "--balanced_sampling", "true", *crops, *knobs,
+                                    "--output_dir", str(out / f"runs_{scale}")], out, results)
+        run = out / f"runs_{scale}" / args.bundle / "fold0"
+        results[f"train_{scale}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
+        checkpoints.append(str(run / "best.pt"))
+    measured("predict_mosaic", [*STAS, "predict", "--checkpoint", *checkpoints, "--datalist",
+                                str(out / f"tiles_{args.scales[0]}" / "datalist.json"), "--tta", args.tta,
+                                "--batch-size", "8", "--out", str(out / "pred_mosaic")], out, results)
+    measured("predict_images", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "images"),
+                                "--tta", args.tta, "--batch-size", "8", "--out", str(out / "pred_images")],
+             out, results)
     for name in ("predict_mosaic", "predict_images"):
         windows = sum(int(line.split("windows ")[1].split(",")[0]) for line in
                       (out / f"{name}.log").read_text().splitlines() if line.startswith("predict: slides"))

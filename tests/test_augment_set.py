@@ -42,6 +42,10 @@ PROBS = ["rot90_prob", "flip_prob", "rotate_prob", "shift_scale_rotate_prob", "e
 GEOMETRIC = ["rot90_prob", "flip_prob", "rotate_prob", "shift_scale_rotate_prob", "elastic_prob", "grid_prob",
              "optical_prob"]
 OFF = {name: 0.0 for name in PROBS}
+RECIPE = "deeplab_lite0_slide"  # the whole-slide recipe: its own probabilities of the set
+RECIPE_PROBS = {"rot90_prob": 0.5, "flip_prob": 0.5, "shift_scale_rotate_prob": 0.5, "elastic_prob": 0.1,
+                "grid_prob": 0.1, "optical_prob": 0.1, "clahe_prob": 0.1, "blur_prob": 0.1, "noise_prob": 0.1,
+                "cutout_prob": 0.2}
 
 
 def chain(bundle: str = "deeplab_lite0", **knobs) -> Compose:
@@ -76,12 +80,26 @@ def off_edge_mismatches(sample: dict) -> int:
 
 
 def test_every_segmentation_bundle_declares_the_set_and_its_defaults():
-    assert len(SEGMENTATION) == 7
+    """Every segmentation bundle takes the set from augment.json; the slide recipe sets its own probabilities."""
+    assert len(SEGMENTATION) == 8 and RECIPE in SEGMENTATION
     for bundle in SEGMENTATION:
         config = json.loads((REPO / "bundles" / f"{bundle}.json").read_text())
-        assert all(config[k] == f"%bundles/augment.json#{k}" for k in [*PROBS, "background", "augment"]), bundle
+        own = set(RECIPE_PROBS) if bundle == RECIPE else set()
+        assert all(config[k] == f"%bundles/augment.json#{k}" for k in [*PROBS, "background", "augment"]
+                   if k not in own), bundle
         (info,) = parsed_content(bundle, ["task#run_info"], {"image_size": 64})
-        assert {k: info[k] for k in PROBS} == {**OFF, "rot90_prob": 0.3} and info["background"] == 255
+        expected = {**OFF, "rot90_prob": 0.3, **(RECIPE_PROBS if bundle == RECIPE else {})}
+        assert {k: info[k] for k in PROBS} == expected and info["background"] == 255, bundle
+
+
+def test_the_slide_recipe_chain_applies_its_set_to_image_and_mask_alike():
+    """The slide recipe's own chain (its probabilities, every part on) keeps the mask on the shape."""
+    train = chain(RECIPE)
+    names = {type(t).__name__ for t in train.transforms}
+    assert {"RandRotate90d", "RandFlipd", "BackgroundFilld", "RandCoarseDropoutd"} <= names, names
+    for sample in samples(train, square(), n=8):
+        assert sample["image"].shape[-2:] == sample["label"].shape[-2:]
+        assert off_edge_mismatches(sample) < 0.05 * sample["label"][0].numel()
 
 
 @pytest.mark.parametrize("bundle", ["deeplab_lite0", "deeplab_lite0_crops"])
