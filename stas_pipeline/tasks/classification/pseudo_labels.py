@@ -33,35 +33,53 @@ Nothing else changes: the ``test`` list, every entry with a fold, and all other 
 same files; a datalist written before its ``task`` was recorded gets it). The top-level ``"pseudo_rounds"`` list
 gets the round's record ``{"round", "predictions", "runs", "high", "low", "added", "positives", "negatives",
 "uncertain", "already_labelled", "already_pseudo", "replaced_previous", "cv_auc", "cv_auc_source", "test_auc",
-"cv_auc_fell", "test_label_checked", "test_label_wrong"}``. ``cv_auc_fell`` is true when ``cv_auc`` is below the
-latest earlier round's recorded ``cv_auc``: a WARNING says so, because the recipe saw one weak round poison the
-next (null when either is unknown). ``test_label_*`` count the pseudo labels given to labelled inner-test images,
-and how many disagree with the true label: a diagnostic only, the true labels are never used.
+"cv_auc_fell", "test_label_checked", "test_label_wrong", "group", "labelled_by", "runs_datalist"}``.
+``cv_auc_fell`` is true when ``cv_auc`` is below the latest earlier round's recorded ``cv_auc``: a WARNING says
+so, because the recipe saw one weak round poison the next (null when either is unknown). ``test_label_*`` count
+the pseudo labels given to labelled inner-test images, and how many disagree with the true label: a diagnostic
+only, the true labels are never used.
+
+Alternating rounds (``--group G [--labelled-by H]``; the HuBMAP kidney winners' scheme, for image-level and slide
+datalists alike): two groups of runs, A and B, label the test data for each other, and a group never trains on
+labels it made. ``--group G`` says which group trains on ``D_next.json``; the group that made ``P`` is read from
+``--runs`` (the datalist its folds trained on, as their ``config.json`` names it, a relative path taken from the
+working directory, is group H's when its latest round record says ``"group": H``) or given by ``--labelled-by H``
+(needed for the first round, whose runs trained on the base datalist of no group; both given must agree). Each
+group keeps its own chain (D -> D_A1 -> D_A2 ..., D -> D_B1 -> D_B2 ...; ``D.json`` is the base datalist or group
+G's own); each round relabels from scratch (``--replace-previous`` implied): a group's pseudo labels are always
+exactly the other group's latest predictions, and the round records keep the history. Refused in one line
+(exit 2), naming the files: ``H == G`` (group G's own labels), a ``D.json`` of another group, a group datalist
+without ``--group``, or a round whose labelling group is known neither way. The record gets ``"group": G,
+"labelled_by": H, "runs_datalist"`` (the datalist behind ``--runs``); a plain round records them as null.
 
 The output is written atomically; an existing file is kept unless ``--overwrite`` (``--out`` may then be
 ``D.json`` itself). Exit codes: 0 written; 1 written, with rows skipped (``ERROR <image>: <reason>``: a ``prob``
 not a number or outside [0, 1], an empty image, an image listed twice, an image file that does not exist);
 2 nothing written: unreadable datalist, a CSV that cannot be read or lacks ``image``/``prob``, no usable row,
-bad thresholds, an unusable ``--runs``, an existing ``--out``.
+bad thresholds, an unusable ``--runs``, an existing ``--out``, a refused alternating round.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stas_pipeline.core.bundles import RUN_CONFIG, parsed_content
 from stas_pipeline.core.datalist import Datalist, read_datalist, write_datalist
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import OutputExistsError
 from stas_pipeline.core.problems import Problems
-from stas_pipeline.core.runs import find_runs, read_run
+from stas_pipeline.core.runs import find_runs, read_json_object, read_run
 from stas_pipeline.tasks.classification.scores_csv import read_predictions_csv
 
 STAGE = "pseudo-label"
 PATH_KEYS = ("image", "label")
+GROUP_FIELDS = ("group", "labelled_by", "runs_datalist")  # an alternating round's record fields
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class PseudoLabelError(StasError, ValueError):
@@ -107,13 +125,18 @@ def read_predictions(path: str | Path, problems: Problems) -> list[tuple[Path, f
     return [(Path(row.image), row.prob) for row in rows.values()]
 
 
-def run_aucs(run_dir: str | Path, problems: Problems) -> tuple[float | None, str | None, float | None]:
-    """``(cv_auc, its source, test_auc)`` of the training run in ``run_dir`` (see the module doc)."""
-    run_dir = Path(run_dir)
+def check_run(run_dir: Path) -> None:
+    """PseudoLabelError unless ``run_dir`` is one training run (holding ``fold<k>/metrics.json``)."""
     runs = find_runs(run_dir) if run_dir.is_dir() else []
     if run_dir not in runs:
         others = f"; it holds {len(runs)} runs ({', '.join(str(r) for r in runs[:3])}...): name one" if runs else ""
         raise PseudoLabelError(f"{run_dir}: not a training run (no fold<k>/metrics.json in it){others}")
+
+
+def run_aucs(run_dir: str | Path, problems: Problems) -> tuple[float | None, str | None, float | None]:
+    """``(cv_auc, its source, test_auc)`` of the training run in ``run_dir`` (see the module doc)."""
+    run_dir = Path(run_dir)
+    check_run(run_dir)
     run = read_run(run_dir, problems)
     if run is None:
         raise PseudoLabelError(f"{run_dir}: no readable fold<k>/metrics.json")
@@ -165,6 +188,95 @@ def next_round(datalist: dict) -> int:
     return 1 + max([r for r in rounds if isinstance(r, int) and not isinstance(r, bool)], default=0)
 
 
+def group_name(text: str) -> str:
+    """argparse type of a group of runs (``A``, ``B``): letters, digits, '_', '.', '-'."""
+    if not GROUP_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"a group is a name of letters, digits, '_', '.' or '-', got {text!r}")
+    return text
+
+
+def datalist_group(datalist: dict) -> tuple[str | None, str | None]:
+    """``(group, labelled_by)`` of a datalist's latest round: the group of runs that trains on it and the group
+    whose labels it holds; ``(None, None)`` when that round was not an alternating one (or there is none)."""
+    rounds = [r for r in datalist.get("pseudo_rounds", []) if isinstance(r, dict)]
+    latest = rounds[-1] if rounds else {}
+    return latest.get("group"), latest.get("labelled_by")
+
+
+def run_datalist(run_dir: Path) -> Path | None:
+    """The datalist the folds of a training run trained on, as their ``config.json`` names it (absolute; a
+    relative one taken from the working directory, where training ran); None for a run without ``config.json``.
+    PseudoLabelError for a config that does not name one, or folds that name different ones."""
+    found = set()
+    for config in sorted(run_dir.glob(f"fold*/{RUN_CONFIG}")):
+        try:
+            content = read_json_object(config)
+            if "datalist" not in content:
+                raise ValueError("no 'datalist' key")
+            (path,) = parsed_content(content, ["datalist"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise PseudoLabelError(f"{config}: cannot tell which datalist the run trained on: "
+                                   f"{' '.join(str(err).split())}") from None
+        found.add(Path(os.path.abspath(path)))
+    if len(found) > 1:
+        names = ", ".join(map(str, sorted(found)))
+        raise PseudoLabelError(f"{run_dir}: its folds trained on different datalists ({names})")
+    return found.pop() if found else None
+
+
+def group_fields(args: argparse.Namespace, datalist: Datalist, new_base: Path, problems: Problems) -> dict:
+    """The round's ``group``, ``labelled_by`` and ``runs_datalist`` (all None for a plain round), checked as the
+    module doc says (``args``: ``group``, ``labelled_by``, ``runs``, ``datalist``, ``predictions``, ``out``);
+    PseudoLabelError for a refused round or a ``--runs`` that is not one training run."""
+    if args.runs is not None:
+        check_run(args.runs)
+    own, made_by = datalist_group(datalist.raw)
+    if args.group is None:
+        if args.labelled_by is not None:
+            raise PseudoLabelError("--labelled-by is for alternating rounds: give --group, the group that trains "
+                                   "on --out")
+        if own is not None:
+            raise PseudoLabelError(f"{args.datalist}: group {own}'s datalist (labelled by group {made_by}): its "
+                                   f"next round needs --group {own} and the other group's predictions")
+        return dict.fromkeys(GROUP_FIELDS)
+    if own not in (None, args.group):
+        raise PseudoLabelError(f"{args.datalist}: group {own}'s datalist (labelled by group {made_by}), not group "
+                               f"{args.group}'s: start group {args.group}'s round from the base datalist or from "
+                               f"group {args.group}'s latest")
+    trained_on = run_datalist(args.runs) if args.runs is not None else None
+    known = trained_on is not None and trained_on.is_file()
+    runs_group = datalist_group(read_round_datalist(trained_on).raw)[0] if known else None
+    if args.runs is None:
+        source = "no --runs"
+    elif trained_on is None:
+        source = f"--runs {args.runs} names no datalist (no fold<k>/{RUN_CONFIG})"
+    elif not known:
+        source = f"--runs {args.runs} trained on {trained_on}, not found from here"
+    else:
+        source = (f"--runs {args.runs} trained on {trained_on}, "
+                  + (f"group {runs_group}'s datalist" if runs_group else "a datalist of no group"))
+    maker = args.labelled_by or runs_group
+    if maker is None:
+        raise PseudoLabelError(f"{args.predictions}: which group's runs made these predictions? {source}: give "
+                               "--labelled-by")
+    if runs_group not in (None, maker):
+        raise PseudoLabelError(f"{args.predictions}: --labelled-by {maker}, but {source}")
+    if args.runs is not None and not known and args.labelled_by is not None:
+        problems.warn(args.runs, f"--labelled-by {maker} not checked: {source}")
+    if maker == args.group:
+        how = source if runs_group else f"--labelled-by {maker}"
+        raise PseudoLabelError(f"{args.predictions}: group {maker}'s predictions ({how}) would label {args.out}, "
+                               f"group {args.group}'s datalist: a group never trains on labels it made; label it "
+                               "with the other group's predictions")
+    return {"group": args.group, "labelled_by": maker, "runs_datalist": relative(trained_on, new_base) if known
+            else None}
+
+
+def group_text(record: dict) -> str:
+    """`` for group G, labelled by group H`` of an alternating round's record, '' for a plain one."""
+    return f" for group {record['group']}, labelled by group {record['labelled_by']}" if record.get("group") else ""
+
+
 def pseudo_label(
     datalist: dict,
     datalist_path: str | Path,
@@ -177,7 +289,8 @@ def pseudo_label(
     problems: Problems | None = None,
 ) -> dict:
     """The next round's datalist (see the module doc); ``record`` holds the round record's extra fields
-    (``predictions``, ``runs``, ``cv_auc``, ``cv_auc_source``, ``test_auc``), paths already relative to ``out``."""
+    (``predictions``, ``runs``, ``cv_auc``, ``cv_auc_source``, ``test_auc``, ``group``, ``labelled_by``,
+    ``runs_datalist``), paths already relative to ``out``."""
     if not 0 <= low < high <= 1:
         raise PseudoLabelError(f"thresholds: need 0 <= --low < --high <= 1, got --low {low} --high {high}")
     problems = problems if problems is not None else Problems(STAGE)
@@ -244,7 +357,7 @@ def pseudo_label(
         "high": high, "low": low, **counts,
         "replaced_previous": sum(map(is_pseudo, training)) if replace_previous else 0,
         "cv_auc": cv_auc, "cv_auc_source": record.get("cv_auc_source"), "test_auc": record.get("test_auc"),
-        "cv_auc_fell": fell,
+        "cv_auc_fell": fell, **{key: record.get(key) for key in GROUP_FIELDS},
     }
     new = rebased_datalist(datalist, base, new_base)
     new["training"] = rebase(kept, base, new_base) + added
@@ -264,12 +377,13 @@ def pseudo_label_images(args: argparse.Namespace) -> Problems:
     check_round_options(args)
     datalist = read_round_datalist(args.datalist)
     record: dict[str, Any] = {"predictions": relative(args.predictions, new_base),
-                              "runs": relative(args.runs, new_base)}
+                              "runs": relative(args.runs, new_base), **group_fields(args, datalist, new_base, problems)}
     if args.runs is not None:
         record["cv_auc"], record["cv_auc_source"], record["test_auc"] = run_aucs(args.runs, problems)
     predictions = read_predictions(args.predictions, problems)
-    new = pseudo_label(datalist.raw, args.datalist, predictions, args.out, args.high, args.low,
-                       args.replace_previous, record, problems)
+    replace = args.replace_previous or record["group"] is not None
+    new = pseudo_label(datalist.raw, args.datalist, predictions, args.out, args.high, args.low, replace, record,
+                       problems)
     write_round(args.out, new, datalist, args.overwrite)
     r = new["pseudo_rounds"][-1]
     if not r["added"]:
@@ -280,9 +394,9 @@ def pseudo_label_images(args: argparse.Namespace) -> Problems:
     for name in ("added", "positives", "negatives", "uncertain", "already_labelled", "already_pseudo"):
         problems.count(name.replace("_", " "), r[name])
     earlier = sum(1 for e in new["training"] if is_pseudo(e)) - r["added"]
-    print(f"round {r['round']}: added {r['added']} pseudo labels ({r['positives']} positive, {r['negatives']} "
-          f"negative); skipped as uncertain {r['uncertain']} (between {args.low:g} and {args.high:g}), already "
-          f"labelled {r['already_labelled']}, already pseudo-labelled {r['already_pseudo']}")
+    print(f"round {r['round']}{group_text(r)}: added {r['added']} pseudo labels ({r['positives']} positive, "
+          f"{r['negatives']} negative); skipped as uncertain {r['uncertain']} (between {args.low:g} and "
+          f"{args.high:g}), already labelled {r['already_labelled']}, already pseudo-labelled {r['already_pseudo']}")
     if r["test_label_checked"]:
         print(f"pseudo labels of labelled inner-test images: {r['test_label_wrong']} of {r['test_label_checked']} "
               "disagree with the true label (a diagnostic; the true labels are not used)")
@@ -290,6 +404,6 @@ def pseudo_label_images(args: argparse.Namespace) -> Problems:
         print(f"run {args.runs}: CV AUC {_auc_text(r['cv_auc'])} ({r['cv_auc_source'] or 'n/a'}), inner-test AUC "
               f"{_auc_text(r['test_auc'])}" + (" - FELL since the previous round" if r["cv_auc_fell"] else ""))
     print(f"wrote {args.out}: training {len(new['training'])} entries ({r['added']} pseudo of round {r['round']}, "
-          f"{earlier} of earlier rounds{', earlier rounds replaced' if args.replace_previous else ''}), "
+          f"{earlier} of earlier rounds{', earlier rounds replaced' if replace else ''}), "
           f"test {len(new.get('test', []))} unchanged")
     return problems

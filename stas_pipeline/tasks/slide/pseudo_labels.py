@@ -6,6 +6,14 @@ datalist). A tile of the datalist's test list on such a slide becomes a pseudo-l
 confident: at most ``max_uncertain`` of its pixels lie strictly between ``low`` and ``high``; the rest are
 counted as uncertain. Pseudo tiles carry ``source: "pseudo"`` and their ``pseudo_round`` and no fold (they train
 every fold and validate none), and their ``mask_fraction`` (for balanced draws) is the pseudo mask's share.
+
+Earlier rounds' pseudo tiles are kept (a tile already pseudo-labelled keeps its mask) unless
+``--replace-previous``, which drops them first. ``--runs`` (the run behind the predictions) is recorded, and
+alternating rounds (``--group``, ``--labelled-by``: two groups of runs labelling the test slides for each other,
+each round relabelling from scratch) are checked and recorded as tasks/classification/pseudo_labels.py says. The
+round's record: ``{"round", "predictions", "runs", "high", "low", "max_uncertain", "masks", "slides",
+"tiles_added", "tiles_uncertain", "positive_tiles", ["tiles_already_pseudo",] "replaced_previous", "group",
+"labelled_by", "runs_datalist"}``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from stas_pipeline.tasks.classification.pseudo_labels import (
     STAGE,
     PseudoLabelError,
     check_round_options,
+    group_fields,
+    group_text,
     is_pseudo,
     next_round,
     read_round_datalist,
@@ -76,15 +86,18 @@ def pseudo_tiles(test: list[dict], predictions: Path, high: float, low: float, m
 
 
 def pseudo_label_slides(datalist: dict, datalist_path: str | Path, predictions: Path, out: str | Path,
-                        high: float, low: float, max_uncertain: float, problems: Problems
+                        high: float, low: float, max_uncertain: float, problems: Problems,
+                        replace_previous: bool = False, extra: dict | None = None
                         ) -> tuple[dict, Path, list[tuple[str, str]]]:
     """The next round's datalist from slide predictions (see the module doc), the pseudo-mask CSV
-    it names, and that CSV's rows."""
+    it names, and that CSV's rows; ``extra``: the record's ``runs`` and group fields, paths relative to ``out``."""
     base, new_base = Path(os.path.abspath(datalist_path)).parent, Path(os.path.abspath(out)).parent
     round_no = next_round(datalist)
     masks_csv = new_base / f"{Path(out).stem}_pseudo_masks.csv"
     rles, tiles, counts = pseudo_tiles(datalist.get("test", []), predictions, high, low, max_uncertain, problems)
     training = rebase(datalist["training"], base, new_base)
+    replaced = sum(map(is_pseudo, training)) if replace_previous else 0
+    training = [e for e in training if not (replace_previous and is_pseudo(e))]
     earlier = {(e["image"], json.dumps(e["tile"], sort_keys=True)) for e in training if is_pseudo(e) and "tile" in e}
     added = []
     for entry in rebase(tiles, base, new_base):
@@ -93,11 +106,11 @@ def pseudo_label_slides(datalist: dict, datalist_path: str | Path, predictions: 
             continue
         entry = {k: v for k, v in entry.items() if k != "fold"}
         added.append({**entry, "label": relative(masks_csv, new_base), "source": "pseudo", "pseudo_round": round_no})
-    record = {"round": round_no, "predictions": relative(predictions, new_base), "high": high, "low": low,
-              "max_uncertain": max_uncertain, "masks": relative(masks_csv, new_base), **counts,
-              "tiles_added": len(added)}
+    record = {"round": round_no, "predictions": relative(predictions, new_base), "runs": None, "high": high,
+              "low": low, "max_uncertain": max_uncertain, "masks": relative(masks_csv, new_base), **counts,
+              "tiles_added": len(added), "replaced_previous": replaced, **(extra or {})}
     new = rebased_datalist(datalist, base, new_base)
-    new["training"] = new["training"] + added
+    new["training"] = training + added
     new["pseudo_rounds"] = [*datalist.get("pseudo_rounds", []), record]
     return new, masks_csv, sorted(rles.items())
 
@@ -108,14 +121,18 @@ def pseudo_label_tiles(args: argparse.Namespace) -> Problems:
     problems = Problems(STAGE)
     check_round_options(args)
     datalist = read_round_datalist(args.datalist)
+    new_base = Path(os.path.abspath(args.out)).parent
+    extra = {"runs": relative(args.runs, new_base), **group_fields(args, datalist, new_base, problems)}
+    replace = args.replace_previous or extra["group"] is not None
     with refused(as_error=PseudoLabelError):  # slides or masks that cannot be read or written stop the round
         new, masks_csv, rows = pseudo_label_slides(datalist.raw, args.datalist, args.predictions, args.out,
-                                                   args.high, args.low, args.max_uncertain, problems)
+                                                   args.high, args.low, args.max_uncertain, problems, replace, extra)
         if rows:
             write_rle_csv(rows, masks_csv, overwrite=args.overwrite)
     write_round(args.out, new, datalist, args.overwrite)
     r = new["pseudo_rounds"][-1]
-    print(f"round {r['round']}: {r['tiles_added']} confident tiles of {r['slides']} slides added as pseudo labels "
-          f"({r['positive_tiles']} with foreground); {r['tiles_uncertain']} tiles left out (more than "
-          f"{args.max_uncertain:g} of their pixels between {args.low:g} and {args.high:g}); masks in {masks_csv}")
+    print(f"round {r['round']}{group_text(r)}: {r['tiles_added']} confident tiles of {r['slides']} slides added as "
+          f"pseudo labels ({r['positive_tiles']} with foreground); {r['tiles_uncertain']} tiles left out (more than "
+          f"{args.max_uncertain:g} of their pixels between {args.low:g} and {args.high:g}); masks in {masks_csv}"
+          + (f"; {r['replaced_previous']} pseudo tiles of earlier rounds replaced" if replace else ""))
     return problems
