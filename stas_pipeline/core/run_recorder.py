@@ -5,7 +5,8 @@ In ``run_dir`` it keeps:
 - ``last.pt``: model, optimiser, scheduler, epoch, iteration, best metric and the metric history, written
   atomically every epoch, so a run killed at any moment resumes (``resume=True``) from its last epoch;
 - ``best.pt`` (model ``state_dict`` only) and ``best.json`` (the run's knobs, task and network definition, fold,
-  epoch, key metric), and with them ``config.json``: the bundle run's whole configuration, its macros expanded
+  epoch, key metric; trained on a tile datalist, its ``tiles`` settings: the tiling slide prediction reads the run
+  at, :func:`with_tiling`), and with them ``config.json``: the bundle run's whole configuration, its macros expanded
   and the run's overrides applied, from which inference rebuilds the run's chain without the bundle file;
 - ``metrics.json`` (per epoch: loss, key metric (``val_dice``, ``val_auc``), lr, seconds) and ``curves.png``.
 
@@ -33,6 +34,7 @@ from ignite.handlers import ProgressBar
 from torch import nn
 
 from stas_pipeline.core.bundles import RUN_CONFIG, running_parser
+from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path, write_json
 
@@ -122,6 +124,16 @@ def load_model_weights(network: nn.Module, path: str | Path) -> nn.Module:
     return network
 
 
+def with_tiling(run_info: dict) -> dict:
+    """``run_info`` with the ``tiles`` settings (``stas tile``'s scale or mpp, size, stride, tissue) of the tile
+    datalist it names, unless it records them already or its datalist is not a readable tile datalist."""
+    datalist = run_info.get("datalist")
+    if "tiles" in run_info or not isinstance(datalist, str) or not Path(datalist).is_file():
+        return run_info
+    tiles = read_datalist(datalist).get("tiles")
+    return {**run_info, "tiles": tiles} if isinstance(tiles, dict) else run_info
+
+
 def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -143,7 +155,7 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.validator, self.key_metric = validator, key_metric
-        self.run_info = dict(run_info or {})
+        self.run_info = with_tiling(dict(run_info or {}))
         self.history: list[dict] = []
         self.best_metric, self.best_epoch = -math.inf, 0
         self.resume_from: dict | None = None

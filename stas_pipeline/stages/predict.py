@@ -23,12 +23,16 @@ Image-level runs (a classification bundle; the task is read from ``best.json``) 
 predictions, for the CV AUC); ``--tta`` also takes ``two-crop`` and ``ten-crop`` for them. See
 stas_pipeline/tasks/classification/inference.py.
 
-Whole slides (``--slides``, or ``--datalist`` of a tile datalist written by ``stas tile``, whose window and
-tissue settings become the defaults; with ``--out-of-fold`` each training slide by the runs of its fold): windows
-over tissue at the training scale, stitched into ``--out/<id>_prob.npy``, ``<id>.tif`` (level-0 mask),
-``<id>_overlay.png``, ``predictions.csv`` (RLE) and with ``--geojson`` ``<id>.geojson``. A datalist tiled with
-``--mpp`` (or ``--mpp`` here) predicts every slide at that physical resolution, each at its own level and scale
-from the pixel size in its metadata, as ``stas tile`` chose them. See stas_pipeline/tasks/slide/inference.py.
+Whole slides (``--slides``, or ``--datalist`` of a tile datalist written by ``stas tile``, whose tissue settings
+become the defaults; with ``--out-of-fold`` each training slide by the runs of its fold): windows over tissue at
+each run's training tiling (the ``tiles`` recorded in its ``best.json``, else those of the datalist its record
+names, else the tile datalist's, else scale 4), stitched into ``--out/<id>_prob.npy``, ``<id>.tif`` (level-0
+mask), ``<id>_overlay.png``, ``predictions.csv`` (RLE) and with ``--geojson`` ``<id>.geojson``. A tiling by
+``--mpp`` predicts every slide at that physical resolution, each at its own level and scale from the pixel size
+in its metadata, as ``stas tile`` chose them. Runs trained at different tilings (a multi-scale ensemble, e.g.
+352-px tiles at 4x with 512-px tiles at 2x) are predicted each at its own, and the maps merged on the finest
+grid, every run weighted equally; ``--scale``/``--mpp``/``--tile-size``/``--stride`` set one tiling for every
+run and are refused for such a mix. See stas_pipeline/tasks/slide/inference.py.
 
 ``--estimate [N]`` (any task) writes nothing: it loads the checkpoints, predicts a warm-up batch, then times the
 first N images (8; at least one batch) with the full settings (every checkpoint, TTA, mode, batch size,
@@ -129,13 +133,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     slides = parser.add_argument_group("whole slides (--slides, or a datalist of tiles: its settings are the "
                                        "defaults)")
     resolution = slides.add_mutually_exclusive_group()
-    resolution.add_argument("--scale", type=positive_int, help="windows are read this many times smaller (4)")
+    resolution.add_argument("--scale", type=positive_int,
+                            help="windows are read this many times smaller, for every run (default: each run's "
+                                 "training tiling, else the tile datalist's, else 4; refused for runs trained at "
+                                 "different tilings, which are each predicted at their own and merged)")
     resolution.add_argument("--mpp", type=positive_float,
                             help="windows at this many microns per pixel, each slide resampled from its own pixel "
-                                 "size (default: the tile datalist's; --tile-size and --stride then in pixels at it)")
+                                 "size (default: as --scale; --tile-size and --stride then in pixels at it)")
     slides.add_argument("--tile-size", type=positive_int,
-                        help="window side in level-0 pixels (default: the run's image size x --scale)")
-    slides.add_argument("--stride", type=positive_int, help="level-0 step between windows (default: half a window)")
+                        help="window side in level-0 pixels, for every run as --scale (default: the run's image "
+                             "size x its scale)")
+    slides.add_argument("--stride", type=positive_int,
+                        help="level-0 step between windows, for every run as --scale (default: the run's training "
+                             "tiling's, else half a window)")
     slides.add_argument("--stitch", choices=STITCH_MODES, default="gaussian",
                         help="overlapping windows weighted by a Gaussian (default) or by their centre only")
     slides.add_argument("--tissue-method", choices=TISSUE_METHODS, help="tissue detection (saturation)")

@@ -16,6 +16,13 @@ stitched with Gaussian weights (MONAI's importance map) or centre weights (a win
 - a row ``id,encoding`` of ``predictions.csv`` (level-0 RLE, Kaggle's convention), written by column strips;
 - with ``geojson``, ``<id>.geojson``: the mask's objects as QuPath GeoJSON, traced on the scaled map band by band
   with vertices times the scale (clipped to the slide), so the polygons are exactly the level-0 ``<id>.tif``.
+
+Multi-scale ensembles: each run is predicted at the windows it was trained on (the ``tiles`` its record names,
+:func:`run_specs`); runs of different windows form groups, each planned over tissue and stitched at its own
+scale into its own map (the coarser ones as ``.npy`` memmaps beside the output until merged), and the maps are
+merged on the finest group's grid (:func:`merge_maps`: each coarse pixel repeated over the ``scale_ratio`` fine
+pixels it covers, a non-integer ratio by pixel centres; every run weighted equally, a group of k runs k times),
+band by band; the files above come from the merged map at the finest scale.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from stas_pipeline.core.fileio import write_png
 from stas_pipeline.core.geojson import BandReader, GeoJSONStyle, band_features, style_of, write_geojson
 from stas_pipeline.core.lmdb_cache import describe, image_size_pair, to_uint8
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.core.run_recorder import with_tiling
 from stas_pipeline.core.sharding import Journal, output_folder
 from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError
 from stas_pipeline.tasks.base import Predictor
@@ -61,6 +69,7 @@ from stas_pipeline.tasks.slide.tissue import thumbnail
 
 STITCH_MODES = ("gaussian", "centre")
 RLE_STRIP = 1024  # level-0 columns per RLE strip
+MERGE_ROWS = 256  # rows of the finest map merged with the coarser maps at a time
 
 
 
@@ -245,19 +254,64 @@ def overlay_png(slide: Slide, prob: np.ndarray, cut: int, max_side: int = 1024) 
     return out
 
 
+def scale_ratio(coarse: int | float, fine: int | float) -> int | float:
+    """How many pixels of a map at scale ``fine`` one pixel of a map at scale ``coarse`` covers along each side:
+    an integer when it is one (the coarse pixel repeated), else a float (:func:`upsampled`: nearest by centre)."""
+    ratio = coarse / fine
+    return round(ratio) if abs(ratio - round(ratio)) < 1e-6 else ratio
+
+
+def merge_maps(fine: np.ndarray, runs: int, coarser: Sequence[tuple[np.ndarray, int | float, int]]) -> None:
+    """Average into ``fine`` (a uint8 map, the mean of ``runs`` runs; e.g. a memmap) the ``coarser`` maps, each
+    ``(map, ratio, runs)`` brought to ``fine``'s grid by :func:`upsampled` at ``ratio`` (:func:`scale_ratio`),
+    every run weighted equally; :data:`MERGE_ROWS` rows of ``fine`` at a time."""
+    total = runs + sum(k for *_, k in coarser)
+    rows, cols = fine.shape
+    for y in range(0, rows, MERGE_ROWS):
+        n = min(MERGE_ROWS, rows - y)
+        band = runs * fine[y:y + n].astype(np.float32)
+        for prob, ratio, k in coarser:
+            band += k * upsampled(prob, ratio, y, 0, n, cols).astype(np.float32)
+        fine[y:y + n] = np.rint(band / total).astype(np.uint8)
+
+
+def _scale_groups(runs: Sequence[SegmentationRun], specs: Sequence[TileSpec]) -> dict[TileSpec, list]:
+    """The runs grouped by their windows, in the order first given."""
+    groups: dict[TileSpec, list] = {}
+    for run, spec in zip(runs, specs, strict=True):
+        groups.setdefault(spec, []).append(run)
+    return groups
+
+
 def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: SlideSettings, out_dir: Path,
-                  ident: str, progress: bool = True) -> tuple[str, int, int]:
+                  ident: str, progress: bool = True, specs: Sequence[TileSpec] | None = None) -> tuple[str, int, int]:
     """Predict one slide into ``out_dir`` (see the module doc); returns its RLE string, the windows predicted and
-    the window passes whose decoder was skipped."""
-    plan = plan_tiles(path, settings.spec, settings.tissue)
-    spec = plan.spec  # the slide's own scale (by mpp)
-    settings = replace(settings, spec=spec)
+    the window passes whose decoder was skipped. ``specs``: each run's windows (default ``settings.spec``); runs
+    of different windows are grouped by them, each group planned and stitched at its own scale, and the maps
+    merged on the finest group's grid (:func:`merge_maps`), which the written files then come from."""
+    groups = _scale_groups(runs, specs or [settings.spec] * len(runs))
+    plans = sorted(((plan_tiles(path, spec, settings.tissue), members) for spec, members in groups.items()),
+                   key=lambda planned: planned[0].spec.scale)  # the slide's own scales (by mpp); finest first
+    spec = plans[0][0].spec
     cut = int(np.floor(255 * settings.threshold))
-    with Slide(path) as slide:
+    windows = skipped = 0
+    scales = tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{ident}_scales") if len(plans) > 1 else nullcontext()
+    with Slide(path) as slide, scales as folder:  # the coarser groups' maps, until merged
         height, width = slide.level_shape(0)
         shape = spec.scaled_shape(height, width)
         prob = np.lib.format.open_memmap(out_dir / f"{ident}_prob.npy", mode="w+", dtype=np.uint8, shape=shape)
-        windows, skipped = stitch_probabilities(slide, plan.tiles, runs, settings, prob, progress)
+        coarser = []
+        for k, (plan, members) in enumerate(plans):
+            scaled_shape = plan.spec.scaled_shape(height, width)
+            target = prob if k == 0 else np.lib.format.open_memmap(
+                Path(folder, f"{k}.npy"), mode="w+", dtype=np.uint8, shape=scaled_shape)
+            done, passes = stitch_probabilities(slide, plan.tiles, members, replace(settings, spec=plan.spec), target,
+                                                progress)
+            windows, skipped = windows + done, skipped + passes
+            if k:
+                coarser.append((target, scale_ratio(plan.spec.scale, spec.scale), len(members)))
+        if coarser:
+            merge_maps(prob, len(plans[0][1]), coarser)
         prob.flush()
         write_slide(out_dir / f"{ident}.tif", _mask_source(prob, spec.scale, cut), height, width, channels=1,
                     levels=3, metadata={"scale": spec.scale}, mpp=slide.mpp)  # the map's scale: evaluate reads it
@@ -273,22 +327,25 @@ def predict_slide(path: str | Path, runs: Sequence[SegmentationRun], settings: S
 
 def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out: str | Path,
                    settings: SlideSettings, assignments: dict[Path, list[int]] | None = None,
-                   overwrite: bool = False, progress: bool = True, journal: Journal | None = None) -> Problems:
+                   overwrite: bool = False, progress: bool = True, journal: Journal | None = None,
+                   specs: Sequence[TileSpec] | None = None) -> Problems:
     """Predict ``slides`` into the folder ``out`` (per slide the files of the module doc, and ``predictions.csv``
-    with every slide's RLE), written only when complete. With ``assignments`` a slide is predicted by the runs
-    of those indices only (out-of-fold). A slide that cannot be read is reported and skipped. With a ``journal``
-    (a part of a sharded run) each slide's files move into ``out`` once all written, its RLE row goes to the
-    journal, and no ``predictions.csv`` is written."""
+    with every slide's RLE), written only when complete; ``specs``: each run's windows (:func:`predict_slide`).
+    With ``assignments`` a slide is predicted by the runs of those indices only (out-of-fold). A slide that
+    cannot be read is reported and skipped. With a ``journal`` (a part of a sharded run) each slide's files move
+    into ``out`` once all written, its RLE row goes to the journal, and no ``predictions.csv`` is written."""
     problems = Problems("predict")
     rows = []
     if journal is not None:
         journal.start(["id", "encoding"])
     with output_folder(out, overwrite, journal) as dest:
         for path in slides:
-            chosen = [runs[k] for k in assignments[path]] if assignments is not None else list(runs)
+            chosen = assignments[path] if assignments is not None else range(len(runs))
             try:
                 with journal.staged(dest) if journal is not None else nullcontext(dest) as folder:
-                    rle, windows, skipped = predict_slide(path, chosen, settings, folder, file_id(path), progress)
+                    rle, windows, skipped = predict_slide(path, [runs[k] for k in chosen], settings, folder,
+                                                          file_id(path), progress,
+                                                          [specs[k] for k in chosen] if specs else None)
             except (SlideError, ValueError, OSError) as err:
                 problems.skip(path, str(err).removeprefix(f"{path}: "))
                 continue
@@ -307,24 +364,47 @@ def predict_slides(runs: Sequence[SegmentationRun], slides: Sequence[Path], out:
     return problems
 
 
+def _tiling(spec: TileSpec) -> str:
+    resolution = f"{spec.mpp:g} um/px" if spec.mpp else f"scale {spec.scale}"
+    return f"{resolution}, windows of {spec.size}"
+
+
+def run_specs(args: argparse.Namespace, infos: list[dict], runs: Sequence[SegmentationRun],
+              tiles: dict) -> list[TileSpec]:
+    """Each run's windows (:func:`window_spec` at its image size): from the tiling its record names (``tiles``,
+    recorded by training on a tile datalist, else that of the datalist it names: :func:`with_tiling`), else from
+    ``tiles`` (the tile datalist predicted). The options ``--scale``, ``--mpp``, ``--tile-size``, ``--stride`` set
+    one tiling for every run: PredictError for runs trained at different ones, as for a run of a non-square size."""
+    own = []
+    for ckpt, info, run in zip(args.checkpoint, infos, runs, strict=True):
+        size = image_size_pair(run.image_size)
+        if len(size) != 2 or size[0] != size[1]:
+            raise PredictError(f"{ckpt}: whole-slide prediction needs runs of a square image size, got {size}")
+        own.append((with_tiling(info).get("tiles") or tiles, size[0]))
+    options = (args.scale, args.mpp, args.tile_size, args.stride)
+    trained = dict.fromkeys(window_spec(t, size) for t, size in own)
+    if any(options) and len(trained) > 1:
+        raise PredictError(f"--scale/--mpp/--tile-size/--stride set one tiling for every run, but these runs were "
+                           f"trained at {len(trained)} ({'; '.join(map(_tiling, trained))}): leave them out to "
+                           "predict each run at its own and merge the maps")
+    return [window_spec(t, size, *options) for t, size in own]
+
+
 def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], Predictor]:
     """``stas predict`` of whole slides (``--slides``, or a tile datalist's test slides, or with
-    ``--out-of-fold`` its training slides) and their predictor; the datalist's ``tiles`` settings are the
-    defaults of the window and tissue options."""
+    ``--out-of-fold`` its training slides) and their predictor: each run at its own windows (:func:`run_specs`);
+    the datalist's ``tiles`` settings are the defaults of the tissue options."""
     tiles = (read_datalist(args.datalist).get("tiles") if args.datalist else None) or {}
     runs = [load_run_model(ckpt, args.device, args.stain_shift, args.backend) for ckpt in args.checkpoint]
-    sizes = {image_size_pair(r.image_size) for r in runs}
-    if len(sizes) > 1 or len(next(iter(sizes))) != 2 or len(set(next(iter(sizes)))) != 1:
-        raise PredictError(f"whole-slide prediction needs runs of one square image size, got {sorted(sizes)}")
-    spec = window_spec(tiles, next(iter(sizes))[0], args.scale, args.mpp, args.tile_size, args.stride)
+    specs = run_specs(args, infos, runs, tiles)
     defaults = TissueSettings()
     tissue = TissueSettings(args.tissue_method or tiles.get("method", defaults.method),
                             args.tissue_threshold or tiles.get("threshold", defaults.threshold),
                             args.thumbnail or tiles.get("thumbnail", defaults.thumbnail), args.min_tissue)
     if args.skip_empty is not None and not all(hasattr(r.model, "presence") for r in runs):
         raise PredictError("--skip-empty needs runs trained with the auxiliary head (aux_head true)")
-    settings = SlideSettings(spec, tissue, args.stitch, args.tta, args.threshold, args.batch_size, args.skip_empty,
-                             style_of(args))
+    settings = SlideSettings(specs[0], tissue, args.stitch, args.tta, args.threshold, args.batch_size,
+                             args.skip_empty, style_of(args))
     problems = Problems("predict")
     assignments = None
     if args.slides:
@@ -337,10 +417,11 @@ def predictor(args: argparse.Namespace, infos: list[dict]) -> tuple[list[Path], 
 
     def predict(chosen: Sequence[Path], estimating: bool, journal: Journal | None = None) -> Problems:
         if not estimating:
-            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite, journal=journal)
+            done = predict_slides(runs, chosen, args.out, settings, assignments, args.overwrite, journal=journal,
+                                  specs=specs)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                done = predict_slides(runs, chosen, Path(tmp, "out"), settings, assignments)
+                done = predict_slides(runs, chosen, Path(tmp, "out"), settings, assignments, specs=specs)
         done.skipped = problems.skipped + done.skipped
         return done
 

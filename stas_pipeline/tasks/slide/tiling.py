@@ -383,8 +383,9 @@ def load_tile(item: dict) -> dict:
 
 def window_spec(tiles: dict, image_size: int, scale: int | None = None, mpp: float | None = None,
                 size: int | None = None, stride: int | None = None) -> TileSpec:
-    """The windows of slide prediction: the options given, else a tile datalist's ``tiles`` settings, else
-    windows of ``image_size`` (the runs') x 4 level-0 pixels, half a window apart. By mpp (``mpp``, or the
+    """The windows of slide prediction: the options given, else ``tiles`` (a tile datalist's settings, as a run
+    trained on it records them), else windows of ``image_size`` (the run's) x 4 level-0 pixels, half a window
+    apart. By mpp (``mpp``, or the
     datalist's unless ``scale`` is given) windows are ``image_size`` pixels at that resolution, each slide at its
     own scale (:meth:`TileSpec.at`)."""
     mpp = mpp or (None if scale else tiles.get("mpp"))
