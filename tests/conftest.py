@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic STAS-like dataset with datalist and LMDB caches, made once per session."""
+"""Shared fixtures, made once per session: a synthetic STAS-like dataset with datalist and LMDB caches; graded
+fundus-like images and a grading run of each head."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_runs import prepare_fundus, train
 
 from stas_pipeline.core.datalist import entries, write_datalist
 from stas_pipeline.core.lmdb_cache import build_cache
@@ -33,3 +35,23 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train = [e for e in full["training"] if e["fold"] == 1 and e["foreground"] > 0][:2]
     (root / "tiny.json").write_text(json.dumps({"training": train + [val], "test": []}))
     return root
+
+
+
+@pytest.fixture(scope="session")
+def graded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 fundus-like images graded 0-4 (two images per patient share a grade): ``datalist.json`` (2 folds) and
+    its ``cache`` at 32 px for grading_lite0."""
+    root = tmp_path_factory.mktemp("grading")
+    prepare_fundus(root, "grading_lite0")
+    return root
+
+
+@pytest.fixture(scope="session")
+def grading_runs(graded: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per head, a grading_lite0 run folder on ``graded`` (2 epochs; regression and expectation on fold 0,
+    cumulative on fold 1). Read-only for the tests."""
+    out = tmp_path_factory.mktemp("grading_runs")
+    return {head: train(graded, "grading_lite0", head=head, fold=k % 2, epochs=2, batch_size=8,
+                        output_dir=str(out / head))
+            for k, head in enumerate(("regression", "cumulative", "expectation"))}

@@ -6,49 +6,29 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from monai.bundle import run
+from tiny_runs import prepare_fundus, train
 
 from stas_pipeline import cli
 from stas_pipeline.core.bundles import parsed_content
 from stas_pipeline.core.datalist import load_fold
 from stas_pipeline.core.lmdb_cache import CacheError, LMDBCacheDataset, Preprocessing
-from stas_pipeline.core.synthetic import make_fundus_dataset
 from stas_pipeline.core.trained_runs import load_trained_run, run_info_of
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE, SIZE = "fundus_lite0", 32
-
-
-def train(root: Path, datalist: Path, fold: int, out: Path, epochs: int = 2) -> Path:
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        run(run_id="training", config_file=f"bundles/{BUNDLE}.json", dataset_dir=str(root), datalist=str(datalist),
-            cache_dir=str(root / "cache"), image_size=SIZE, fold=fold, epochs=epochs, batch_size=8,
-            encoder_weights="none", device="cpu", amp=False, num_workers=0, output_dir=str(out))
-    finally:
-        os.chdir(cwd)
-    return out / BUNDLE / f"fold{fold}"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 synthetic fundus-like images -> datalist (2 folds + inner test) -> cache -> folds 0 and 1 trained."""
     root = tmp_path_factory.mktemp("fundus")
-    make_fundus_dataset(root / "data", n=30, size=64, seed=0)
-    assert cli.main(["make-datalist", "--labels-csv", str(root / "data" / "labels.csv"), "--folds", "2",
-                     "--test-fraction", "0.2", "--out", str(root / "datalist.json")]) == 0
-    assert cli.main(["build-lmdb", "--datalist", str(root / "datalist.json"), "--out", str(root / "cache"),
-                     "--bundle", BUNDLE, "--image-size", str(SIZE), "--lists", "training", "test",
-                     "--no-progress"]) == 0
+    prepare_fundus(root, BUNDLE, image_size=SIZE, split=("--test-fraction", "0.2"), lists=("training", "test"))
     for fold in (0, 1):
-        train(root, root / "datalist.json", fold, root / "runs")
+        train(root, BUNDLE, image_size=SIZE, fold=fold, epochs=2, batch_size=8)
     return root
 
 
@@ -139,7 +119,8 @@ def test_a_pseudo_label_round_trains(trained, tmp_path):
                      str(predictions), "--high", str(probs[-1]), "--low", str(probs[0]), "--out", str(round1)]) == 0
     pseudo = [e for e in json.loads(round1.read_text())["training"] if "pseudo_round" in e]
     assert len(pseudo) == 2 and all("fold" not in e for e in pseudo)
-    run_dir = train(trained, round1, 0, tmp_path / "runs", epochs=1)
+    run_dir = train(trained, BUNDLE, image_size=SIZE, datalist=str(round1), batch_size=8,
+                    output_dir=str(tmp_path / "runs"))
     assert len(json.loads((run_dir / "metrics.json").read_text())["history"]) == 1
 
 

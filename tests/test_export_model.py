@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import run
+from tiny_runs import prepare_fundus, train
 
 from stas_pipeline import cli
 from stas_pipeline.core.exported import (
@@ -29,7 +29,6 @@ from stas_pipeline.core.exported import (
     running_bundle_root,
 )
 from stas_pipeline.core.lmdb_cache import to_uint8
-from stas_pipeline.core.synthetic import make_fundus_dataset
 from stas_pipeline.core.trained_runs import load_trained_run, run_info_of
 from stas_pipeline.tasks.classification.inference import predict_scores
 from stas_pipeline.tasks.grading.metrics import grade_of
@@ -39,17 +38,6 @@ from stas_pipeline.tasks.segmentation.inference import predict_images
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 HEADS = ("regression", "cumulative", "expectation")
-
-
-def train(bundle: str, **overrides) -> None:
-    """One epoch of ``bundle`` on the CPU without weights, run as the other tests run bundles."""
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        run(run_id="training", config_file=f"bundles/{bundle}.json", epochs=1, encoder_weights="none", device="cpu",
-            amp=False, num_workers=0, **overrides)
-    finally:
-        os.chdir(cwd)
 
 
 def image_folder(folder: Path, images: list[Path]) -> Path:
@@ -69,56 +57,32 @@ def segmentation(synthetic_dataset, tmp_path_factory) -> tuple[list[Path], Path,
     """deeplab_lite0 and unet_lite0 at 64 px on the tiny datalist, exported as one bundle: the checkpoints, the
     bundle, a folder of three H&E-like images."""
     root = tmp_path_factory.mktemp("segmentation")
-    for bundle in ("deeplab_lite0", "unet_lite0"):
-        train(bundle, dataset_dir=str(synthetic_dataset), datalist=str(synthetic_dataset / "tiny.json"),
-              image_size=64, batch_size=4, output_dir=str(root / "runs"))
-    checkpoints = [root / "runs" / b / "fold0" / "best.pt" for b in ("deeplab_lite0", "unet_lite0")]
+    checkpoints = [train(synthetic_dataset, bundle, datalist=str(synthetic_dataset / "tiny.json"),
+                         cache_dir=str(synthetic_dataset / "cache_64"), image_size=64,
+                         output_dir=str(root / "runs")) / "best.pt"
+                   for bundle in ("deeplab_lite0", "unet_lite0")]
     images = image_folder(root / "images", sorted((synthetic_dataset / "images").glob("*"))[:3])
     return checkpoints, export(root / "bundle", *checkpoints), images
 
 
 @pytest.fixture(scope="module")
-def fundus(tmp_path_factory) -> Path:
-    """30 fundus-like images: ``data/labels.csv`` (labels 0/1) and ``data/grades.csv`` (grades 0-4, two images
-    per patient)."""
+def classification(tmp_path_factory) -> tuple[list[Path], Path, Path]:
+    """fundus_lite0 on 30 fundus-like images (labels 0/1, 2 folds, 32 px), exported: the checkpoint, the bundle,
+    a folder of four of the images."""
     root = tmp_path_factory.mktemp("fundus")
-    labels = make_fundus_dataset(root / "data", n=30, size=64, seed=0)
-    lines = labels.read_text().splitlines()
-    (root / "data" / "grades.csv").write_text("\n".join(
-        [lines[0]] + [f"{row.rsplit(',', 2)[0]},{(i // 2) % 5},{row.rsplit(',', 1)[1]}"
-                      for i, row in enumerate(lines[1:])]) + "\n")
-    return root
-
-
-def image_level_runs(fundus: Path, name: str, labels: Path, bundle: str, runs: list[dict]) -> list[Path]:
-    """A datalist of ``labels`` (2 folds), its cache at 32 px and one run of ``bundle`` per ``runs`` overrides."""
-    datalist, cache = fundus / f"{name}.json", fundus / f"cache_{name}"
-    assert cli.main(["make-datalist", "--labels-csv", str(labels), "--folds", "2", "--out", str(datalist)]) == 0
-    assert cli.main(["build-lmdb", "--datalist", str(datalist), "--out", str(cache), "--bundle", bundle,
-                     "--image-size", "32", "--no-progress"]) == 0
-    checkpoints = []
-    for k, overrides in enumerate(runs):
-        out = fundus / f"runs_{name}_{k}"
-        train(bundle, dataset_dir=str(fundus), datalist=str(datalist), cache_dir=str(cache), image_size=32,
-              batch_size=8, output_dir=str(out), **overrides)
-        checkpoints.append(out / bundle / f"fold{overrides.get('fold', 0)}" / "best.pt")
-    return checkpoints
+    prepare_fundus(root)
+    checkpoints = [train(root, "fundus_lite0", batch_size=8) / "best.pt"]
+    images = image_folder(root / "cls_images", sorted((root / "data" / "images").glob("*"))[:4])
+    return checkpoints, export(root / "cls_bundle", *checkpoints), images
 
 
 @pytest.fixture(scope="module")
-def classification(fundus) -> tuple[list[Path], Path, Path]:
-    checkpoints = image_level_runs(fundus, "labels", fundus / "data" / "labels.csv", "fundus_lite0", [{}])
-    images = image_folder(fundus / "cls_images", sorted((fundus / "data" / "images").glob("*"))[:4])
-    return checkpoints, export(fundus / "cls_bundle", *checkpoints), images
-
-
-@pytest.fixture(scope="module")
-def grading(fundus) -> tuple[list[Path], Path, Path]:
+def grading(graded, grading_runs, tmp_path_factory) -> tuple[list[Path], Path, Path]:
     """The three heads, one run each (folds 0, 1, 0), in one bundle."""
-    runs = [{"head": head, "fold": k % 2} for k, head in enumerate(HEADS)]
-    checkpoints = image_level_runs(fundus, "grades", fundus / "data" / "grades.csv", "grading_lite0", runs)
-    images = image_folder(fundus / "grading_images", sorted((fundus / "data" / "images").glob("*"))[4:8])
-    return checkpoints, export(fundus / "grading_bundle", *checkpoints), images
+    root = tmp_path_factory.mktemp("grading_export")
+    checkpoints = [grading_runs[head] / "best.pt" for head in HEADS]
+    images = image_folder(root / "grading_images", sorted((graded / "data" / "images").glob("*"))[4:8])
+    return checkpoints, export(root / "grading_bundle", *checkpoints), images
 
 
 def members(bundle: Path) -> list[str]:

@@ -4,23 +4,18 @@ the shared MONAI workflow from a grading bundle (real timm Lite0, real cache, re
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.bundle import run
 from sklearn.metrics import cohen_kappa_score
+from tiny_runs import train
 
 from stas_pipeline import cli
 from stas_pipeline.core.models import build_classifier
-from stas_pipeline.core.synthetic import make_fundus_dataset
 from stas_pipeline.tasks.grading.heads import GradeScored, OrdinalLoss, grade_score, head_outputs, prior_bias
 from stas_pipeline.tasks.grading.kappa_metric import QuadraticKappa
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_each_head_turns_logits_into_a_grade_score():
@@ -83,40 +78,9 @@ def test_kappa_metric_matches_scikit_learn_over_decollated_batches():
     assert metric.compute() == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
 
 
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 fundus-like images with grades 0-4 (two images per patient share a grade) in 2 folds, cached at 32 px."""
-    root = tmp_path_factory.mktemp("grading")
-    csv_path = make_fundus_dataset(root / "data", n=30, size=64, seed=0)
-    lines = csv_path.read_text().splitlines()
-    csv_path.write_text("\n".join([lines[0]] + [f"{row.rsplit(',', 2)[0]},{(i // 2) % 5},{row.rsplit(',', 1)[1]}"
-                                                for i, row in enumerate(lines[1:])]) + "\n")
-    assert cli.main(["make-datalist", "--labels-csv", str(csv_path), "--folds", "2", "--out",
-                     str(root / "datalist.json")]) == 0
-    assert cli.main(["build-lmdb", "--datalist", str(root / "datalist.json"), "--out", str(root / "cache"),
-                     "--bundle", "grading_lite0", "--image-size", "32", "--no-progress"]) == 0
-    return root
-
-
-def train(graded: Path, out: Path, head: str, fold: int = 0, run_ids: tuple[str, ...] = ("training",),
-          **overrides) -> Path:
-    """Runs ``run_ids`` of grading_lite0 (32 px, 2 epochs, no weights) on fold ``fold``; the run folder."""
-    overrides = dict(dict(datalist=str(graded / "datalist.json"), epochs=2), **overrides)
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        for run_id in run_ids:
-            run(run_id=run_id, config_file="bundles/grading_lite0.json", dataset_dir=str(graded),
-                cache_dir=str(graded / "cache"), image_size=32, batch_size=8, encoder_weights="none", device="cpu",
-                amp=False, num_workers=0, head=head, fold=fold, output_dir=str(out), **overrides)
-    finally:
-        os.chdir(cwd)
-    return out / "grading_lite0" / f"fold{fold}"
-
-
 @pytest.mark.parametrize("head", ["regression", "cumulative", "expectation"])
-def test_each_head_trains_with_kappa_as_the_key_metric(graded, tmp_path, head):
-    run_dir = train(graded, tmp_path, head)
+def test_each_head_trains_with_kappa_as_the_key_metric(grading_runs, head):
+    run_dir = grading_runs[head]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
     assert all(-1.0 <= row["val_kappa"] <= 1.0 and row["loss"] > 0 for row in metrics["history"])
@@ -127,11 +91,10 @@ def test_each_head_trains_with_kappa_as_the_key_metric(graded, tmp_path, head):
     assert state["classifier.weight"].shape[0] == head_outputs(head)
 
 
-def test_predict_writes_scores_and_grades_of_runs_with_different_heads(graded, tmp_path):
+def test_predict_writes_scores_and_grades_of_runs_with_different_heads(graded, grading_runs, tmp_path):
     """Two heads in one prediction: each run's own score (regression output, sum of cumulative sigmoids), their
     mean as the score, the grade cut from it at the default cut points."""
-    fold0 = train(graded, tmp_path / "a", "regression", fold=0)
-    fold1 = train(graded, tmp_path / "b", "cumulative", fold=1)
+    fold0, fold1 = grading_runs["regression"], grading_runs["cumulative"]
     out = tmp_path / "oof.csv"
     assert cli.main(["predict", "--checkpoint", str(fold0 / "best.pt"), str(fold1 / "best.pt"), "--datalist",
                      str(graded / "datalist.json"), "--out-of-fold", "--workers", "0", "--out", str(out)]) == 0
@@ -154,8 +117,8 @@ def test_bundle_inference_entry_writes_what_stas_predict_writes(graded, tmp_path
     datalist["test"] = [{"image": e["image"]} for e in datalist["training"][:4]]
     with_test = graded / "with_test.json"  # beside the images its paths are relative to
     with_test.write_text(json.dumps(datalist))
-    run_dir = train(graded, tmp_path, "cumulative", run_ids=("training", "inference"), datalist=str(with_test),
-                    epochs=1, prior_init=True)
+    run_dir = train(graded, "grading_lite0", ("training", "inference"), head="cumulative", datalist=str(with_test),
+                    batch_size=8, prior_init=True, output_dir=str(tmp_path))
     assert json.loads((run_dir / "best.json").read_text())["prior_init"] is True
     assert cli.main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--datalist", str(with_test), "--tta",
                      "hv", "--workers", "0", "--out", str(tmp_path / "predict.csv")]) == 0

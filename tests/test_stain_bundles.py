@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from monai.bundle import run
+from tiny_runs import prepare_fundus, train
 
 from stas_pipeline import cli
 from stas_pipeline.core.bundles import parsed_content
 from stas_pipeline.core.stain import RandStainJitterd, StainNormalized, fit_stain_target_to
-from stas_pipeline.core.synthetic import make_fundus_dataset
 from stas_pipeline.core.trained_runs import load_trained_run, run_info_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +31,14 @@ def of_type(chain, kind: type) -> list:
 
 
 def test_every_bundle_declares_the_stain_steps_off_by_default():
-    assert len(BUNDLES) == 17 and len(SEGMENTATION) == 7
+    """Off in every bundle but the slide recipe, whose augmentation set has its HSV and brightness-contrast."""
+    assert len(BUNDLES) == 18 and len(SEGMENTATION) == 8
     for bundle in BUNDLES:
         train, val, info = parsed_content(bundle, ["task#train_transforms", "task#val_transforms", "task#run_info"],
                                           {"image_size": 64})
         (jitter,) = of_type(train, RandStainJitterd)
-        assert (jitter.hed, jitter.hsv, jitter.brightness_contrast) == (0.0, 0.0, 0.0), bundle
+        expected = (0.0, 0.05, 0.1) if bundle == "deeplab_lite0_slide" else (0.0, 0.0, 0.0)
+        assert (jitter.hed, jitter.hsv, jitter.brightness_contrast) == expected, bundle
         assert [n.target for n in of_type(train, StainNormalized) + of_type(val, StainNormalized)] == [None, None]
         on, = parsed_content(bundle, ["task#train_transforms"], {"image_size": 64, "hed_jitter": 0.05,
                                                                  "hsv_jitter": 0.1, "bc_jitter": 0.2})
@@ -66,20 +66,8 @@ def test_the_segmentation_chain_jitters_the_image_and_never_the_mask():
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 synthetic images, 2 folds; fold 0 trained one epoch with Reinhard normalisation to the training fold."""
     root = tmp_path_factory.mktemp("stain_run")
-    make_fundus_dataset(root / "data", n=30, size=64, seed=0)
-    assert cli.main(["make-datalist", "--labels-csv", str(root / "data" / "labels.csv"), "--folds", "2",
-                     "--test-fraction", "0.2", "--out", str(root / "datalist.json")]) == 0
-    assert cli.main(["build-lmdb", "--datalist", str(root / "datalist.json"), "--out", str(root / "cache"),
-                     "--bundle", "fundus_lite0", "--image-size", "32", "--no-progress"]) == 0
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        run(run_id="training", config_file="bundles/fundus_lite0.json", dataset_dir=str(root),
-            datalist=str(root / "datalist.json"), cache_dir=str(root / "cache"), image_size=32, fold=0, epochs=1,
-            batch_size=8, encoder_weights="none", device="cpu", amp=False, num_workers=0,
-            output_dir=str(root / "runs"), stain_norm="reinhard", hed_jitter=0.05)
-    finally:
-        os.chdir(cwd)
+    prepare_fundus(root, split=("--test-fraction", "0.2"))
+    train(root, "fundus_lite0", batch_size=8, stain_norm="reinhard", hed_jitter=0.05)
     return root
 
 

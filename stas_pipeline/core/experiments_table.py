@@ -3,14 +3,13 @@ knob that differs between the runs (the stage's help describes the columns), as 
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stas_pipeline.core.fileio import csv_text
 from stas_pipeline.core.runs import Run, cell_text, distinct, ordered_union
 
 PATH_KNOB = re.compile(r"(^|\.)(datalist|checkpoint|dataset_dir|output_dir)$|_(dir|file|path)$")
@@ -97,9 +96,4 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.columns)
-    for row in table.rows:
-        writer.writerow([_cell(row.get(c), None) for c in table.columns])
-    return buffer.getvalue()
+    return csv_text([table.columns, *([_cell(row.get(c), None) for c in table.columns] for row in table.rows)])

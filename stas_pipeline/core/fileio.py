@@ -1,13 +1,15 @@
-"""Atomic, non-clobbering writes of PNG, JSON, raw bytes and whole folders."""
+"""Atomic, non-clobbering writes of PNG, JSON, raw bytes and whole folders; CSV text."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,13 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """``rows`` as CSV text (the csv module's quoting), each line ended by ``\\n``."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
 
 
 def write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> None:

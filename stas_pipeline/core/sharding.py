@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from stas_pipeline.core.errors import NothingWrittenError, StasError
-from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, atomic_path
+from stas_pipeline.core.fileio import OutputExistsError, atomic_folder, atomic_path, csv_text
 from stas_pipeline.core.problems import Problems
 
 Merge = Callable[[Path, list[str], list[list[str]], bool], None]  # (out, the task's header, rows, overwrite)
@@ -133,12 +133,6 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     return (lines[0], lines[1:]) if lines else ([], [])
 
 
-def _csv_line(cells: Sequence[str]) -> str:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerow(cells)
-    return text.getvalue()
-
-
 class Journal:
     """One part's record of what it finished (see the module doc). The task calls :meth:`start` with its
     columns, then :meth:`record` for each item once all of its files are written; :meth:`staged` gives an item
@@ -181,14 +175,14 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.marker.unlink(missing_ok=True)
         with atomic_path(self.rows_path, overwrite=True) as tmp:
-            tmp.write_text("".join(_csv_line(r) for r in [full, *self.rows]), encoding="utf-8")
+            tmp.write_text(csv_text([full, *self.rows]), encoding="utf-8")
         self._file = self.rows_path.open("a", encoding="utf-8")
 
     def record(self, item: str | Path, cells: Sequence[str] = ()) -> None:
         """``item`` is finished: every file of it written; ``cells``: its row of the merged output."""
         if self._file is None:
             raise RuntimeError("Journal.record before Journal.start")
-        self._file.write(_csv_line([str(self.index[_key(item)]), _key(item), *cells]))
+        self._file.write(csv_text([[str(self.index[_key(item)]), _key(item), *cells]]))
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -10,14 +10,13 @@ may be empty where that member did not predict the image (out-of-fold CSVs).
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stas_pipeline.core.errors import StasError
-from stas_pipeline.core.fileio import write_bytes
+from stas_pipeline.core.fileio import csv_text, write_bytes
 from stas_pipeline.core.images import has_suffix
 from stas_pipeline.core.problems import Problems
 
@@ -142,9 +141,6 @@ def write_scores_csv(path: str | Path, rows: Sequence[dict], members: Sequence[s
                      columns: Sequence[str] = ("prob",)) -> None:
     """The predictions CSV (``image,<columns>,<members>``; columns ``prob`` for classification, ``score,grade``
     for grading), written atomically; numbers with 6 decimals."""
-    text = io.StringIO()
     header = scores_header(members, columns)
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerows([header, *(scores_cells(row, header) for row in rows)])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, text.getvalue().encode(), overwrite=overwrite)
+    write_bytes(path, csv_text([header, *(scores_cells(row, header) for row in rows)]).encode(), overwrite=overwrite)

@@ -16,8 +16,6 @@ cut_points.json`` applies cut points found elsewhere (the out-of-fold search) in
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import numpy as np
 
 from stas_pipeline.core.datalist import read_section_labels
 from stas_pipeline.core.errors import refused
-from stas_pipeline.core.fileio import OutputExistsError, write_bytes, write_json
+from stas_pipeline.core.fileio import OutputExistsError, csv_text, write_bytes, write_json
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.classification.scores_csv import PredictionsError, csv_header, read_predictions_csv
 from stas_pipeline.tasks.grading.cut_points import guarded_search
@@ -87,11 +85,9 @@ def evaluate_grading(predictions: str | Path, datalist: str | Path, out: str | P
                                  "held_out_kappa_searched": search["mean_searched_kappa"]}
         metrics["with_cut_points"] = grading_scores(grades, scores, cuts)
     predicted = cut(scores, cuts)
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["image", "grade", "score", "predicted"])
-    writer.writerows([k, g, f"{s:.6f}", p] for k, g, s, p in zip(keys, grades, scores, predicted, strict=True))
-    write_bytes(out / "per_image.csv", text.getvalue().encode(), overwrite=True)
+    rows = [[k, g, f"{s:.6f}", p] for k, g, s, p in zip(keys, grades, scores, predicted, strict=True)]
+    write_bytes(out / "per_image.csv", csv_text([["image", "grade", "score", "predicted"], *rows]).encode(),
+                overwrite=True)
     final = metrics.get("with_cut_points", metrics)
     plot_confusion(out / "confusion.png", final["confusion"],
                    f"kappa {final['kappa']:.3f}, cuts {', '.join(f'{c:.2f}' for c in cuts)}", overwrite=True)
