@@ -4,11 +4,11 @@ images one by one (each image its own slide, the same windows, scales and TTA).
 
 Three mosaics of the images in name order: ``train_a`` (the first 50, 10 x 5), ``train_b`` (the next 50) and
 ``test`` (the rest, 8 columns; an empty slot is glass). Per scale of the recipe (``--scales``, default 4 and 2:
-1024-px windows, stride 512, read 4x and 2x smaller), ``stas tile`` puts the two training mosaics in two folds and
-the test mosaic in the test list, and fold 0 of the recipe's bundle (``--bundle``, default
-``deeplab_lite0_slide``) trains on ``train_b``'s tiles (validated on ``train_a``'s): 256-px tiles at 4x, 256-px
-crops (one per 512-px tile) at 2x, so every member costs about the same. ``stas predict`` predicts the test
-mosaic whole with all members (each at its own scale, merged), then each test image alone; each image's Dice
+1024-px windows, stride 512, read 4x and 2x smaller), ``stas tile`` puts the two training mosaics in two folds,
+and fold 0 of the recipe's bundle (``--bundle``, default ``deeplab_lite0_slide``) trains on ``train_b``'s tiles
+(validated on ``train_a``'s): 256-px tiles at 4x, 256-px crops (one per 512-px tile) at 2x, so every member costs
+about the same. ``stas predict`` predicts the test mosaic whole with all members (each at the tiling its run
+records, the maps merged; ``--runs``: members trained earlier), then each test image alone; each image's Dice
 against its reference mask is measured on its own region of the mosaic's level-0 mask, and on its own
 prediction. Each stage is a ``stas`` process with its wall time and peak RSS.
 
@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="bundle knobs of every member's training, e.g. mask_loss=dice (an ablation)")
     parser.add_argument("--epochs", type=int, default=12, help="training epochs of fold 0 (12)")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="BEST_PT",
+                        help="predict with these trained members (best.pt of earlier runs of this benchmark, e.g. "
+                             "one --scales 4 and one --scales 2 run side by side) instead of training")
     parser.add_argument("--tta", default="hv", help="flip TTA of both predictions (hv)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N images, split 40/40/20 (a quick check; default: all, 50/50/rest)")
@@ -118,7 +121,7 @@ def main() -> None:
     out = args.out.resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; give a new --out")
-    for sub in ("slides", "images"):
+    for sub in ("slides", "test", "images"):
         (out / sub).mkdir(parents=True)
     images = sorted((args.data / "Train_Images").glob("*.jpg"))
     masks = [args.data / "reference_masks" / f"{p.stem}.png" for p in images]
@@ -127,12 +130,14 @@ def main() -> None:
     a = 50 if not args.limit else round(0.4 * args.limit)
     parts = {"train_a": slice(0, a), "train_b": slice(a, 2 * a), "test": slice(2 * a, None)}
     results: dict = {"bundle": args.bundle, "scales": args.scales, "knobs": args.set, "epochs": args.epochs,
+                     "runs": [str(p) for p in args.runs],
                      "images": {name: len(images[part]) for name, part in parts.items()}}
 
     start = time.perf_counter()
     mosaics = {name: Mosaic(images[part], masks[part], columns=10 if name != "test" else 8)
                for name, part in parts.items()}
-    rles = {name: mosaic.write(out / "slides" / f"{name}.tif") for name, mosaic in mosaics.items()}
+    rles = {name: mosaic.write(out / ("test" if name == "test" else "slides") / f"{name}.tif")
+            for name, mosaic in mosaics.items()}
     (out / "masks.csv").write_text(f"id,encoding\ntrain_a,{rles['train_a']}\ntrain_b,{rles['train_b']}\n")
     (out / "test_mask.csv").write_text(f"id,encoding\ntest,{rles['test']}\n")  # kept apart: scoring only
     test = mosaics["test"]
@@ -142,8 +147,8 @@ def main() -> None:
     results["write_slides_s"] = round(time.perf_counter() - start, 1)
     results["mosaics"] = {name: f"{m.shape[1]} x {m.shape[0]}" for name, m in mosaics.items()}
 
-    checkpoints, knobs = [], [f"--{kv}" for kv in args.set]
-    for scale in args.scales:
+    checkpoints, knobs = [str(p.resolve()) for p in args.runs], [f"--{kv}" for kv in args.set]
+    for scale in [] if args.runs else args.scales:
         size, tiles = TILE["size"] // scale, out / f"tiles_{scale}"
         measured(f"tile_{scale}", [*STAS, "tile", str(out / "slides"), "--masks", str(out / "masks.csv"), "--out",
                                    str(tiles), "--size", str(TILE["size"]), "--stride", str(TILE["stride"]),
@@ -165,9 +170,9 @@ def main() -> None:
         run = out / f"runs_{scale}" / args.bundle / "fold0"
         results[f"train_{scale}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
         checkpoints.append(str(run / "best.pt"))
-    measured("predict_mosaic", [*STAS, "predict", "--checkpoint", *checkpoints, "--datalist",
-                                str(out / f"tiles_{args.scales[0]}" / "datalist.json"), "--tta", args.tta,
-                                "--batch-size", "8", "--out", str(out / "pred_mosaic")], out, results)
+    measured("predict_mosaic", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "test"),
+                                "--tta", args.tta, "--batch-size", "8", "--out", str(out / "pred_mosaic")],
+             out, results)
     measured("predict_images", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "images"),
                                 "--tta", args.tta, "--batch-size", "8", "--out", str(out / "pred_images")],
              out, results)
