@@ -28,6 +28,7 @@ from monai.transforms import (
 )
 from scipy import ndimage
 from skimage.exposure import equalize_adapthist
+from tiny_runs import prepare, train
 
 from stas_pipeline.core.bundles import parsed_content
 from stas_pipeline.core.stain import RandStainJitterd, StainNormalized
@@ -208,3 +209,17 @@ def test_clahe_is_scikit_images():
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
     assert torch.equal(RandCLAHEd("image", prob=0.0)({"image": torch.from_numpy(image)})["image"],
                        torch.from_numpy(image))
+
+
+def test_the_slide_recipe_trains_through_monais_runner(tmp_path):
+    """Every part of the recipe on at once (BCE + Lovasz with deep supervision, hypercolumns, the set, plateau and
+    early stop): two epochs through MONAI's runner; its record says so and its losses are finite."""
+    prepare(tmp_path, RECIPE)
+    run = train(tmp_path, RECIPE, epochs=2, balanced_sampling=False)  # images here, not tiles with mask shares
+    info = json.loads((run / "best.json").read_text())
+    assert (info["mask_loss"], info["network"]["deep_supervision"], info["network"]["hypercolumns"]) == \
+        ("bce_lovasz", True, True)
+    assert {k: info[k] for k in RECIPE_PROBS} == RECIPE_PROBS
+    assert (info["early_stop_patience"], info["plateau_patience"]) == (4, 2)
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
