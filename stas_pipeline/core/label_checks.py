@@ -46,7 +46,8 @@ class Labels:
 
 @dataclass(frozen=True)
 class TaskLabels:
-    """A task's declaration and its repository bundles, the quickest to train first."""
+    """A task's declaration and its repository bundles, the quickest to train first (those that draw by stas
+    tile's mask shares last: they need a tile datalist)."""
 
     task: str
     labels: Labels
@@ -77,7 +78,7 @@ def labels_text(labels: list[object]) -> str:
 @functools.cache
 def declared() -> dict[str, TaskLabels]:
     """Task name -> its labels declaration and bundles, from the package's bundles."""
-    blocks: dict[str, tuple[Labels, list[tuple[float, str]]]] = {}
+    blocks: dict[str, tuple[Labels, list[tuple[tuple[bool, float], str]]]] = {}
     for path in sorted(BUNDLES_DIR.glob("*.json")):
         bundle = json.loads(path.read_text(encoding="utf-8"))
         macro = bundle.get("task") if isinstance(bundle, dict) else None
@@ -92,7 +93,9 @@ def declared() -> dict[str, TaskLabels]:
         spec = block["labels"]
         values = tuple(float(v) for v in spec["values"]) if "values" in spec else None
         cost = float(bundle.get("image_size", math.inf)) * float(bundle.get("epochs", math.inf))
-        blocks.setdefault(block["name"], (Labels(spec["kind"], values), []))[1].append((cost, path.stem))
+        tiles_only = bundle.get("balanced_sampling") is True  # draws by stas tile's mask shares: last
+        blocks.setdefault(block["name"], (Labels(spec["kind"], values), []))[1].append(((tiles_only, cost),
+                                                                                        path.stem))
     return {task: TaskLabels(task, labels, tuple(name for _, name in sorted(bundles)))
             for task, (labels, bundles) in blocks.items()}
 
