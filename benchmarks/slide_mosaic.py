@@ -153,9 +153,7 @@ def main() -> None:
         measured(f"tile_{scale}", [*STAS, "tile", str(out / "slides"), "--masks", str(out / "masks.csv"), "--out",
                                    str(tiles), "--size", str(TILE["size"]), "--stride", str(TILE["stride"]),
                                    "--scale", str(scale), "--folds", "2"], out, results)
-        datalist = json.loads((tiles / "datalist.json").read_text())
-        results[f"tiles_{scale}"] = {"training": len(datalist["training"]),
-                                     "test_mosaic_windows": len(datalist["test"])}
+        results[f"training_tiles_{scale}"] = len(json.loads((tiles / "datalist.json").read_text())["training"])
         measured(f"build_lmdb_{scale}", [*STAS, "build-lmdb", "--datalist", str(tiles / "datalist.json"), "--out",
                                          str(out / f"cache_{scale}"), "--bundle", args.bundle, "--image-size",
                                          str(size), "--no-progress"], out, results)
