@@ -17,6 +17,8 @@ Writes ``OUT/shift_check.json`` and prints a table.
         --section test --out /tmp/shift
     python benchmarks/shift_check.py --checkpoint runs/deeplab_lite0_crops/fold0/best.pt \\
         --datalist fold0_test.json --ref data/masks --out /tmp/shift_seg
+    python benchmarks/shift_check.py --checkpoint runs/deeplab_lite0_slide/fold0/best.pt \\
+        --slides test_slides/ --masks test_masks.csv --out /tmp/shift_slides
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def mean_dice(scores_csv: Path) -> float:
 
 def check(args: argparse.Namespace) -> dict:
     task = "slide" if args.masks else task_of(args.checkpoint[0])
-    source = ["--datalist", str(args.datalist)] if args.datalist else ["--images", str(args.images)]
+    source = (["--datalist", str(args.datalist)] if args.datalist else ["--images", str(args.images)]
+              if args.images else ["--slides", *map(str, args.slides)])
     if args.out_of_fold:
         source.append("--out-of-fold")
     rows = {}
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--datalist", type=Path, help="datalist whose test list (or training, --out-of-fold) is "
                                                       "predicted and, for image-level runs, scored")
     source.add_argument("--images", type=Path, help="folder of images (segmentation; scored against --ref)")
+    source.add_argument("--slides", type=Path, nargs="+", metavar="SLIDE",
+                        help="whole slides (files or folders), as stas predict --slides; scored against --masks")
     parser.add_argument("--out-of-fold", action="store_true", help="predict the datalist's training images out "
                                                                    "of fold (score with --section training)")
     parser.add_argument("--section", choices=("test", "training"), default="test",
@@ -111,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="as stas predict (default: 16)")
     parser.add_argument("--workers", type=int, default=0, help="as stas predict (default: 0)")
     args = parser.parse_args(argv)
+    if args.slides and not args.masks:
+        parser.error("--slides needs --masks (the slides' reference masks)")
     if "none" not in args.shifts:
         args.shifts.insert(0, "none")
     result = check(args)

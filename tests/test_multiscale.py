@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,24 @@ def test_maps_of_a_non_integer_ratio_merge_by_pixel_centres():
     merged = fine.copy()
     merge_maps(merged, 2, [(coarse, scale_ratio(3, 2), 1)])
     assert np.array_equal(merged, expected)
+
+
+def test_the_shift_check_scores_slides_against_their_masks(runs, tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import shift_check
+    finally:
+        sys.path.pop(0)
+    slides, trained = runs
+    base = ["--checkpoint", str(trained[4] / "best.pt"), "--slides", str(slides / "s0.tif"), str(slides / "s1.tif")]
+    with pytest.raises(SystemExit) as exit_:
+        shift_check.main([*base, "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "--slides needs --masks" in capsys.readouterr().err
+    assert shift_check.main([*base, "--masks", str(slides.parent / "masks.csv"), "--shifts", "darker",
+                             "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "shift_check.json").read_text())
+    assert result["task"] == "slide" and list(result["shifts"]) == ["none", "darker"]
+    for name, row in result["shifts"].items():
+        metrics = json.loads((tmp_path / name / "eval" / "metrics.json").read_text())
+        assert metrics["mean_dice_at_0.5"] == row["score"] and sorted(metrics["dice_at_0.5"]) == ["s0", "s1"]
+        assert sorted(p.name for p in (tmp_path / name / "pred").glob("*.tif")) == ["s0.tif", "s1.tif"]
