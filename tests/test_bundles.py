@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.bundle import run, verify_metadata
 
+from stas_pipeline.core.bundles import parsed_content
 from stas_pipeline.core.datalist import write_datalist
 from stas_pipeline.core.splits import Split
 from stas_pipeline.core.synthetic import make_dataset
@@ -210,3 +211,23 @@ def test_a_refused_run_leaves_the_earlier_run_as_it_was(tmp_path):
         run_bundle("deeplab_lite0", **common)
     assert f"{run_dir}: holds an earlier run" in error_chain(err.value)
     assert files() == before
+
+
+def test_on_off_knobs_given_as_words_on_the_command_line(capsys):
+    """MONAI's command line (fire) reads ``--aux_head false`` as the string "false", which Python takes as true:
+    every on/off knob is read as a word, and a word that is neither is refused naming the knob."""
+    from fire import parser as fire_parser
+
+    assert fire_parser.DefaultParseValue("false") == "false"  # what `python -m monai.bundle run ...` hands over
+    ids = ["task#network", "task#run_info", "workflow#to_kwargs"]
+    for words, expected in ((("false", "off", "0"), False), (("true", "Yes", "1"), True)):
+        for word in words:
+            network, info, to_kwargs = parsed_content(
+                "deeplab_lite0_slide", ids,
+                {"image_size": 64, "aux_head": word, "deep_supervision": word, "hypercolumns": word,
+                 "keep_aspect": word, "channels_last": word})
+            assert (network["aux_head"], network["deep_supervision"], network["hypercolumns"]) == (expected,) * 3
+            assert (info["aux_head"], info["keep_aspect"], bool(to_kwargs)) == (expected,) * 3
+    with pytest.raises(Exception) as err:
+        parsed_content("deeplab_lite0", ["task#network"], {"image_size": 64, "aux_head": "maybe"})
+    assert "--aux_head maybe: expected true or false" in error_chain(err.value)

@@ -147,12 +147,12 @@ def test_grades_are_identical_on_every_backend(grading):
                                    atol=TOLERANCE)
 
 
-def monai_run(bundle: Path, images: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
+def monai_run(bundle: Path, images: Path, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     """The bundle run by MONAI's own CLI from ``cwd``, with relative paths where they can be."""
-    cwd.mkdir()
+    cwd.mkdir(exist_ok=True)
     config = os.path.relpath(bundle / "configs" / "inference.json", cwd)
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--input_dir",
-                           str(images), "--output_dir", str(out), "--num_workers", "0"],
+                           str(images), "--output_dir", str(out), "--num_workers", "0", *extra],
                           cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -166,6 +166,9 @@ def test_segmentation_bundle_through_monais_cli_writes_what_stas_predict_writes(
     masks = sorted((tmp_path / "predict_out").iterdir())
     assert [p.name for p in masks] == sorted(p.name for p in (tmp_path / "bundle_out").iterdir())
     assert all((tmp_path / "bundle_out" / p.name).read_bytes() == p.read_bytes() for p in masks)
+    (tmp_path / "bundle_out" / masks[0].name).write_bytes(b"mine")  # "--overwrite false" is a word, not True
+    again = monai_run(bundle, images, tmp_path / "bundle_out", tmp_path / "elsewhere", "--overwrite", "false")
+    assert (tmp_path / "bundle_out" / masks[0].name).read_bytes() == b"mine", again.stdout[-2000:]
 
 
 @pytest.mark.parametrize("family", ["classification", "grading"])

@@ -29,6 +29,21 @@ class BundleError(StasError, RuntimeError):
     """A bundle that cannot be found or parsed."""
 
 
+FLAG_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def flag(value: Any, name: str) -> bool:
+    """A bundle's on/off knob as a bool. MONAI's command line reads only Python's ``True``/``False`` as booleans, so
+    ``--aux_head false`` arrives as the string ``"false"``, which Python takes as true: every on/off knob of the
+    bundles is read through this (``"$flag(@aux_head, 'aux_head')"``); any other word is refused."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word not in FLAG_WORDS:
+            raise BundleError(f"--{name} {value}: expected true or false")
+        return FLAG_WORDS[word]
+    return bool(value)
+
+
 _EXTRA_DIRS: list[Path] = []  # folders of bundles that tasks outside the package ship (Task.bundle_dir)
 
 

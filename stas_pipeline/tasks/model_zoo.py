@@ -139,6 +139,7 @@ def inference_config(task: Task, members: Sequence[str]) -> dict:
         "imports": [
             "$import os",
             "$import torch",
+            "$from stas_pipeline.core.bundles import flag",
             "$from stas_pipeline.core.errors import one_line_errors",
             "$from stas_pipeline.core.exported import running_bundle_root",
             "$from stas_pipeline.core.images import images_in_folder",
@@ -167,7 +168,8 @@ def inference_config(task: Task, members: Sequence[str]) -> dict:
         "initialize": ["$one_line_errors()"],
     }
     shared = {"images": "$images_in_folder(@input_dir)", "tta": "@tta", "batch_size": "@batch_size",
-              "num_workers": "@num_workers", "amp": "@amp", "overwrite": "@overwrite"}
+              "num_workers": "@num_workers", "amp": "$flag(@amp, 'amp')",
+              "overwrite": "$flag(@overwrite, 'overwrite')"}
     if task.image_level:
         grade_of = "$get_task(@task).grade_of()" if hasattr(task, "grade_of") else None
         config["predict"] = {
