@@ -58,8 +58,12 @@ def mean_dice(scores_csv: Path) -> float:
 
 def check(args: argparse.Namespace) -> dict:
     task = "slide" if args.masks else task_of(args.checkpoint[0])
-    source = (["--datalist", str(args.datalist)] if args.datalist else ["--images", str(args.images)]
-              if args.images else ["--slides", *map(str, args.slides)])
+    if args.datalist:
+        source = ["--datalist", str(args.datalist)]
+    elif args.images:
+        source = ["--images", str(args.images)]
+    else:
+        source = ["--slides", *map(str, args.slides)]
     if args.out_of_fold:
         source.append("--out-of-fold")
     rows = {}
