@@ -11,12 +11,17 @@ at 4x, so every member takes the same training steps (validation on whole 512-px
 as long on a CPU). ``stas predict`` predicts the test mosaic whole with all members (each at the tiling its run
 records, the maps merged; ``--runs``: members trained earlier), then each test image alone; each image's Dice
 against its reference mask is measured on its own region of the mosaic's level-0 mask, and on its own prediction.
+``--pseudo-rounds N``: the member is group A's round 0; the test mosaic joins a tile datalist as test tiles, and
+each round group B trains on them as group A's latest run labels them (``stas pseudo-label --group B``), then
+group A on group B's labels; every run's test-mosaic Dice is in ``results.json``'s ``rounds``, and group A's last
+run is the figure (the HuBMAP winners' alternating rounds, scored on the slide they labelled).
 Each stage is a ``stas`` process with its wall time and peak RSS.
 
     python benchmarks/slide_mosaic.py --out /tmp/mosaic                          # the slide recipe
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_hc0 --set hypercolumns=false   # a part off (ablation)
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_pair --scales 4 2        # a multi-scale pair
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_old --bundle deeplab_lite0 --scales 4   # the old figure
+    python benchmarks/slide_mosaic.py --out /tmp/mosaic_pl --scales 4 --pseudo-rounds 1  # + alternating rounds
 """
 
 from __future__ import annotations
@@ -118,10 +123,16 @@ def main() -> None:
                         help="predict with these trained members (best.pt of earlier runs of this benchmark, e.g. "
                              "one --scales 4 and one --scales 2 run side by side) instead of training")
     parser.add_argument("--tta", default="hv", help="flip TTA of both predictions (hv)")
+    parser.add_argument("--pseudo-rounds", type=int, default=0,
+                        help="alternating pseudo-label rounds on the test mosaic after the member (one scale, or "
+                             "one --runs trained as --set says): per round group B trains on group A's confident "
+                             "test tiles, then group A on group B's; the figure is group A's last run (0: none)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N images, split 40/40/20 (a quick check; default: all, 50/50/rest)")
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.pseudo_rounds and len(args.runs or args.scales) != 1:
+        parser.error("--pseudo-rounds: one member (one scale, or one --runs)")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; give a new --out")
     for sub in ("slides", "test", "images"):
@@ -152,25 +163,12 @@ def main() -> None:
 
     checkpoints, knobs = [str(p.resolve()) for p in args.runs], [f"--{kv}" for kv in args.set]
     for scale in [] if args.runs else args.scales:
-        size, tiles = TILE["size"] // scale, out / f"tiles_{scale}"
-        measured(f"tile_{scale}", [*STAS, "tile", str(out / "slides"), "--masks", str(out / "masks.csv"), "--out",
-                                   str(tiles), "--size", str(TILE["size"]), "--stride", str(TILE["stride"]),
-                                   "--scale", str(scale), "--folds", "2"], out, results)
+        tiles = out / f"tiles_{scale}"
+        measured(f"tile_{scale}", tile_command(out, tiles, scale, ["slides"]), out, results)
         results[f"training_tiles_{scale}"] = len(json.loads((tiles / "datalist.json").read_text())["training"])
-        measured(f"build_lmdb_{scale}", [*STAS, "build-lmdb", "--datalist", str(tiles / "datalist.json"), "--out",
-                                         str(out / f"cache_{scale}"), "--bundle", args.bundle, "--image-size",
-                                         str(size), "--no-progress"], out, results)
-        crops = ["--crop_size", str(CROP), "--crops_per_image", "1"] if size > CROP else []
-        measured(f"train_{scale}", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-                                    f"bundles/{args.bundle}.json", "--dataset_dir", str(tiles), "--datalist",
-                                    str(tiles / "datalist.json"), "--cache_dir", str(out / f"cache_{scale}"),
-                                    "--image_size", str(size), "--epochs", str(args.epochs), "--batch_size", "8",
-                                    "--lr", "0.002", "--device", "cpu", "--num_workers", "0",
-                                    "--balanced_sampling", "true", *crops, *knobs,
-                                    "--output_dir", str(out / f"runs_{scale}")], out, results)
-        run = out / f"runs_{scale}" / args.bundle / "fold0"
-        results[f"train_{scale}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
-        checkpoints.append(str(run / "best.pt"))
+        checkpoints.append(train(str(scale), tiles / "datalist.json", scale, out, args, knobs, results))
+    if args.pseudo_rounds:
+        checkpoints = [pseudo_rounds(checkpoints[0], test, out, args, knobs, results)]
     measured("predict_mosaic", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "test"),
                                 "--tta", args.tta, "--batch-size", "8", "--out", str(out / "pred_mosaic")],
              out, results)
@@ -187,16 +185,7 @@ def main() -> None:
                                  str(out / "test_mask.csv"), "--out", str(out / "eval_mosaic")], out, results)
     slide_metrics = json.loads((out / "eval_mosaic" / "metrics.json").read_text())
     results["test_mosaic_slide_dice"] = {"at_0.5": round(slide_metrics["mean_dice_at_0.5"], 4)}
-    per_image = []
-    with Slide(out / "pred_mosaic" / "test.tif") as mosaic_mask:
-        for k, path in enumerate(test.images):
-            ref = np.asarray(Image.open(test.masks[k])) > 0
-            y, x = test.region(k)
-            in_mosaic = mosaic_mask.read(y, x, *test.cell)[..., 0] > 0
-            with Slide(out / "pred_images" / f"{path.stem}.tif") as alone:
-                by_itself = alone.read(0, 0, *test.cell)[..., 0] > 0
-            per_image.append({"image": path.stem, "dice_mosaic": round(dice(in_mosaic, ref), 4),
-                              "dice_alone": round(dice(by_itself, ref), 4)})
+    per_image = per_image_dice(test, out / "pred_mosaic", out / "pred_images")
     results["per_image"] = per_image
     results["mean_dice_mosaic"] = round(float(np.mean([r["dice_mosaic"] for r in per_image])), 4)
     results["mean_dice_alone"] = round(float(np.mean([r["dice_alone"] for r in per_image])), 4)
@@ -204,6 +193,100 @@ def main() -> None:
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "per_image"}, indent=2))
+
+
+def tile_command(out: Path, tiles: Path, scale: int, folders: list[str]) -> list[str]:
+    """``stas tile`` of ``folders`` of ``out`` (the training mosaics; with ``test``, the test mosaic joins the
+    datalist's test list) at ``scale``, into ``tiles``."""
+    return [*STAS, "tile", *(str(out / f) for f in folders), "--masks", str(out / "masks.csv"), "--out", str(tiles),
+            "--size", str(TILE["size"]), "--stride", str(TILE["stride"]), "--scale", str(scale), "--folds", "2"]
+
+
+def train(name: str, datalist: Path, scale: int, out: Path, args: argparse.Namespace, knobs: list[str],
+          results: dict) -> str:
+    """Cache ``datalist``'s tiles and train fold 0 of the bundle on them (stages ``build_lmdb_<name>``,
+    ``train_<name>``, run in ``out/runs_<name>``); returns its ``best.pt``."""
+    size = TILE["size"] // scale
+    measured(f"build_lmdb_{name}", [*STAS, "build-lmdb", "--datalist", str(datalist), "--out",
+                                    str(out / f"cache_{name}"), "--bundle", args.bundle, "--image-size", str(size),
+                                    "--no-progress"], out, results)
+    crops = ["--crop_size", str(CROP), "--crops_per_image", "1"] if size > CROP else []
+    measured(f"train_{name}", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                               f"bundles/{args.bundle}.json", "--dataset_dir", str(datalist.parent), "--datalist",
+                               str(datalist), "--cache_dir", str(out / f"cache_{name}"), "--image_size", str(size),
+                               "--epochs", str(args.epochs), "--batch_size", "8", "--lr", "0.002", "--device", "cpu",
+                               "--num_workers", "0", "--balanced_sampling", "true", *crops, *knobs,
+                               "--output_dir", str(out / f"runs_{name}")], out, results)
+    run = out / f"runs_{name}" / args.bundle / "fold0"
+    results[f"train_{name}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
+    return str(run / "best.pt")
+
+
+def pseudo_rounds(member: str, test: Mosaic, out: Path, args: argparse.Namespace, knobs: list[str],
+                  results: dict) -> str:
+    """Alternating pseudo-label rounds from ``member`` (group A's round 0): in each round group B trains on the
+    test mosaic's tiles as group A's latest run labels them (``stas pseudo-label --group B``), then group A on
+    group B's; each run predicts the test mosaic, scored in ``results["rounds"]``. Returns group A's last
+    ``best.pt``."""
+    config = json.loads((Path(member).parent / "config.json").read_text())
+    scale = int(json.loads(Path(config["datalist"]).read_text())["tiles"]["scale"])
+    tiles = out / f"tiles_{scale}_rounds"
+    measured("tile_rounds", tile_command(out, tiles, scale, ["slides", "test"]), out, results)
+    base, latest = tiles / "datalist.json", {"A": member}
+    datalists = {"A": base, "B": base}
+    rounds = [{"group": "A", "round": 0, "checkpoint": member, **mosaic_scores(member, "A0", test, out, args)}]
+    for r in range(1, args.pseudo_rounds + 1):
+        for group, other in (("B", "A"), ("A", "B")):
+            name, labeller = f"{group}{r}", latest[other]
+            labelled = tiles / f"D_{name}.json"
+            pseudo = [*STAS, "pseudo-label", "--datalist", str(datalists[group]), "--predictions",
+                      str(out / f"pred_mosaic_{other}{r - (other == 'A')}"), "--runs",
+                      str(Path(labeller).parents[1]), "--group", group, "--out", str(labelled)]
+            if r == 1 and group == "B":
+                pseudo += ["--labelled-by", "A"]  # round 0 trained on a datalist of no group
+            measured(f"pseudo_label_{name}", pseudo, out, results)
+            record = json.loads(labelled.read_text())["pseudo_rounds"][-1]
+            datalists[group] = labelled
+            latest[group] = train(f"{scale}_{name}", labelled, scale, out, args, knobs, results)
+            rounds.append({"group": group, "round": r, "checkpoint": latest[group],
+                           **{k: record[k] for k in ("tiles_added", "tiles_uncertain", "positive_tiles")},
+                           "val_dice": results[f"train_{scale}_{name}"]["val_dice"],
+                           **mosaic_scores(latest[group], name, test, out, args)})
+            print(json.dumps(rounds[-1]), flush=True)
+    results["rounds"] = rounds
+    return latest["A"]
+
+
+def mosaic_scores(checkpoint: str, name: str, test: Mosaic, out: Path, args: argparse.Namespace) -> dict:
+    """``checkpoint`` predicts the test mosaic into ``out/pred_mosaic_<name>``: its pooled Dice at 0.5 and the
+    mean of its images' Dice."""
+    results: dict = {}
+    measured(f"predict_mosaic_{name}", [*STAS, "predict", "--checkpoint", checkpoint, "--slides", str(out / "test"),
+                                        "--tta", args.tta, "--batch-size", "8", "--out",
+                                        str(out / f"pred_mosaic_{name}")], out, results)
+    measured(f"evaluate_mosaic_{name}", [*STAS, "evaluate", "--slides", str(out / f"pred_mosaic_{name}"),
+                                         "--masks", str(out / "test_mask.csv"), "--out",
+                                         str(out / f"eval_mosaic_{name}")], out, results)
+    pooled = json.loads((out / f"eval_mosaic_{name}" / "metrics.json").read_text())["mean_dice_at_0.5"]
+    per_image = per_image_dice(test, out / f"pred_mosaic_{name}")
+    return {"pooled_dice": round(pooled, 4),
+            "mean_dice_mosaic": round(float(np.mean([r["dice_mosaic"] for r in per_image])), 4)}
+
+
+def per_image_dice(test: Mosaic, mosaic: Path, alone: Path | None = None) -> list[dict]:
+    """Each test image's Dice on its region of ``mosaic``'s predicted mask (and on its own prediction in
+    ``alone``)."""
+    rows = []
+    with Slide(mosaic / "test.tif") as mosaic_mask:
+        for k, path in enumerate(test.images):
+            ref = np.asarray(Image.open(test.masks[k])) > 0
+            y, x = test.region(k)
+            rows.append({"image": path.stem, "dice_mosaic": round(dice(mosaic_mask.read(y, x, *test.cell)[..., 0] > 0,
+                                                                       ref), 4)})
+            if alone is not None:
+                with Slide(alone / f"{path.stem}.tif") as own:
+                    rows[-1]["dice_alone"] = round(dice(own.read(0, 0, *test.cell)[..., 0] > 0, ref), 4)
+    return rows
 
 
 def _alone(mosaic: Mosaic, k: int, y: int, x: int, h: int, w: int) -> np.ndarray:
