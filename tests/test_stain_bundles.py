@@ -31,13 +31,14 @@ def of_type(chain, kind: type) -> list:
 
 
 def test_every_bundle_declares_the_stain_steps_off_by_default():
-    """Off in every bundle but the slide recipe, whose augmentation set has its HSV and brightness-contrast."""
+    """Off in every bundle but the slide recipe, which jitters HED, HSV and brightness-contrast (measured: the
+    shift check's drop 0.020 with HED jitter against 0.076 without, docs/benchmarks.md)."""
     assert len(BUNDLES) == 18 and len(SEGMENTATION) == 8
     for bundle in BUNDLES:
         train, val, info = parsed_content(bundle, ["task#train_transforms", "task#val_transforms", "task#run_info"],
                                           {"image_size": 64})
         (jitter,) = of_type(train, RandStainJitterd)
-        expected = (0.0, 0.05, 0.1) if bundle == "deeplab_lite0_slide" else (0.0, 0.0, 0.0)
+        expected = (0.05, 0.05, 0.1) if bundle == "deeplab_lite0_slide" else (0.0, 0.0, 0.0)
         assert (jitter.hed, jitter.hsv, jitter.brightness_contrast) == expected, bundle
         assert [n.target for n in of_type(train, StainNormalized) + of_type(val, StainNormalized)] == [None, None]
         on, = parsed_content(bundle, ["task#train_transforms"], {"image_size": 64, "hed_jitter": 0.05,
