@@ -127,6 +127,11 @@ def main() -> None:
                         help="alternating pseudo-label rounds on the test mosaic after the member (one scale, or "
                              "one --runs trained as --set says): per round group B trains on group A's confident "
                              "test tiles, then group A on group B's; the figure is group A's last run (0: none)")
+    parser.add_argument("--max-uncertain", type=float, default=0.05,
+                        help="stas pseudo-label's --max-uncertain for the rounds: a test tile is a pseudo label "
+                             "when at most this share of its pixels lies between 0.02 and 0.98 (0.05; at the "
+                             "stage's 0.01 no tile with STAS passed on the 4x member's map, whose median tile "
+                             "has 6 %% of its pixels there)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N images, split 40/40/20 (a quick check; default: all, 50/50/rest)")
     args = parser.parse_args()
@@ -241,7 +246,8 @@ def pseudo_rounds(member: str, test: Mosaic, out: Path, args: argparse.Namespace
             labelled = tiles / f"D_{name}.json"
             pseudo = [*STAS, "pseudo-label", "--datalist", str(datalists[group]), "--predictions",
                       str(out / f"pred_mosaic_{other}{r - (other == 'A')}"), "--runs",
-                      str(Path(labeller).parents[1]), "--group", group, "--out", str(labelled)]
+                      str(Path(labeller).parents[1]), "--group", group, "--max-uncertain", str(args.max_uncertain),
+                      "--out", str(labelled)]
             if r == 1 and group == "B":
                 pseudo += ["--labelled-by", "A"]  # round 0 trained on a datalist of no group
             measured(f"pseudo_label_{name}", pseudo, out, results)
