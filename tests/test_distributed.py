@@ -19,9 +19,11 @@ def test_three_process_run_writes_once_and_scores_like_one_process(synthetic_dat
     overrides = ["--dataset_dir", str(synthetic_dataset), "--image_size", "64", "--epochs", "2",
                  "--batch_size", "4", "--encoder_weights", "none", "--device", "cpu", "--amp", "false",
                  "--num_workers", "0", "--output_dir", str(tmp_path)]
-    subprocess.run([str(torchrun), "--nproc_per_node=3", "--master_port=29517", "-m", "monai.bundle", "run",
-                    "training", "--config_file", "['bundles/deeplab_lite0.json','bundles/multi_gpu.json']",
-                    *overrides], cwd=REPO, check=True, capture_output=True)
+    # --standalone: torchrun picks a free port (a fixed one can still be held by an earlier run's socket)
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=3", "-m", "monai.bundle", "run",
+                           "training", "--config_file", "['bundles/deeplab_lite0.json','bundles/multi_gpu.json']",
+                           *overrides], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "deeplab_lite0" / "fold0"
     assert sorted(p.name for p in run_dir.iterdir()) == [
