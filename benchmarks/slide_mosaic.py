@@ -15,13 +15,15 @@ against its reference mask is measured on its own region of the mosaic's level-0
 each round group B trains on them as group A's latest run labels them (``stas pseudo-label --group B``), then
 group A on group B's labels; every run's test-mosaic Dice is in ``results.json``'s ``rounds``, and group A's last
 run is the figure (the HuBMAP winners' alternating rounds, scored on the slide they labelled).
-Each stage is a ``stas`` process with its wall time and peak RSS.
+Each stage is a ``stas`` process with its wall time and peak RSS. Training and prediction run on ``--device``
+(cuda when there is one; on one core of the 2-core VMs an epoch of the 2x member took 6 to 15 minutes).
 
     python benchmarks/slide_mosaic.py --out /tmp/mosaic                          # the slide recipe
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_hc0 --set hypercolumns=false   # a part off (ablation)
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_pair --scales 4 2        # a multi-scale pair
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_old --bundle deeplab_lite0 --scales 4   # the old figure
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_pl --scales 4 --pseudo-rounds 1  # + alternating rounds
+    python benchmarks/slide_mosaic.py --out /tmp/mosaic_e18 --epochs 18 --set seed=1 --device cuda  # longer, a GPU
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from stage_runs import REPO, STAS, measured
 
@@ -123,6 +126,9 @@ def main() -> None:
                         help="predict with these trained members (best.pt of earlier runs of this benchmark, e.g. "
                              "one --scales 4 and one --scales 2 run side by side) instead of training")
     parser.add_argument("--tta", default="hv", help="flip TTA of both predictions (hv)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device of every training and prediction (default: cuda when available, else "
+                             "cpu; the figures in docs/benchmarks.md are the CPU's)")
     parser.add_argument("--pseudo-rounds", type=int, default=0,
                         help="alternating pseudo-label rounds on the test mosaic after the member (one scale, or "
                              "one --runs trained as --set says): per round group B trains on group A's confident "
@@ -175,10 +181,12 @@ def main() -> None:
     if args.pseudo_rounds:
         checkpoints = [pseudo_rounds(checkpoints[0], test, out, args, knobs, results)]
     measured("predict_mosaic", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "test"),
-                                "--tta", args.tta, "--batch-size", "8", "--out", str(out / "pred_mosaic")],
+                                "--tta", args.tta, "--batch-size", "8", "--device", args.device, "--out",
+                                str(out / "pred_mosaic")],
              out, results)
     measured("predict_images", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "images"),
-                                "--tta", args.tta, "--batch-size", "8", "--out", str(out / "pred_images")],
+                                "--tta", args.tta, "--batch-size", "8", "--device", args.device, "--out",
+                                str(out / "pred_images")],
              out, results)
     for name in ("predict_mosaic", "predict_images"):
         windows = sum(int(line.split("windows ")[1].split(",")[0]) for line in
@@ -195,7 +203,8 @@ def main() -> None:
     results["mean_dice_mosaic"] = round(float(np.mean([r["dice_mosaic"] for r in per_image])), 4)
     results["mean_dice_alone"] = round(float(np.mean([r["dice_alone"] for r in per_image])), 4)
     results["difference"] = round(results["mean_dice_mosaic"] - results["mean_dice_alone"], 4)
-    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs" + (
+        f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "per_image"}, indent=2))
 
@@ -219,8 +228,8 @@ def train(name: str, datalist: Path, scale: int, out: Path, args: argparse.Names
     measured(f"train_{name}", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
                                f"bundles/{args.bundle}.json", "--dataset_dir", str(datalist.parent), "--datalist",
                                str(datalist), "--cache_dir", str(out / f"cache_{name}"), "--image_size", str(size),
-                               "--epochs", str(args.epochs), "--batch_size", "8", "--lr", "0.002", "--device", "cpu",
-                               "--num_workers", "0", "--balanced_sampling", "true", *crops, *knobs,
+                               "--epochs", str(args.epochs), "--batch_size", "8", "--lr", "0.002", "--device",
+                               args.device, "--num_workers", "0", "--balanced_sampling", "true", *crops, *knobs,
                                "--output_dir", str(out / f"runs_{name}")], out, results)
     run = out / f"runs_{name}" / args.bundle / "fold0"
     results[f"train_{name}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
@@ -268,8 +277,8 @@ def mosaic_scores(checkpoint: str, name: str, test: Mosaic, out: Path, args: arg
     mean of its images' Dice."""
     results: dict = {}
     measured(f"predict_mosaic_{name}", [*STAS, "predict", "--checkpoint", checkpoint, "--slides", str(out / "test"),
-                                        "--tta", args.tta, "--batch-size", "8", "--out",
-                                        str(out / f"pred_mosaic_{name}")], out, results)
+                                        "--tta", args.tta, "--batch-size", "8", "--device",
+                                        args.device, "--out", str(out / f"pred_mosaic_{name}")], out, results)
     measured(f"evaluate_mosaic_{name}", [*STAS, "evaluate", "--slides", str(out / f"pred_mosaic_{name}"),
                                          "--masks", str(out / "test_mask.csv"), "--out",
                                          str(out / f"eval_mosaic_{name}")], out, results)
