@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(1)
     items = items_from(args.data)[: args.limit or None]
     size = args.image_size
-    pre = Preprocessing((size, size))
+    pre = Preprocessing.resize(size)
     report: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                     "torch": torch.__version__, "samples": len(items), "image_size": size, "workers": args.workers}
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,10 +112,10 @@ def main() -> None:
         ours = LMDBCacheDataset(items, tmp / "ours", size, transform=Compose(random_part()))
 
         start = time.perf_counter()
-        monai_lmdb = LMDBDataset(items, Compose([*pre.transforms(KEYS), *random_part()]),
+        monai_lmdb = LMDBDataset(items, Compose([*pre.transforms, *random_part()]),
                                  cache_dir=tmp / "monai", progress=False)
         report["monai_lmdb_build_s"] = time.perf_counter() - start
-        jpeg = Dataset(items, Compose([*pre.transforms(KEYS), *random_part()]))
+        jpeg = Dataset(items, Compose([*pre.transforms, *random_part()]))
 
         for name, ds in [("jpeg", jpeg), ("monai-lmdb", monai_lmdb), ("ours", ours)]:
             report[f"{name}_samples_per_s"] = throughput(ds, args.workers, args.epochs)

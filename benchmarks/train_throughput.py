@@ -120,7 +120,7 @@ def main() -> None:
         for bundle in args.bundles:
             config = json.loads((REPO / "bundles" / f"{bundle}.json").read_text())
             batch = args.batch_size or config["batch_size"]
-            reference = DataLoader(Dataset(items, Compose([*Preprocessing(size).transforms(KEYS), *random_part()])),
+            reference = DataLoader(Dataset(items, Compose([*Preprocessing.resize(size).transforms, *random_part()])),
                                    batch_size=batch, **loader_kwargs)
             cached = DataLoader(LMDBCacheDataset(items, Path(tmp) / "cache", size, transform=Compose(random_part())),
                                 batch_size=batch, pin_memory=cuda, **loader_kwargs)

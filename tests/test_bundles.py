@@ -231,3 +231,19 @@ def test_on_off_knobs_given_as_words_on_the_command_line(capsys):
     with pytest.raises(Exception) as err:
         parsed_content("deeplab_lite0", ["task#network"], {"image_size": 64, "aux_head": "maybe"})
     assert "--aux_head maybe: expected true or false" in error_chain(err.value)
+
+
+def test_the_optimiser_target_names_the_class_on_every_python():
+    """``adabelief_pytorch.AdaBelief`` is also a submodule: Python 3.12's ``pydoc.locate`` (MONAI's resolver)
+    returned the module there. The bundles' target must name no module, and resolve to the optimiser class."""
+    import importlib.util
+
+    from monai.utils.module import locate
+
+    target = json.loads((REPO / "bundles" / "common.json").read_text())["workflow"]["optimizer"]["_target_"]
+    try:
+        spec = importlib.util.find_spec(target)
+    except ModuleNotFoundError:
+        spec = None
+    assert spec is None, f"{target} is a module"
+    assert issubclass(locate(target), torch.optim.Optimizer)
