@@ -180,14 +180,8 @@ def main() -> None:
         checkpoints.append(train(str(scale), tiles / "datalist.json", scale, out, args, knobs, results))
     if args.pseudo_rounds:
         checkpoints = [pseudo_rounds(checkpoints[0], test, out, args, knobs, results)]
-    measured("predict_mosaic", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "test"),
-                                "--tta", args.tta, "--batch-size", "8", "--device", args.device, "--out",
-                                str(out / "pred_mosaic")],
-             out, results)
-    measured("predict_images", [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(out / "images"),
-                                "--tta", args.tta, "--batch-size", "8", "--device", args.device, "--out",
-                                str(out / "pred_images")],
-             out, results)
+    measured("predict_mosaic", predict_command(checkpoints, out / "test", out / "pred_mosaic", args), out, results)
+    measured("predict_images", predict_command(checkpoints, out / "images", out / "pred_images", args), out, results)
     for name in ("predict_mosaic", "predict_images"):
         windows = sum(int(line.split("windows ")[1].split(",")[0]) for line in
                       (out / f"{name}.log").read_text().splitlines() if line.startswith("predict: slides"))
@@ -207,6 +201,12 @@ def main() -> None:
         f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "per_image"}, indent=2))
+
+
+def predict_command(checkpoints: list[str], slides: Path, pred: Path, args: argparse.Namespace) -> list[str]:
+    """``stas predict`` of the slides in ``slides`` by ``checkpoints`` (merged) into ``pred``."""
+    return [*STAS, "predict", "--checkpoint", *checkpoints, "--slides", str(slides), "--tta", args.tta,
+            "--batch-size", "8", "--device", args.device, "--out", str(pred)]
 
 
 def tile_command(out: Path, tiles: Path, scale: int, folders: list[str]) -> list[str]:
@@ -276,9 +276,8 @@ def mosaic_scores(checkpoint: str, name: str, test: Mosaic, out: Path, args: arg
     """``checkpoint`` predicts the test mosaic into ``out/pred_mosaic_<name>``: its pooled Dice at 0.5 and the
     mean of its images' Dice."""
     results: dict = {}
-    measured(f"predict_mosaic_{name}", [*STAS, "predict", "--checkpoint", checkpoint, "--slides", str(out / "test"),
-                                        "--tta", args.tta, "--batch-size", "8", "--device",
-                                        args.device, "--out", str(out / f"pred_mosaic_{name}")], out, results)
+    measured(f"predict_mosaic_{name}", predict_command([checkpoint], out / "test", out / f"pred_mosaic_{name}", args),
+             out, results)
     measured(f"evaluate_mosaic_{name}", [*STAS, "evaluate", "--slides", str(out / f"pred_mosaic_{name}"),
                                          "--masks", str(out / "test_mask.csv"), "--out",
                                          str(out / f"eval_mosaic_{name}")], out, results)
