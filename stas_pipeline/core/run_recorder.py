@@ -2,12 +2,14 @@
 
 In ``run_dir`` it keeps:
 
-- ``last.pt``: model, optimiser, scheduler, epoch, iteration, best metric and the metric history, written
-  atomically every epoch, so a run killed at any moment resumes (``resume=True``) from its last epoch;
-- ``best.pt`` (model ``state_dict`` only) and ``best.json`` (the run's knobs, task and network definition, fold,
-  epoch, key metric; trained on a tile datalist, its ``tiles`` settings: the tiling slide prediction reads the run
-  at, :func:`with_tiling`), and with them ``config.json``: the bundle run's whole configuration, its macros expanded
-  and the run's overrides applied, from which inference rebuilds the run's chain without the bundle file;
+- ``last.pt``: model, optimiser, scheduler, epoch, iteration, best metric and the metric history (and the weight
+  average, when the run keeps one), written atomically every epoch, so a run killed at any moment resumes
+  (``resume=True``) from its last epoch;
+- ``best.pt`` (model ``state_dict`` only: the weight average's, when the run keeps one, as validation scored it)
+  and ``best.json`` (the run's knobs, task and network definition, fold, epoch, key metric; trained on a tile
+  datalist, its ``tiles`` settings: the tiling slide prediction reads the run at, :func:`with_tiling`), and with
+  them ``config.json``: the bundle run's whole configuration, its macros expanded and the run's overrides applied,
+  from which inference rebuilds the run's chain without the bundle file;
 - ``metrics.json`` (per epoch: loss, key metric (``val_dice``, ``val_auc``), lr, seconds) and ``curves.png``.
 
 All checkpoints load with ``torch.load(..., weights_only=True)``. Only rank 0 writes under DDP.
@@ -37,6 +39,7 @@ from stas_pipeline.core.bundles import RUN_CONFIG, running_parser
 from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.errors import StasError
 from stas_pipeline.core.fileio import atomic_path, write_json
+from stas_pipeline.core.optim import WeightAverage
 
 LAST, BEST = "last.pt", "best.pt"
 # the loggers a terminal sees only with STAS_DEBUG=1, and their level otherwise: the engines' start / epoch / new
@@ -151,10 +154,12 @@ class RunRecorder:
         key_metric: str = "val_dice",
         resume: bool = False,
         run_info: dict | None = None,
+        weight_average: WeightAverage | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.validator, self.key_metric = validator, key_metric
+        self.averaged = weight_average.averaged if weight_average is not None else None
         self.run_info = with_tiling(dict(run_info or {}))
         self.history: list[dict] = []
         self.best_metric, self.best_epoch = -math.inf, 0
@@ -188,6 +193,10 @@ class RunRecorder:
         ckpt = self.resume_from
         model = self._model
         model.load_state_dict(ckpt["model"])
+        if self.averaged is not None:
+            if ckpt.get("averaged") is None:
+                raise CheckpointError(f"{self.run_dir / LAST}: no weight average to resume (trained without ema_decay)")
+            self.averaged.load_state_dict(ckpt["averaged"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -225,7 +234,7 @@ class RunRecorder:
         if improved:
             if self.config is not None:
                 write_json(self.run_dir / RUN_CONFIG, self.config, overwrite=True)
-            self._save(model.state_dict(), BEST)
+            self._save((self.averaged.module if self.averaged is not None else model).state_dict(), BEST)
             write_json(self.run_dir / "best.json", {**self.run_info, "epoch": engine.state.epoch,
                                                      self.key_metric: metric}, overwrite=True)
         self._save({
@@ -233,6 +242,7 @@ class RunRecorder:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "epoch": engine.state.epoch, "iteration": engine.state.iteration,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": self.history,
+            "averaged": self.averaged.state_dict() if self.averaged is not None else None,
         }, LAST)
         write_json(self.run_dir / "metrics.json", {**self.run_info, "best_epoch": self.best_epoch,
                                                    f"best_{self.key_metric}": self._finite(self.best_metric),
