@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 from stage_runs import REPO, STAS, measured
 
+from stas_pipeline.core.trained_runs import run_info_of
 from stas_pipeline.tasks.slide.reader import Slide, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips
 
@@ -154,9 +155,12 @@ def main() -> None:
         images, masks = images[:args.limit], masks[:args.limit]
     a = 50 if not args.limit else round(0.4 * args.limit)
     parts = {"train_a": slice(0, a), "train_b": slice(a, 2 * a), "test": slice(2 * a, None)}
-    results: dict = {"bundle": args.bundle, "scales": args.scales, "knobs": args.set, "epochs": args.epochs,
-                     "runs": [str(p) for p in args.runs],
-                     "images": {name: len(images[part]) for name, part in parts.items()}}
+    if args.runs:  # what those runs trained, not this call's training options
+        results: dict = {key: [run_info_of(p).get(key) for p in args.runs] for key in ("bundle", "epochs", "seed")}
+    else:
+        results = {"bundle": args.bundle, "scales": args.scales, "knobs": args.set, "epochs": args.epochs}
+    results |= {"runs": [str(p) for p in args.runs],
+                "images": {name: len(images[part]) for name, part in parts.items()}}
 
     start = time.perf_counter()
     mosaics = {name: Mosaic(images[part], masks[part], columns=10 if name != "test" else 8)
