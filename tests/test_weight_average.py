@@ -5,15 +5,20 @@ form, and in a bundle run through MONAI's runner: what validation scores is what
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Engine
 from tiny_runs import prepare, train
 
+from stas_pipeline.core.bundles import BundleError
 from stas_pipeline.core.optim import WeightAverage
 from stas_pipeline.core.run_recorder import CheckpointError, load_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
 STEPS = [1.0, 3.0, -2.0, 5.0]  # the weight after each step
 
 
@@ -48,8 +53,21 @@ def test_decay_zero_is_the_network_itself_and_no_handler():
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
 def test_a_bad_decay_is_named(decay):
-    with pytest.raises(ValueError, match="ema_decay must be a number in"):
+    with pytest.raises(BundleError, match=r"--ema_decay .*: expected a number in \[0, 1\)"):
         WeightAverage(torch.nn.Linear(1, 1), decay=decay)
+
+
+def test_a_bad_decay_ends_a_bundle_run_in_one_line(tmp_path):
+    """From MONAI's own command line: one ``ERROR`` line naming the knob, no traceback, nothing trained."""
+    prepare(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                           "bundles/deeplab_lite0.json", "--dataset_dir", str(tmp_path), "--cache_dir",
+                           str(tmp_path / "cache"), "--image_size", "32", "--output_dir", str(tmp_path / "runs"),
+                           "--device", "cpu", "--num_workers", "0", "--encoder_weights", "none", "--ema_decay", "1.5"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "ERROR --ema_decay 1.5: expected a number in [0, 1) (0 = off)" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("runs/**/*.pt"))
 
 
 def test_a_bundle_run_validates_and_keeps_the_average(tmp_path):

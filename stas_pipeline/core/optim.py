@@ -14,6 +14,8 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from stas_pipeline.core.bundles import BundleError
+
 __all__ = ["AdaBelief", "WeightAverage"]
 
 
@@ -27,7 +29,7 @@ class WeightAverage:
 
     def __init__(self, network: nn.Module, decay: float = 0.0):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay must be a number in [0, 1) (0 = off), got {decay!r}")
+            raise BundleError(f"--ema_decay {decay}: expected a number in [0, 1) (0 = off)")
         self.trained = network
         self.model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
         self.averaged = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
