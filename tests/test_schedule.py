@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from tiny_runs import prepare, train
 
+from stas_pipeline.core.bundles import BundleError
 from stas_pipeline.core.schedule import ValidationSchedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_patience_two_waits_for_two_validations():
 
 
 def test_bad_patience_is_named():
-    with pytest.raises(ValueError, match="early_stop_patience must be an integer >= 0"):
+    with pytest.raises(BundleError, match=r"--early_stop_patience -1: expected an integer >= 0"):
         ValidationSchedule(Engine(lambda e, b: None), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
                            early_stop_patience=-1)
 

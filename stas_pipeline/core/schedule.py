@@ -11,6 +11,8 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
 
+from stas_pipeline.core.bundles import BundleError
+
 
 class ValidationSchedule:
     """Trainer handler whose parts listen to ``validator`` (attached to it when the trainer attaches this):
@@ -26,7 +28,7 @@ class ValidationSchedule:
                  early_stop_patience: int = 0, plateau_patience: int = 0, plateau_factor: float = 0.5):
         for name, value in (("early_stop_patience", early_stop_patience), ("plateau_patience", plateau_patience)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
+                raise BundleError(f"--{name} {value}: expected an integer >= 0 (0 = off)")
         if not 0 < plateau_factor < 1:
             raise ValueError(f"plateau_factor must be in (0, 1), got {plateau_factor!r}")
         self.validator, self.optimizer, self.key_metric = validator, optimizer, key_metric
