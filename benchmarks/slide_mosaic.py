@@ -156,7 +156,8 @@ def main() -> None:
     a = 50 if not args.limit else round(0.4 * args.limit)
     parts = {"train_a": slice(0, a), "train_b": slice(a, 2 * a), "test": slice(2 * a, None)}
     if args.runs:  # what those runs trained, not this call's training options
-        results: dict = {key: [run_info_of(p).get(key) for p in args.runs] for key in ("bundle", "epochs", "seed")}
+        trained = [run_info_of(p) for p in args.runs]
+        results: dict = {key: [info.get(key) for info in trained] for key in ("bundle", "epochs", "seed")}
     else:
         results = {"bundle": args.bundle, "scales": args.scales, "knobs": args.set, "epochs": args.epochs}
     results |= {"runs": [str(p) for p in args.runs],

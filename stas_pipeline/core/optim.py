@@ -34,7 +34,6 @@ class WeightAverage:
         self.model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
         self.averaged = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
                          if decay else None)
-        self.decay = float(decay)
 
     @property
     def network(self) -> nn.Module:
