@@ -15,6 +15,10 @@ against its reference mask is measured on its own region of the mosaic's level-0
 each round group B trains on them as group A's latest run labels them (``stas pseudo-label --group B``), then
 group A on group B's labels; every run's test-mosaic Dice is in ``results.json``'s ``rounds``, and group A's last
 run is the figure (the HuBMAP winners' alternating rounds, scored on the slide they labelled).
+The threshold (``--threshold-on validation``, the default) is chosen as the slide demo chooses it, out of fold:
+the same members predict ``train_a`` (fold 0's validation images) whole, and the cut of the saved probability
+maps with the highest mean per-image Dice there is the one the test figure is also given at (``results.json``'s
+``threshold``; the figures at 0.5 stay beside it).
 Each stage is a ``stas`` process with its wall time and peak RSS. Training and prediction run on ``--device``
 (cuda when there is one; on one core of the 2-core VMs an epoch of the 2x member took 6 to 15 minutes).
 
@@ -43,12 +47,14 @@ from PIL import Image
 from stage_runs import REPO, STAS, measured
 
 from stas_pipeline.core.trained_runs import run_info_of
+from stas_pipeline.tasks.slide.inference import upsampled
 from stas_pipeline.tasks.slide.reader import Slide, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips
 
 GLASS = 242
 TILE = {"size": 1024, "stride": 512}  # level-0 pixels of every scale's windows
 CROP = 256  # members whose tiles are larger train on crops of this size (the same cost per step as 256-px tiles)
+THRESHOLDS = [round(0.05 * k, 2) for k in range(1, 20)]  # the cuts tried on the validation mosaic: 0.05 .. 0.95
 
 
 class Mosaic:
@@ -104,6 +110,24 @@ class Mosaic:
         return encode_strips(strips, self.shape[0])
 
 
+def dice_by_threshold(mosaic: Mosaic, prob_path: Path) -> np.ndarray:
+    """Each image's Dice (rows) at each of :data:`THRESHOLDS` (columns) on its region of the probability map
+    ``stas predict`` saved (``<id>_prob.npy``: p x 255 at an integer scale), cut as ``--threshold t`` cuts it:
+    each scaled pixel repeated, ``p > floor(255 t)``."""
+    prob = np.load(prob_path, mmap_mode="r")
+    scale = round(mosaic.shape[1] / prob.shape[1])
+    first = np.floor(255 * np.asarray(THRESHOLDS)).astype(int) + 1  # p > cut <=> p >= cut + 1
+    rows = []
+    for k in range(len(mosaic.images)):
+        p = upsampled(prob, scale, *mosaic.region(k), *mosaic.cell)
+        ref = mosaic._array("mask", k).astype(bool)
+        at_least = np.cumsum(np.bincount(p.ravel(), minlength=256)[::-1])[::-1]  # [c]: pixels with p >= c
+        hits = np.cumsum(np.bincount(p[ref], minlength=256)[::-1])[::-1]
+        total = at_least[first] + ref.sum()
+        rows.append(np.where(total == 0, 1.0, 2 * hits[first] / np.maximum(total, 1)))
+    return np.array(rows)
+
+
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     total = pred.sum() + ref.sum()
     return 1.0 if total == 0 else float(2 * (pred & ref).sum() / total)
@@ -139,6 +163,10 @@ def main() -> None:
                              "when at most this share of its pixels lies between 0.02 and 0.98 (0.05; at the "
                              "stage's 0.01 no tile with STAS passed on the 4x member's map, whose median tile "
                              "has 6 %% of its pixels there)")
+    parser.add_argument("--threshold-on", choices=("validation", "none"), default="validation",
+                        help="validation (default): the members also predict train_a (fold 0's validation "
+                             "images) whole, and the test figure is given at the cut with the best mean "
+                             "per-image Dice there as well as at 0.5; none: at 0.5 only (one prediction less)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N images, split 40/40/20 (a quick check; default: all, 50/50/rest)")
     args = parser.parse_args()
@@ -147,7 +175,7 @@ def main() -> None:
         parser.error("--pseudo-rounds: one member (one scale, or one --runs)")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; give a new --out")
-    for sub in ("slides", "test", "images"):
+    for sub in ("slides", "test", "images", "val"):
         (out / sub).mkdir(parents=True)
     images = sorted((args.data / "Train_Images").glob("*.jpg"))
     masks = [args.data / "reference_masks" / f"{p.stem}.png" for p in images]
@@ -170,6 +198,7 @@ def main() -> None:
             for name, mosaic in mosaics.items()}
     (out / "masks.csv").write_text(f"id,encoding\ntrain_a,{rles['train_a']}\ntrain_b,{rles['train_b']}\n")
     (out / "test_mask.csv").write_text(f"id,encoding\ntest,{rles['test']}\n")  # kept apart: scoring only
+    (out / "val" / "train_a.tif").symlink_to(out / "slides" / "train_a.tif")  # fold 0 validates on train_a
     test = mosaics["test"]
     for k, path in enumerate(test.images):  # each test image alone, as its own slide
         write_slide(out / "images" / f"{path.stem}.tif", lambda y, x, h, w, k=k: _alone(test, k, y, x, h, w),
@@ -202,10 +231,31 @@ def main() -> None:
     results["mean_dice_mosaic"] = round(float(np.mean([r["dice_mosaic"] for r in per_image])), 4)
     results["mean_dice_alone"] = round(float(np.mean([r["dice_alone"] for r in per_image])), 4)
     results["difference"] = round(results["mean_dice_mosaic"] - results["mean_dice_alone"], 4)
+    if args.threshold_on == "validation":
+        results["threshold"] = validation_threshold(checkpoints, mosaics["train_a"], test, out, args, results)
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs" + (
         f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "per_image"}, indent=2))
+
+
+def validation_threshold(checkpoints: list[str], val: Mosaic, test: Mosaic, out: Path, args: argparse.Namespace,
+                         results: dict) -> dict:
+    """``checkpoints`` predict ``val`` (stage ``predict_val``); the cut of :data:`THRESHOLDS` with the best mean
+    per-image Dice on it, and the test mosaic's mean per-image Dice at it (its map as ``predict_mosaic`` saved
+    it), with both curves."""
+    measured("predict_val", predict_command(checkpoints, out / "val", out / "pred_val", args), out, results)
+    val_dice = dice_by_threshold(val, out / "pred_val" / "train_a_prob.npy").mean(axis=0)
+    test_dice = dice_by_threshold(test, out / "pred_mosaic" / "test_prob.npy").mean(axis=0)
+    at_half = test_dice[THRESHOLDS.index(0.5)]
+    if abs(at_half - results["mean_dice_mosaic"]) > 1e-3:  # the map cut here must be the mask stas predict wrote
+        raise SystemExit(f"test map cut at 0.5: mean Dice {at_half:.4f}, the written mask's "
+                         f"{results['mean_dice_mosaic']}")
+    best = int(np.argmax(val_dice))
+    return {"chosen_on": "train_a: fold 0's validation images, mean per-image Dice", "threshold": THRESHOLDS[best],
+            "val_mean_dice": round(float(val_dice[best]), 4), "mean_dice_mosaic": round(float(test_dice[best]), 4),
+            "by_threshold": {str(t): {"val": round(float(v), 4), "test": round(float(d), 4)}
+                             for t, v, d in zip(THRESHOLDS, val_dice, test_dice, strict=True)}}
 
 
 def predict_command(checkpoints: list[str], slides: Path, pred: Path, args: argparse.Namespace) -> list[str]:
