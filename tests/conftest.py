@@ -17,9 +17,10 @@ from stas_pipeline.tasks.segmentation.datalist import make_datalist
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SIZES = (64, 96)
-# The longest test files, longest first (seconds at one thread on a 2-core VM). `make test` gives each worker one
-# file at a time in collection order (--dist loadfile --no-loadscope-reorder): these start first, so the workers
-# end together rather than one of them running a long file alone at the end.
+# The longest test files, longest first (their tests' summed time at one thread on a 2-core VM: docs/benchmarks.md,
+# "The test suite"). `make test` gives each worker one file at a time in collection order (--dist loadfile
+# --no-loadscope-reorder): these start first, so the workers end together rather than one of them running a long
+# file alone at the end.
 LONGEST_FIRST = ("test_export_model.py", "test_bundles.py", "test_demo.py", "test_sharding.py", "test_wheel.py",
                  "test_distributed.py", "test_exit_codes.py", "test_mlflow_tracking.py", "test_training_output.py",
                  "test_label_checks.py", "test_cache_integrity.py")
