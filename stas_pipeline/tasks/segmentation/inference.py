@@ -39,7 +39,14 @@ from stas_pipeline.core.models import build_model, build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
 from stas_pipeline.core.sharding import Journal, output_folder
-from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError, load_trained_run, run_info_of, shifted
+from stas_pipeline.core.trained_runs import (
+    TTA_FLIPS,
+    PredictError,
+    inference_ready,
+    load_trained_run,
+    run_info_of,
+    shifted,
+)
 from stas_pipeline.tasks.base import Predictor
 
 STAGE = "predict"
@@ -93,7 +100,7 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu",
     else:  # runs recorded before the network definition was
         model = build_model(info["encoder"], encoder_weights=None, aux_head=info.get("aux_head", False))
     load_model_weights(model, checkpoint)
-    run = SegmentationRun.of((model.to(device).eval(), int(info["image_size"])))
+    run = SegmentationRun.of((inference_ready(model, device), int(info["image_size"])))
     run.transform = shifted(run.transform, stain_shift)
     return run
 
