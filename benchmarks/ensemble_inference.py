@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from stas_pipeline.core.models import build_model
+from stas_pipeline.core.trained_runs import TTA_VIEWS, inference_ready
 from stas_pipeline.tasks.segmentation.inference import predict_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=4, help="decoding processes")
-    parser.add_argument("--tta", default="none", choices=["none", "h", "v", "hv"], help="flip TTA")
+    parser.add_argument("--tta", default="none", choices=list(TTA_VIEWS), help="test-time views, as stas predict")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args()
@@ -45,7 +46,7 @@ def main() -> None:
     models = []
     for bundle in args.bundles:
         config = json.loads((REPO / "bundles" / f"{bundle}.json").read_text())
-        model = build_model(config["encoder_name"], aux_head=True, image_size=args.image_size).to(device).eval()
+        model = inference_ready(build_model(config["encoder_name"], aux_head=True, image_size=args.image_size), device)
         models.append((model, args.image_size))
     with tempfile.TemporaryDirectory() as tmp:
         predict_images(models[:1], images[: args.batch_size], Path(tmp) / "warmup", batch_size=args.batch_size)

@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="BEST_PT",
                         help="predict with these trained members (best.pt of earlier runs of this benchmark, e.g. "
                              "one --scales 4 and one --scales 2 run side by side) instead of training")
-    parser.add_argument("--tta", default="hv", help="flip TTA of both predictions (hv)")
+    parser.add_argument("--tta", default="hv", help="test-time views of every prediction, as stas predict (hv)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device of every training and prediction (default: cuda when available, else "
                              "cpu; the figures in docs/benchmarks.md are the CPU's)")

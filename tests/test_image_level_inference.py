@@ -23,7 +23,7 @@ from stas_pipeline.core.trained_runs import TrainedRun
 from stas_pipeline.stages import predict as predict_stage
 from stas_pipeline.tasks.classification.inference import TTA_MODES, predict_scores, tta_mean_score, tta_views
 
-PASSES = {"none": 1, "h": 2, "v": 2, "hv": 4, "two-crop": 2, "ten-crop": 10}  # as the inference module documents
+PASSES = {"none": 1, "h": 2, "v": 2, "hv": 4, "d4": 8, "two-crop": 2, "ten-crop": 10}  # as documented
 S = 32
 
 
@@ -78,7 +78,8 @@ def test_ten_crop_and_two_crop_views_are_the_documented_crops_resized_back():
     assert len(two) == 2 and two[0] is x
     torch.testing.assert_close(two[1], resized[4])
     wide = torch.rand(1, 3, 40, 24)
-    assert all(v.shape == wide.shape for tta in TTA_MODES for v in tta_views(wide, tta))
+    assert all(v.shape == wide.shape for tta in TTA_MODES if tta != "d4" for v in tta_views(wide, tta))
+    assert [v.shape[-2:] for v in tta_views(wide, "d4")] == [(40, 24)] * 4 + [(24, 40)] * 4
     with pytest.raises(ValueError, match="tta must be one of"):
         list(tta_views(x, "five-crop"))
 

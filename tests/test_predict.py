@@ -20,7 +20,7 @@ from torch import nn
 
 from stas_pipeline import cli
 from stas_pipeline.core.lmdb_cache import LMDBCacheDataset
-from stas_pipeline.core.trained_runs import TTA_FLIPS
+from stas_pipeline.core.trained_runs import TTA_VIEWS
 from stas_pipeline.tasks.segmentation.inference import load_run_model, predict_images, predict_probabilities
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,11 +61,34 @@ def test_flip_tta_is_inverted_exactly(tmp_path):
     # scaling of the small image (ScaleIntensityd)
     small = min_max(F.interpolate(image[None], size=(32, 32), mode="area").round())
     by_hand = sum(torch.flip(torch.sigmoid(contextual(torch.flip(small, d) if d else small)), d) if d
-                  else torch.sigmoid(contextual(small)) for d in TTA_FLIPS["hv"]) / 4
+                  else torch.sigmoid(contextual(small)) for d, _ in TTA_VIEWS["hv"]) / 4
     by_hand = F.interpolate(by_hand, size=(40, 56), mode="bilinear", align_corners=False)[0]
     got = predict_probabilities([(contextual, 32)], [path], tta="hv")[0]
     assert torch.allclose(got, by_hand, atol=1e-6)
     assert not torch.allclose(got, predict_probabilities([(contextual, 32)], [path])[0], atol=1e-4)
+
+
+def test_d4_tta_averages_the_eight_symmetries(tmp_path):
+    """``--tta d4``: the mean over the four rotations by 90 degrees of the image and of its mirror image, each
+    turned back (written here with ``torch.rot90``); so the prediction of a rotated image is the rotated
+    prediction, for a network that is not rotation-equivariant itself."""
+    path, image = image_file(tmp_path, 40, 56)
+    torch.manual_seed(1)
+    contextual = nn.Conv2d(3, 1, kernel_size=(5, 3), padding=(2, 1))
+    small = min_max(F.interpolate(image[None], size=(32, 32), mode="area").round())
+    by_hand = sum(torch.rot90(torch.sigmoid(contextual(torch.rot90(x, k, (-2, -1)))), -k, (-2, -1)).flip(-1) if m
+                  else torch.rot90(torch.sigmoid(contextual(torch.rot90(x, k, (-2, -1)))), -k, (-2, -1))
+                  for m, x in ((False, small), (True, small.flip(-1))) for k in range(4)) / 8
+    by_hand = F.interpolate(by_hand, size=(40, 56), mode="bilinear", align_corners=False)[0]
+    got = predict_probabilities([(contextual, 32)], [path], tta="d4")[0]
+    assert torch.allclose(got, by_hand, atol=1e-6)
+    assert not torch.allclose(got, predict_probabilities([(contextual, 32)], [path], tta="hv")[0], atol=1e-4)
+
+    turned = tmp_path / "turned.png"
+    Image.open(path).transpose(Image.Transpose.ROTATE_90).save(turned)
+    for tta, equal in (("d4", True), ("hv", False)):
+        pair = predict_probabilities([(contextual, 32)], [path, turned], tta=tta)
+        assert torch.allclose(pair[1], torch.rot90(pair[0], 1, (-2, -1)), atol=1e-5) is equal
 
 
 def test_sliding_window_reassembles_an_image_larger_than_the_window(tmp_path):

@@ -24,7 +24,25 @@ from stas_pipeline.core.stain import StainShiftd
 
 RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
 RECORDS = ("best.json", "metrics.json")  # the run records beside a checkpoint, in the order they are read
-TTA_FLIPS = {"none": [()], "h": [(), (-1,)], "v": [(), (-2,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
+_FLIPS = [(), (-1,), (-2,), (-2, -1)]  # the four flips of an image's last two dims
+# test-time views: (flipped dims, transposed), done in that order; d4: the four flips, each also transposed
+# (the eight symmetries of a square: rotations by 90 degrees and reflections)
+TTA_VIEWS = {"none": [((), False)], "h": [((), False), ((-1,), False)], "v": [((), False), ((-2,), False)],
+             "hv": [(d, False) for d in _FLIPS], "d4": [(d, t) for t in (False, True) for d in _FLIPS]}
+
+
+def tta_view(x: torch.Tensor, view: tuple[tuple[int, ...], bool]) -> torch.Tensor:
+    """``x`` (..., H, W) seen as ``view`` (a value of :data:`TTA_VIEWS`): flipped, then transposed."""
+    dims, transposed = view
+    x = torch.flip(x, dims) if dims else x
+    return x.transpose(-2, -1) if transposed else x
+
+
+def tta_unview(p: torch.Tensor, view: tuple[tuple[int, ...], bool]) -> torch.Tensor:
+    """A map predicted on ``tta_view(x, view)`` brought back onto ``x``."""
+    dims, transposed = view
+    p = p.transpose(-2, -1) if transposed else p
+    return torch.flip(p, dims) if dims else p
 
 
 class PredictError(StasError, ValueError):

@@ -69,7 +69,7 @@ from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.geojson import add_geojson_options
 from stas_pipeline.core.sharding import ShardError, merge_parts, predict_in_parts, shard_of
 from stas_pipeline.core.stain import STAIN_SHIFTS, parse_stain_shift
-from stas_pipeline.core.trained_runs import BACKENDS, TTA_FLIPS, PredictError, run_info_of
+from stas_pipeline.core.trained_runs import BACKENDS, TTA_VIEWS, PredictError, run_info_of
 from stas_pipeline.tasks import choose
 from stas_pipeline.tasks.base import Predictor, claimed_by_options
 from stas_pipeline.tasks.classification.inference import TTA_MODES
@@ -108,7 +108,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              "in either mode")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     parser.add_argument("--tta", choices=list(TTA_MODES), default="none",
-                        help="test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips); "
+                        help="test-time augmentation: none, h(orizontal), v(ertical), hv (all four flips), d4 "
+                             "(the four flips, each also transposed: every rotation by 90 degrees and reflection, "
+                             "8 passes); "
                              "image-level runs also two-crop (the image and its centre crop) and ten-crop "
                              "(torchvision's TenCrop), crops of 0.875 of each side resized back")
     parser.add_argument("--batch-size", type=int, default=1,
@@ -212,8 +214,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                   what="the checkpoints and the images")
     if args.out_of_fold and args.datalist is None:
         raise PredictError("--out-of-fold needs --datalist")
-    if args.tta not in TTA_FLIPS and not task.image_level:
-        raise PredictError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_FLIPS)}")
+    if args.tta not in TTA_VIEWS and not task.image_level:
+        raise PredictError(f"--tta {args.tta} is for image-level runs; segmentation takes {list(TTA_VIEWS)}")
     if args.geojson and task.image_level:
         raise PredictError(f"--geojson writes masks as polygons; {task.name} runs predict no masks")
     if args.merge:

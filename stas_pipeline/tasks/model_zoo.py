@@ -296,7 +296,7 @@ def readme(task: Task, infos: Sequence[dict], members: Sequence[str], metrics: S
     overrides = [
         ("input_dir", "the folder of images to predict"),
         ("output_dir", "where the predictions go (default `eval` in this folder)"),
-        ("tta", "none, h, v or hv (default hv: the four flips)" +
+        ("tta", "none, h, v, hv or d4 (default hv: the four flips; d4 also transposes each: 8 passes)" +
          ("; also two-crop and ten-crop" if task.image_level else "")),
         ("backend", f"{', '.join(BACKENDS)} (default torch: the state dicts)"),
         ("device", "default cuda when available, else cpu"),

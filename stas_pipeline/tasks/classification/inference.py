@@ -17,7 +17,8 @@ TTA (``tta``), on the model input x of size S = H x W (the training size, after 
 view, the score averaged over the views:
 
 - ``none``: x (1 pass); ``h`` / ``v``: x and its horizontal / vertical flip (2); ``hv``: x, both flips and
-  their composition (4).
+  their composition (4); ``d4``: those four and each transposed: the rotations by 90 degrees and reflections
+  (8; the transposed views are W x H, for networks that take any input size).
 - ``two-crop``: x and its centre crop (2).
 - ``ten-crop``: torchvision's ``TenCrop``: the four corner crops and the centre crop of x, and the same five of
   x flipped horizontally (10).
@@ -45,12 +46,12 @@ from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import describe, to_uint8
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.sharding import Journal
-from stas_pipeline.core.trained_runs import TTA_FLIPS, TrainedRun, load_trained_run
+from stas_pipeline.core.trained_runs import TTA_VIEWS, TrainedRun, load_trained_run, tta_view
 from stas_pipeline.tasks.base import Predictor
 from stas_pipeline.tasks.classification.scores_csv import scores_cells, scores_header, write_scores_csv
 
 CROP_FRACTION = 0.875
-TTA_MODES = (*TTA_FLIPS, "two-crop", "ten-crop")
+TTA_MODES = (*TTA_VIEWS, "two-crop", "ten-crop")
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -82,8 +83,8 @@ def tta_views(x: torch.Tensor, tta: str) -> Iterator[torch.Tensor]:
     """The views of ``x`` (N, C, H, W) that ``tta`` averages over (see module doc), one at a time."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
-    if tta in TTA_FLIPS:
-        yield from (torch.flip(x, dims) if dims else x for dims in TTA_FLIPS[tta])
+    if tta in TTA_VIEWS:
+        yield from (tta_view(x, view) for view in TTA_VIEWS[tta])
         return
     size = [round(CROP_FRACTION * s) for s in x.shape[-2:]]
     crops = [x, TF.center_crop(x, size)] if tta == "two-crop" else TF.ten_crop(x, size)

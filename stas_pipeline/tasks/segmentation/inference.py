@@ -40,12 +40,14 @@ from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
 from stas_pipeline.core.sharding import Journal, output_folder
 from stas_pipeline.core.trained_runs import (
-    TTA_FLIPS,
+    TTA_VIEWS,
     PredictError,
     inference_ready,
     load_trained_run,
     run_info_of,
     shifted,
+    tta_unview,
+    tta_view,
 )
 from stas_pipeline.tasks.base import Predictor
 
@@ -105,15 +107,15 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device = "cpu",
     return run
 
 
-def flip_tta(model: nn.Module, x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
-    """Mean sigmoid probability over flipped copies of ``x`` (N, C, H, W), each flipped back."""
+def view_tta(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Mean sigmoid probability over the views of ``x`` (N, C, H, W) that ``tta`` names (:data:`TTA_VIEWS`),
+    each brought back."""
+    views = TTA_VIEWS[tta]
     total = None
-    for dims in flips:
-        xi = torch.flip(x, dims) if dims else x
-        p = torch.sigmoid(model(xi).float())
-        p = torch.flip(p, dims) if dims else p
+    for view in views:
+        p = tta_unview(torch.sigmoid(model(tta_view(x, view)).float()), view)
         total = p if total is None else total + p
-    return total / len(flips)
+    return total / len(views)
 
 
 @dataclass
@@ -176,7 +178,7 @@ def _probabilities(runs: Sequence[SegmentationRun], index: Sequence[int], images
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             if mode == "resize" and not run.window:
                 x = torch.stack([image.inputs[k] for image in images]).to(device)
-                for total, p in zip(totals, flip_tta(run.model, x, TTA_FLIPS[tta]).float(), strict=True):
+                for total, p in zip(totals, view_tta(run.model, x, tta).float(), strict=True):
                     add(total, p[None])
             else:
                 inferer = SlidingWindowInferer(roi_size=image_size_pair(run.window or run.image_size),
@@ -184,7 +186,7 @@ def _probabilities(runs: Sequence[SegmentationRun], index: Sequence[int], images
                                                padding_mode="reflect")
                 for total, image in zip(totals, images, strict=True):
                     x = image.inputs[k][None].to(device)
-                    add(total, inferer(x, lambda xi, m=run.model: flip_tta(m, xi, TTA_FLIPS[tta])).float())
+                    add(total, inferer(x, lambda xi, m=run.model: view_tta(m, xi, tta)).float())
     return [(total / len(runs))[0] for total in totals]
 
 
@@ -251,8 +253,8 @@ def predict_images(
     With a ``journal`` (a part of a sharded run) the files go straight into the folders shared by the parts and
     each image is recorded once all of its files are written."""
     problems = problems or Problems(STAGE)
-    if mode not in MODES or tta not in TTA_FLIPS:
-        raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_FLIPS)}")
+    if mode not in MODES or tta not in TTA_VIEWS:
+        raise ValueError(f"mode must be one of {MODES} and tta one of {list(TTA_VIEWS)}")
     if journal is not None:
         journal.start([])
     replace = journal is not None and journal.replace  # a part's not-finished image: its stale files

@@ -52,9 +52,9 @@ from stas_pipeline.core.lmdb_cache import describe, image_size_pair, to_uint8
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import with_tiling
 from stas_pipeline.core.sharding import Journal, output_folder
-from stas_pipeline.core.trained_runs import TTA_FLIPS, PredictError
+from stas_pipeline.core.trained_runs import PredictError
 from stas_pipeline.tasks.base import Predictor
-from stas_pipeline.tasks.segmentation.inference import SegmentationRun, flip_tta, load_run_model, out_of_fold
+from stas_pipeline.tasks.segmentation.inference import SegmentationRun, load_run_model, out_of_fold, view_tta
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips, file_id, write_rle_csv
 from stas_pipeline.tasks.slide.tiling import (
@@ -136,7 +136,7 @@ def _window_probabilities(runs: Sequence[SegmentationRun], prepare: _WindowInput
             skipped += int((~keep).sum())
         if not keep.any():
             continue
-        p = flip_tta(run.model, x[keep], TTA_FLIPS[tta]).float()
+        p = view_tta(run.model, x[keep], tta).float()
         total[keep] += p if p.shape[-1] == out else F.interpolate(p, size=(out, out), mode="bilinear",
                                                                   align_corners=False)
     return (total / len(runs))[:, 0].cpu().numpy(), skipped
