@@ -47,6 +47,7 @@ from PIL import Image
 from stage_runs import REPO, STAS, measured
 
 from stas_pipeline.core.trained_runs import run_info_of
+from stas_pipeline.tasks.slide.evaluation import threshold_curve
 from stas_pipeline.tasks.slide.inference import upsampled
 from stas_pipeline.tasks.slide.reader import Slide, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips
@@ -54,7 +55,6 @@ from stas_pipeline.tasks.slide.rle import encode_strips
 GLASS = 242
 TILE = {"size": 1024, "stride": 512}  # level-0 pixels of every scale's windows
 CROP = 256  # members whose tiles are larger train on crops of this size (the same cost per step as 256-px tiles)
-THRESHOLDS = [round(0.05 * k, 2) for k in range(1, 20)]  # the cuts tried on the validation mosaic: 0.05 .. 0.95
 
 
 class Mosaic:
@@ -110,22 +110,18 @@ class Mosaic:
         return encode_strips(strips, self.shape[0])
 
 
-def dice_by_threshold(mosaic: Mosaic, prob_path: Path) -> np.ndarray:
-    """Each image's Dice (rows) at each of :data:`THRESHOLDS` (columns) on its region of the probability map
-    ``stas predict`` saved (``<id>_prob.npy``: p x 255 at an integer scale), cut as ``--threshold t`` cuts it:
-    each scaled pixel repeated, ``p > floor(255 t)``."""
+def image_histograms(mosaic: Mosaic, prob_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each image's two 256-bin histograms (all pixels, mask pixels) of its region of the probability map ``stas
+    predict`` saved (``<id>_prob.npy``: p x 255 at an integer scale, each scaled pixel repeated), as ``stas
+    evaluate --slides`` counts a slide's: its ``threshold_curve`` then scores every cut of the images."""
     prob = np.load(prob_path, mmap_mode="r")
     scale = round(mosaic.shape[1] / prob.shape[1])
-    first = np.floor(255 * np.asarray(THRESHOLDS)).astype(int) + 1  # p > cut <=> p >= cut + 1
-    rows = []
-    for k in range(len(mosaic.images)):
+    histograms = {}
+    for k, path in enumerate(mosaic.images):
         p = upsampled(prob, scale, *mosaic.region(k), *mosaic.cell)
         ref = mosaic._array("mask", k).astype(bool)
-        at_least = np.cumsum(np.bincount(p.ravel(), minlength=256)[::-1])[::-1]  # [c]: pixels with p >= c
-        hits = np.cumsum(np.bincount(p[ref], minlength=256)[::-1])[::-1]
-        total = at_least[first] + ref.sum()
-        rows.append(np.where(total == 0, 1.0, 2 * hits[first] / np.maximum(total, 1)))
-    return np.array(rows)
+        histograms[path.stem] = (np.bincount(p.ravel(), minlength=256), np.bincount(p[ref], minlength=256))
+    return histograms
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -241,21 +237,21 @@ def main() -> None:
 
 def validation_threshold(checkpoints: list[str], val: Mosaic, test: Mosaic, out: Path, args: argparse.Namespace,
                          results: dict) -> dict:
-    """``checkpoints`` predict ``val`` (stage ``predict_val``); the cut of :data:`THRESHOLDS` with the best mean
-    per-image Dice on it, and the test mosaic's mean per-image Dice at it (its map as ``predict_mosaic`` saved
-    it), with both curves."""
+    """``checkpoints`` predict ``val`` (stage ``predict_val``); the cut with the best mean per-image Dice on it,
+    chosen as ``stas evaluate --slides`` chooses it, and the test mosaic's mean per-image Dice at it (its map as
+    ``predict_mosaic`` saved it), with both curves."""
     measured("predict_val", predict_command(checkpoints, out / "val", out / "pred_val", args), out, results)
-    val_dice = dice_by_threshold(val, out / "pred_val" / "train_a_prob.npy").mean(axis=0)
-    test_dice = dice_by_threshold(test, out / "pred_mosaic" / "test_prob.npy").mean(axis=0)
-    at_half = test_dice[THRESHOLDS.index(0.5)]
-    if abs(at_half - results["mean_dice_mosaic"]) > 1e-3:  # the map cut here must be the mask stas predict wrote
-        raise SystemExit(f"test map cut at 0.5: mean Dice {at_half:.4f}, the written mask's "
+    val_curve = threshold_curve(image_histograms(val, out / "pred_val" / "train_a_prob.npy"))
+    test_dice = threshold_curve(image_histograms(test, out / "pred_mosaic" / "test_prob.npy"))["curve"]
+    if abs(test_dice["0.5"] - results["mean_dice_mosaic"]) > 1e-3:  # the map cut here must be the written mask
+        raise SystemExit(f"test map cut at 0.5: mean Dice {test_dice['0.5']:.4f}, the written mask's "
                          f"{results['mean_dice_mosaic']}")
-    best = int(np.argmax(val_dice))
-    return {"chosen_on": "train_a: fold 0's validation images, mean per-image Dice", "threshold": THRESHOLDS[best],
-            "val_mean_dice": round(float(val_dice[best]), 4), "mean_dice_mosaic": round(float(test_dice[best]), 4),
-            "by_threshold": {str(t): {"val": round(float(v), 4), "test": round(float(d), 4)}
-                             for t, v, d in zip(THRESHOLDS, val_dice, test_dice, strict=True)}}
+    best = val_curve["best_threshold"]
+    return {"chosen_on": "train_a: fold 0's validation images, mean per-image Dice", "threshold": best,
+            "val_mean_dice": round(val_curve["mean_dice_at_best"], 4),
+            "mean_dice_mosaic": round(test_dice[str(best)], 4),
+            "by_threshold": {t: {"val": round(v, 4), "test": round(test_dice[t], 4)}
+                             for t, v in val_curve["curve"].items()}}
 
 
 def predict_command(checkpoints: list[str], slides: Path, pred: Path, args: argparse.Namespace) -> list[str]:
