@@ -105,7 +105,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         f"{CROP_REAL_DEFAULTS['crop_size']} with --data)")
     parser.add_argument("--epochs", type=positive_int, metavar="N",
                         help=f"training epochs per fold (default: {SYNTHETIC_DEFAULTS['epochs']} synthetic, "
-                        f"{REAL_DEFAULTS['epochs']} with --data)")
+                        f"{REAL_DEFAULTS['epochs']} with --data; the classification, grading and slide demos have "
+                        "their own, printed in their summary: 6, 6 and 4)")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help=f"training batch size (default: {SYNTHETIC_DEFAULTS['batch_size']} synthetic, "
                         f"{REAL_DEFAULTS['batch_size']} with --data)")
