@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from stas_pipeline.core.models import build_model
-from stas_pipeline.core.trained_runs import TTA_VIEWS, inference_ready
+from stas_pipeline.core.options import TTA_VIEWS
+from stas_pipeline.core.trained_runs import inference_ready
 from stas_pipeline.tasks.segmentation.inference import predict_images
 
 REPO = Path(__file__).resolve().parents[1]

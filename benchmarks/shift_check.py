@@ -2,7 +2,7 @@
 
 A split grouped by source image cannot show a stain or scanner shift. This re-scores the same runs on the same
 images with the stain shifted in haematoxylin-eosin-DAB space (``stas predict --stain-shift``: darker and
-lighter, more and less haematoxylin, more and less eosin; ``core/stain.py``'s ``STAIN_SHIFTS``), and prints the
+lighter, more and less haematoxylin, more and less eosin; ``core/options.py``'s ``STAIN_SHIFTS``), and prints the
 metric per shift and the worst. Every step is the stage a user runs, once per shift:
 
     stas predict --checkpoint ... --stain-shift <shift> <PREDICT ARGS> --out OUT/<shift>/...
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from stas_pipeline import cli
-from stas_pipeline.core.stain import STAIN_SHIFTS
+from stas_pipeline.core.options import STAIN_SHIFTS
 
 METRICS = {"classification": "auc", "grading": "kappa", "slide": "mean_dice_at_0.5"}
 

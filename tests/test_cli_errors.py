@@ -3,12 +3,13 @@ an internal fault exit 3 with its traceback in a log file (or on stderr with --d
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from stas_pipeline.cli import command
+from stas_pipeline.cli import STAGES, command
 from stas_pipeline.core.errors import EXIT_INTERNAL, NothingWrittenError, StasError, refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +71,28 @@ def test_the_stas_command_ends_a_refusal_in_one_line(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and out.stderr.startswith("ERROR ") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+HEAVY = ("torch", "monai")  # importing MONAI alone takes 10-13 s on a 2-core VM
+
+
+def test_every_stage_reads_its_arguments_before_importing_torch_or_monai():
+    """``stas <stage> --help`` and a usage error come at once: each stage builds its parser from plain data
+    (core/options.py, the tasks' task.py) and imports torch and MONAI only once its arguments are read."""
+    code = ("import contextlib, io, json, sys\n"
+            "from stas_pipeline.cli import STAGES, main\n"
+            "seen = {}\n"
+            "for stage in STAGES:\n"
+            "    for argv in ([stage, '--help'], [stage, '--no-such-option']):\n"
+            "        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "            try:\n"
+            "                main(argv)\n"
+            "            except SystemExit:\n"
+            "                pass\n"
+            f"        seen[' '.join(argv)] = [m for m in {HEAVY!r} if m in sys.modules]\n"
+            "print(json.dumps(seen))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    seen = json.loads(out.stdout)
+    assert len(seen) == 2 * len(STAGES)
+    first = next((f"stas {argv}: {modules}" for argv, modules in seen.items() if modules), None)
+    assert first is None, f"imported before the arguments were read: {first}"

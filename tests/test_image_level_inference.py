@@ -21,7 +21,8 @@ from stas_pipeline.core.models import build_network
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import TrainedRun
 from stas_pipeline.stages import predict as predict_stage
-from stas_pipeline.tasks.classification.inference import TTA_MODES, predict_scores, tta_mean_score, tta_views
+from stas_pipeline.tasks.classification.inference import predict_scores, tta_mean_score, tta_views
+from stas_pipeline.tasks.classification.task import TTA_MODES
 
 PASSES = {"none": 1, "h": 2, "v": 2, "hv": 4, "d4": 8, "two-crop": 2, "ten-crop": 10}  # as documented
 S = 32

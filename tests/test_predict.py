@@ -20,7 +20,7 @@ from torch import nn
 
 from stas_pipeline import cli
 from stas_pipeline.core.lmdb_cache import LMDBCacheDataset
-from stas_pipeline.core.trained_runs import TTA_VIEWS
+from stas_pipeline.core.options import TTA_VIEWS
 from stas_pipeline.tasks.segmentation.inference import load_run_model, predict_images, predict_probabilities
 
 REPO = Path(__file__).resolve().parents[1]

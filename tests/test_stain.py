@@ -18,8 +18,8 @@ from skimage.filters import gaussian
 
 from stas_pipeline.core.datalist import write_datalist
 from stas_pipeline.core.images import read_rgb
+from stas_pipeline.core.options import STAIN_SHIFTS, parse_stain_shift
 from stas_pipeline.core.stain import (
-    STAIN_SHIFTS,
     RandStainJitterd,
     StainNormalized,
     StainShiftd,
@@ -29,7 +29,6 @@ from stas_pipeline.core.stain import (
     fit_stain_target_to,
     hed_to_rgb,
     normalize_stain,
-    parse_stain_shift,
     read_stain_target,
     rgb_to_hed,
     stain_shift,

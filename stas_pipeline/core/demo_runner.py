@@ -21,9 +21,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-import monai.bundle
-import torch
-
 from stas_pipeline import cli
 from stas_pipeline.core.bundles import bundle_file, write_resolved
 from stas_pipeline.core.errors import StasError
@@ -171,6 +168,9 @@ class FoldTrainingDemo(Demo):
 
     def train_folds(self, bundle: str, datalist: Path, run_root: Path, what: str, **overrides) -> None:
         """Every fold of ``bundle`` through MONAI's entry point into ``run_root/fold<k>``."""
+        import monai.bundle  # MONAI and torch: here, so that stas demo --help comes at once
+        import torch
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         config = write_resolved(bundle, self.out / "configs" / f"{bundle_file(bundle).stem}.json")
         for fold in range(self.folds):

@@ -34,12 +34,12 @@ from stas_pipeline.core.errors import StasError, refused
 from stas_pipeline.core.fileio import atomic_path, write_json
 from stas_pipeline.core.lmdb_cache import image_size_pair
 from stas_pipeline.core.models import build_network
+from stas_pipeline.core.options import ONNX_OPSET
 from stas_pipeline.core.run_recorder import load_model_weights
 from stas_pipeline.core.runs import read_json_object
 from stas_pipeline.core.trained_runs import RECORDS
 
 TOLERANCE = 1e-4  # an export's output may differ from the network's by this, plus this times |output| (float32)
-ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "image", "pred"
 WEIGHTS_FILE = "model.pt"  # an exported run's state dict, beside its record (best.json) and config.json
 ONNX_FILE = "model.onnx"  # beside a run's checkpoint (onnx_model_for) and in an exported bundle's member folder

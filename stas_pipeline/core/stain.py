@@ -8,9 +8,9 @@ clamps; here nothing is clamped), and ``rgb = 255 * exp(-c @ rgb_from_hed)`` bac
 
 - :class:`RandStainJitterd`: random HED jitter (Tellez et al. 2018), HSV jitter and brightness/contrast jitter
   for the training chain.
-- :data:`STAIN_SHIFTS`, :func:`stain_shift`, :func:`parse_stain_shift`, :class:`StainShiftd`: fixed
-  multiplicative shifts of the concentrations, to re-score a model on stain-shifted copies of its test images
-  (``stas predict --stain-shift``, ``benchmarks/shift_check.py``).
+- :func:`stain_shift`, :class:`StainShiftd`: fixed multiplicative shifts of the concentrations (named in
+  core/options.py's ``STAIN_SHIFTS``, read by its ``parse_stain_shift``), to re-score a model on stain-shifted
+  copies of its test images (``stas predict --stain-shift``, ``benchmarks/shift_check.py``).
 - :func:`fit_stain_target`, :func:`normalize_stain`, :class:`StainNormalized`, :func:`read_stain_target`,
   :func:`fit_stain_target_to`: Reinhard (LAB mean/std) and Macenko (stain vectors and max concentrations)
   normalisation to a target fitted on reference images; a target is a JSON-able dict.
@@ -46,19 +46,6 @@ TARGET_KEYS = {"reinhard": ("mean", "std"), "macenko": ("stain_matrix", "max_con
 MACENKO_IO, MACENKO_ALPHA, MACENKO_BETA = 240.0, 1.0, 0.15
 MIN_TISSUE_PIXELS = 100  # fewer OD-thresholded pixels: no stain vectors can be estimated
 MAX_FIT_PIXELS = 2_000_000
-
-STAIN_SHIFTS: dict[str, tuple[float, float, float]] = {
-    "none": (1.0, 1.0, 1.0),
-    "darker": (1.25, 1.25, 1.25),
-    "lighter": (0.8, 0.8, 0.8),
-    "more_h": (1.3, 1.0, 1.0),
-    "less_h": (0.7, 1.0, 1.0),
-    "more_e": (1.0, 1.3, 1.0),
-    "less_e": (1.0, 0.7, 1.0),
-    # the public STAS images' mean colour (221/164/206) unmixed against that of 184 other images of the same
-    # challenge (212/162/196): more haematoxylin, less eosin, more residue, all at once
-    "other_lab": (1.43, 0.8, 1.27),
-}
 
 
 def _mix(x: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
@@ -222,29 +209,6 @@ class StainShiftd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = _on_uint8_hwc(d[key], lambda hwc: stain_shift(hwc, self.factors), type(self).__name__)
         return d
-
-
-def parse_stain_shift(text: str) -> tuple[float, float, float]:
-    """The factors of a name of :data:`STAIN_SHIFTS`, or of ``"h=1.2,e=0.9,d=1"`` (any subset; 1 by default;
-    each a number >= 0). ValueError listing the names otherwise."""
-    text = text.strip()
-    if text in STAIN_SHIFTS:
-        return STAIN_SHIFTS[text]
-    factors = {"h": 1.0, "e": 1.0, "d": 1.0}
-    seen: set[str] = set()
-    try:
-        for part in text.split(","):
-            key, value = (s.strip() for s in part.split("="))
-            factor = float(value)
-            if key not in factors or key in seen or not 0 <= factor < math.inf:
-                raise ValueError(part)
-            factors[key] = factor
-            seen.add(key)
-    except ValueError:
-        raise ValueError(f"stain shift {text!r}: expected one of {', '.join(STAIN_SHIFTS)}, or factors on the "
-                         "H, E and D concentrations such as 'h=1.2,e=0.9,d=1' (numbers >= 0; 1 when left out)"
-                         ) from None
-    return factors["h"], factors["e"], factors["d"]
 
 
 def _as_uint8_hwc(image: object) -> np.ndarray:

@@ -24,15 +24,10 @@ from stas_pipeline.core.stain import StainShiftd
 
 RECORDED_NOT_KNOBS = {"bundle", "task"}  # recorded beside the knobs, but names of bundle sections, not values
 RECORDS = ("best.json", "metrics.json")  # the run records beside a checkpoint, in the order they are read
-_FLIPS = [(), (-1,), (-2,), (-2, -1)]  # the four flips of an image's last two dims
-# test-time views: (flipped dims, transposed), done in that order; d4: the four flips, each also transposed
-# (the eight symmetries of a square: rotations by 90 degrees and reflections)
-TTA_VIEWS = {"none": [((), False)], "h": [((), False), ((-1,), False)], "v": [((), False), ((-2,), False)],
-             "hv": [(d, False) for d in _FLIPS], "d4": [(d, t) for t in (False, True) for d in _FLIPS]}
 
 
 def tta_view(x: torch.Tensor, view: tuple[tuple[int, ...], bool]) -> torch.Tensor:
-    """``x`` (..., H, W) seen as ``view`` (a value of :data:`TTA_VIEWS`): flipped, then transposed."""
+    """``x`` (..., H, W) seen as ``view`` (a value of core/options.py's ``TTA_VIEWS``): flipped, then transposed."""
     dims, transposed = view
     x = torch.flip(x, dims) if dims else x
     return x.transpose(-2, -1) if transposed else x
@@ -82,9 +77,6 @@ def shifted(transform: Callable, stain_shift: tuple[float, float, float] | None)
     if stain_shift is None:
         return transform
     return Compose([StainShiftd("image", stain_shift), transform])
-
-
-BACKENDS = ("torch", "onnxruntime")  # what runs a run's network in stas predict
 
 
 def load_trained_run(checkpoint: str | Path, info: dict, device: str | torch.device = "cpu",

@@ -17,7 +17,6 @@ import sys
 from stas_pipeline.cli import command
 from stas_pipeline.core.bundles import parsed_content
 from stas_pipeline.core.datalist import DatalistError, read_datalist
-from stas_pipeline.core.lmdb_cache import CacheError, Preprocessing, build_cache
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks import get_task
 
@@ -55,6 +54,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    from stas_pipeline.core.lmdb_cache import CacheError, Preprocessing, build_cache  # MONAI: after --help
+
     if args.image_size is not None and (len(args.image_size) not in (1, 2) or min(args.image_size) <= 0):
         raise CacheError(f"--image-size takes one or two positive numbers, got {args.image_size}")
     datalist = read_datalist(args.datalist)

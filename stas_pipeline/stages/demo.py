@@ -43,13 +43,15 @@ from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import open_fraction, positive_int
 from stas_pipeline.core.demo_runner import StageError, prepare_out
 from stas_pipeline.tasks import Task, all_tasks, get_task
-from stas_pipeline.tasks.segmentation.demo import (
+from stas_pipeline.tasks.classification.task import DEMO_DEFAULTS as CLASSIFICATION_DEFAULTS
+from stas_pipeline.tasks.segmentation.task import (
     CROP_BUNDLE,
     CROP_REAL_DEFAULTS,
     CROP_SYNTHETIC_DEFAULTS,
     REAL_DEFAULTS,
     SYNTHETIC_DEFAULTS,
 )
+from stas_pipeline.tasks.slide.task import DEMO_DEFAULTS as SLIDE_DEFAULTS
 
 
 def _demo_tasks() -> list[str]:
@@ -105,8 +107,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         f"{CROP_REAL_DEFAULTS['crop_size']} with --data)")
     parser.add_argument("--epochs", type=positive_int, metavar="N",
                         help=f"training epochs per fold (default: {SYNTHETIC_DEFAULTS['epochs']} synthetic, "
-                        f"{REAL_DEFAULTS['epochs']} with --data; the classification, grading and slide demos have "
-                        "their own, printed in their summary: 6, 6 and 4)")
+                        f"{REAL_DEFAULTS['epochs']} with --data; classification and grading "
+                        f"{CLASSIFICATION_DEFAULTS['epochs']}, slide {SLIDE_DEFAULTS['epochs']})")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help=f"training batch size (default: {SYNTHETIC_DEFAULTS['batch_size']} synthetic, "
                         f"{REAL_DEFAULTS['batch_size']} with --data)")

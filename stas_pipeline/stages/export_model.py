@@ -21,10 +21,7 @@ import sys
 from pathlib import Path
 
 from stas_pipeline.cli import command
-from stas_pipeline.core.exported import ONNX_OPSET
-from stas_pipeline.core.trained_runs import run_info_of
-from stas_pipeline.tasks.model_zoo import command as bundle_command
-from stas_pipeline.tasks.model_zoo import export_bundle, task_of
+from stas_pipeline.core.options import ONNX_OPSET
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -46,6 +43,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if args.opset < ONNX_OPSET:
         parser.error(f"--opset {args.opset}: the exporter writes opset {ONNX_OPSET} or newer")
+    from stas_pipeline.core.trained_runs import run_info_of  # torch and MONAI: after the arguments
+    from stas_pipeline.tasks.model_zoo import command as bundle_command
+    from stas_pipeline.tasks.model_zoo import export_bundle, task_of
+
     infos = [run_info_of(checkpoint) for checkpoint in args.checkpoint]
     task = task_of(infos)
     members = export_bundle(args.checkpoint, infos, args.out, args.overwrite, args.opset, args.version)

@@ -61,21 +61,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import non_negative_int, positive_float, positive_int
 from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.geojson import add_geojson_options
-from stas_pipeline.core.sharding import ShardError, merge_parts, predict_in_parts, shard_of
-from stas_pipeline.core.stain import STAIN_SHIFTS, parse_stain_shift
-from stas_pipeline.core.trained_runs import BACKENDS, TTA_VIEWS, PredictError, run_info_of
+from stas_pipeline.core.options import BACKENDS, STAIN_SHIFTS, TTA_VIEWS, parse_stain_shift
 from stas_pipeline.tasks import choose
 from stas_pipeline.tasks.base import Predictor, claimed_by_options
-from stas_pipeline.tasks.classification.inference import TTA_MODES
-from stas_pipeline.tasks.segmentation.inference import MODES
-from stas_pipeline.tasks.slide.inference import STITCH_MODES
-from stas_pipeline.tasks.slide.tissue import TISSUE_METHODS
+from stas_pipeline.tasks.classification.task import TTA_MODES
+from stas_pipeline.tasks.segmentation.task import MODES
+from stas_pipeline.tasks.slide.task import STITCH_MODES, TISSUE_METHODS
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -117,8 +112,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="images per forward pass in resize mode and for image-level tasks, windows per pass "
                              "in sliding_window mode (1)")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="what runs the networks: torch (default), or onnxruntime on the CPU: each run's "
@@ -207,6 +201,12 @@ def estimate(images: Sequence[Path], predict: Predictor, n: int, batch_size: int
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     start = time.perf_counter()
+    import torch  # torch and MONAI (the runs, the shards): after the arguments, so that --help comes at once
+
+    from stas_pipeline.core.sharding import ShardError, merge_parts, predict_in_parts, shard_of
+    from stas_pipeline.core.trained_runs import PredictError, run_info_of
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     infos = [run_info_of(ckpt) for ckpt in args.checkpoint]
     declared = read_datalist(args.datalist).task if args.datalist else None
     task = choose(*claimed_by_options(args, "predict_options"), declared,

@@ -36,9 +36,9 @@ from stas_pipeline.cli import command
 from stas_pipeline.core.cli_types import int_at_least, open_fraction, positive_float
 from stas_pipeline.core.errors import refused
 from stas_pipeline.core.problems import Problems
+from stas_pipeline.tasks.slide.task import TISSUE_METHODS
 from stas_pipeline.tasks.slide.tile_command import STAGE, TileError, tile_slides
 from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, find_slides
-from stas_pipeline.tasks.slide.tissue import TISSUE_METHODS
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

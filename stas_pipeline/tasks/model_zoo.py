@@ -40,7 +40,6 @@ from stas_pipeline.core.bundles import BUNDLES_DIR, RUN_CONFIG
 from stas_pipeline.core.exported import (
     BACKENDS,
     ONNX_FILE,
-    ONNX_OPSET,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
     ExportError,
@@ -49,6 +48,7 @@ from stas_pipeline.core.exported import (
     input_size,
 )
 from stas_pipeline.core.fileio import atomic_folder, write_json
+from stas_pipeline.core.options import ONNX_OPSET
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.trained_runs import load_trained_run, run_info_of
 from stas_pipeline.tasks.base import Task, get_task

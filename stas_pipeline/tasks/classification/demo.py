@@ -29,12 +29,12 @@ from pathlib import Path
 from stas_pipeline.core.datalist import read_datalist
 from stas_pipeline.core.demo_runner import FoldTrainingDemo, three_decimals
 from stas_pipeline.core.synthetic import make_fundus_dataset
+from stas_pipeline.tasks.classification.task import DEMO_DEFAULTS
 
 BUNDLE = "fundus_lite0"
 STAGE_NAMES = ("data", "datalist", "cache", "train", "predict", "evaluate", "pseudo_label", "train_round1",
                "predict_round1", "evaluate_round1", "experiments")
 PSEUDO_HIGH, PSEUDO_LOW = 0.85, 0.08
-DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3}
 
 
 class ClassificationDemo(FoldTrainingDemo):
@@ -43,7 +43,7 @@ class ClassificationDemo(FoldTrainingDemo):
     STAGE_NAMES = STAGE_NAMES
     BUNDLE = BUNDLE
     N_IMAGES = 96  # default number of synthetic images
-    DEFAULTS = DEFAULTS
+    DEFAULTS = DEMO_DEFAULTS
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)

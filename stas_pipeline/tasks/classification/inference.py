@@ -44,16 +44,15 @@ from stas_pipeline.core.datalist import load_fold, test_images
 from stas_pipeline.core.errors import NothingWrittenError
 from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import describe, to_uint8
+from stas_pipeline.core.options import TTA_VIEWS
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.sharding import Journal
-from stas_pipeline.core.trained_runs import TTA_VIEWS, TrainedRun, load_trained_run, tta_view
+from stas_pipeline.core.trained_runs import TrainedRun, load_trained_run, tta_view
 from stas_pipeline.tasks.base import Predictor
 from stas_pipeline.tasks.classification.scores_csv import scores_cells, scores_header, write_scores_csv
+from stas_pipeline.tasks.classification.task import TTA_MODES
 
 CROP_FRACTION = 0.875
-TTA_MODES = (*TTA_VIEWS, "two-crop", "ten-crop")
-
-
 class _Inputs(torch.utils.data.Dataset):
     """Each image through the runs' chains, in DataLoader workers, each distinct chain once (the folds of one
     bundle share theirs: one decode per image, not one per run); an unreadable file yields its error."""

@@ -10,8 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stas_pipeline.core.options import TTA_VIEWS
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.base import Predictor, Task
+
+TTA_MODES = (*TTA_VIEWS, "two-crop", "ten-crop")  # stas predict --tta of image-level runs: see inference.py
+DEMO_DEFAULTS = {"image_size": 64, "epochs": 6, "batch_size": 8, "lr": 2e-3, "folds": 3}  # its demo's, and grading's
 
 
 class ClassificationTask(Task):

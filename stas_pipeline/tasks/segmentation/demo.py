@@ -30,19 +30,19 @@ from stas_pipeline.tasks.segmentation.evaluation import evaluate_folders, format
 from stas_pipeline.tasks.segmentation.export import export_submission
 from stas_pipeline.tasks.segmentation.inference import load_run_model, predict_images
 from stas_pipeline.tasks.segmentation.labelme import convert_folder
+from stas_pipeline.tasks.segmentation.task import (
+    CROP_BUNDLE,
+    CROP_REAL_DEFAULTS,
+    CROP_SYNTHETIC_DEFAULTS,
+    REAL_DEFAULTS,
+    SYNTHETIC_DEFAULTS,
+)
 
 BUNDLE = "deeplab_lite0"  # the whole-image recipe's bundle
 STAGE_NAMES = ("data", "masks", "datalist", "cache", "train", "predict", "ensemble", "evaluate", "export")
 TASK, LABEL_KIND = "segmentation", "mask"  # what the demo's datalist declares
 # what the demo writes into OUT besides summary.json and its cache (core/demo_runner.py); --overwrite removes them
 
-# defaults per kind of data: the synthetic set is small and easy, the real images are 1716 x 942
-SYNTHETIC_DEFAULTS = {"image_size": 160, "epochs": 20, "batch_size": 4, "lr": 2e-3}
-REAL_DEFAULTS = {"image_size": 256, "epochs": 16, "batch_size": 4, "lr": 2e-3}
-# the crop recipe (deeplab_lite0_crops: aspect-keeping scale, crops, Gaussian windows); image_size is the longer side
-CROP_BUNDLE = "deeplab_lite0_crops"
-CROP_SYNTHETIC_DEFAULTS = {"image_size": 320, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 128}
-CROP_REAL_DEFAULTS = {"image_size": 858, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 256}
 SYNTHETIC_SHAPE = (176, 320)  # height, width of the synthetic images: the challenge's aspect ratio, smaller
 
 

@@ -36,11 +36,11 @@ from stas_pipeline.core.geojson import GeoJSONStyle, mask_features, style_of, wr
 from stas_pipeline.core.images import images_in_folder, read_failure
 from stas_pipeline.core.lmdb_cache import Preprocessing, describe, image_size_pair, to_uint8
 from stas_pipeline.core.models import build_model, build_network
+from stas_pipeline.core.options import TTA_VIEWS
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.core.run_recorder import load_model_weights
 from stas_pipeline.core.sharding import Journal, output_folder
 from stas_pipeline.core.trained_runs import (
-    TTA_VIEWS,
     PredictError,
     inference_ready,
     load_trained_run,
@@ -50,9 +50,9 @@ from stas_pipeline.core.trained_runs import (
     tta_view,
 )
 from stas_pipeline.tasks.base import Predictor
+from stas_pipeline.tasks.segmentation.task import MODES
 
 STAGE = "predict"
-MODES = ("resize", "sliding_window")
 RESIZING = (Resized,)  # the chain's steps left out in sliding_window mode
 
 

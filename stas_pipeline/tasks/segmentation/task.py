@@ -13,6 +13,16 @@ from typing import Any
 from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.base import Predictor, Task
 
+MODES = ("resize", "sliding_window")  # stas predict --mode: see tasks/segmentation/inference.py
+# the demo's (tasks/segmentation/demo.py) defaults per kind of data: the synthetic set is small and easy, the real
+# images are 1716 x 942
+SYNTHETIC_DEFAULTS = {"image_size": 160, "epochs": 20, "batch_size": 4, "lr": 2e-3}
+REAL_DEFAULTS = {"image_size": 256, "epochs": 16, "batch_size": 4, "lr": 2e-3}
+# the crop recipe (deeplab_lite0_crops: aspect-keeping scale, crops, Gaussian windows); image_size is the longer side
+CROP_BUNDLE = "deeplab_lite0_crops"
+CROP_SYNTHETIC_DEFAULTS = {"image_size": 320, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 128}
+CROP_REAL_DEFAULTS = {"image_size": 858, "epochs": 12, "batch_size": 2, "lr": 2e-3, "crop_size": 256}
+
 
 class SegmentationTask(Task):
     name = "segmentation"

@@ -23,12 +23,12 @@ import sys
 
 from stas_pipeline.core.demo_runner import FoldTrainingDemo, three_decimals
 from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
+from stas_pipeline.tasks.slide.task import DEMO_DEFAULTS as DEFAULTS
+from stas_pipeline.tasks.slide.task import DEMO_TILE as TILE
 
 BUNDLE = "deeplab_lite0"
 STAGE_NAMES = ("data", "tile", "cache", "train", "predict_oof", "evaluate_oof", "predict_test", "evaluate_test")
 SLIDE_SHAPE = (1536, 2048)  # height, width of each synthetic slide (level 0)
-TILE = {"size": 512, "stride": 256, "scale": 4}  # tiles of 512 level-0 pixels cached at 128
-DEFAULTS = {"image_size": TILE["size"] // TILE["scale"], "epochs": 4, "batch_size": 8, "lr": 2e-3, "folds": 2}
 
 
 class SlideDemo(FoldTrainingDemo):

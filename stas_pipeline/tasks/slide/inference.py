@@ -57,6 +57,7 @@ from stas_pipeline.tasks.base import Predictor
 from stas_pipeline.tasks.segmentation.inference import SegmentationRun, load_run_model, out_of_fold, view_tta
 from stas_pipeline.tasks.slide.reader import Slide, SlideError, write_slide
 from stas_pipeline.tasks.slide.rle import encode_strips, file_id, write_rle_csv
+from stas_pipeline.tasks.slide.task import STITCH_MODES
 from stas_pipeline.tasks.slide.tiling import (
     TileSpec,
     TissueSettings,
@@ -67,7 +68,6 @@ from stas_pipeline.tasks.slide.tiling import (
 )
 from stas_pipeline.tasks.slide.tissue import thumbnail
 
-STITCH_MODES = ("gaussian", "centre")
 RLE_STRIP = 1024  # level-0 columns per RLE strip
 MERGE_ROWS = 256  # rows of the finest map merged with the coarser maps at a time
 

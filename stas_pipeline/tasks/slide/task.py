@@ -14,6 +14,14 @@ from stas_pipeline.core.problems import Problems
 from stas_pipeline.tasks.base import Predictor, Task
 from stas_pipeline.tasks.segmentation.task import SegmentationTask
 
+STITCH_MODES = ("gaussian", "centre")  # stas predict --stitch: see tasks/slide/inference.py
+TISSUE_METHODS = ("saturation", "otsu")  # stas tile/predict --tissue-method: see tasks/slide/tissue.py
+# the demo's (tasks/slide/demo.py): tiles of 512 level-0 pixels cached at 128, 4 epochs a fold (under 3 minutes on
+# a 2-core CPU: docs/benchmarks.md)
+DEMO_TILE = {"size": 512, "stride": 256, "scale": 4}
+DEMO_DEFAULTS = {"image_size": DEMO_TILE["size"] // DEMO_TILE["scale"], "epochs": 4, "batch_size": 8, "lr": 2e-3,
+                 "folds": 2}
+
 
 class SlideTask(SegmentationTask):
     name = "slide"

@@ -13,13 +13,12 @@ Components smaller than ``min_size`` thumbnail pixels are dropped (dust, debris)
 from __future__ import annotations
 
 import numpy as np
-from monai.transforms import ForegroundMask
 from skimage.color import rgb2hsv
 from skimage.morphology import remove_small_objects
 
 from stas_pipeline.tasks.slide.reader import Slide
+from stas_pipeline.tasks.slide.task import TISSUE_METHODS
 
-TISSUE_METHODS = ("saturation", "otsu")
 STRIP_ROWS = 1024  # level rows read at a time when a thumbnail has to be averaged down
 
 
@@ -52,6 +51,8 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", threshold: float = 
         hsv = rgb2hsv(rgb)
         mask = (hsv[..., 1] > threshold) & (hsv[..., 2] > 0.15)
     else:
+        from monai.transforms import ForegroundMask  # here: importing MONAI takes seconds, saturation needs none
+
         mask = np.asarray(ForegroundMask(threshold="otsu", hsv_threshold={"S": "otsu"})(np.moveaxis(rgb, -1, 0)))[0]
         mask = mask.astype(bool)
     return remove_small_objects(mask, max_size=min_size) if min_size > 1 else mask
