@@ -10,7 +10,7 @@ written to ``OUT/summary.json``. ``--data DIR`` runs the same on a real folder i
 ``demo: stage '<name>' failed: <reason>`` and a non-zero exit.
 
 Defaults, measured on a 2-core CPU with the shipped ImageNet weights of EfficientNet-Lite0: the synthetic set
-(40 images, 160 px, 20 epochs, batch 4) takes about 2 minutes, held-out Dice about 0.95; the 131 real images of
+(40 images, 160 px, 20 epochs, batch 4) takes 2 to 3 1/2 minutes, held-out Dice about 0.95; the 131 real images of
 ``stas_public`` (256 px, 16 epochs, batch 4) about 9-12 minutes, held-out Dice about 0.65 (far below the
 recipe's 800 px models: a CPU-sized model, a fifth of the resolution, 84 training images per fold).
 ``--recipe crops`` trains ``deeplab_lite0_crops`` instead (crops of the half-size image, zoom and colour
