@@ -24,7 +24,9 @@ from stas_pipeline.tasks.slide.inference import SlideSettings, stitch_probabilit
 from stas_pipeline.tasks.slide.reader import Slide
 from stas_pipeline.tasks.slide.rle import RLEMask, encode
 from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
+from stas_pipeline.tasks.slide.task import TISSUE_METHODS
 from stas_pipeline.tasks.slide.tiling import TileSpec, TissueSettings, plan_tiles, read_tile_image, read_tile_mask
+from stas_pipeline.tasks.slide.tissue import tissue_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, SCALE = 256, 4  # tiles of 256 level-0 pixels cached at 64
@@ -274,3 +276,16 @@ def test_stitched_windows_equal_a_pixelwise_model_everywhere_they_reach(slides, 
         reached[y:y + out, x:x + out] = True
     assert np.abs(stitched[reached].astype(int) - np.rint(255 * expected[reached])).max() <= 1
     assert not stitched[~reached].any() and reached.mean() > 0.3
+
+
+@pytest.mark.parametrize("method", TISSUE_METHODS)
+def test_each_tissue_method_finds_the_stained_region_on_glass(method):
+    """Pink tissue on near-white glass (both noisy): each method's mask is the tissue, not the glass."""
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal(238, 4, (96, 128, 3)), 0, 255)
+    tissue = np.zeros((96, 128), bool)
+    tissue[20:70, 30:100] = True
+    rgb[tissue] = np.clip(rng.normal((200, 120, 170), 12, (tissue.sum(), 3)), 0, 255)
+    mask = tissue_mask(rgb.astype(np.uint8), method)
+    assert mask.shape == tissue.shape and mask.dtype == bool
+    assert (mask & tissue).sum() / (mask | tissue).sum() > 0.95
