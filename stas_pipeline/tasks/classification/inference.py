@@ -53,6 +53,8 @@ from stas_pipeline.tasks.classification.scores_csv import scores_cells, scores_h
 from stas_pipeline.tasks.classification.task import TTA_MODES
 
 CROP_FRACTION = 0.875
+
+
 class _Inputs(torch.utils.data.Dataset):
     """Each image through the runs' chains, in DataLoader workers, each distinct chain once (the folds of one
     bundle share theirs: one decode per image, not one per run); an unreadable file yields its error."""

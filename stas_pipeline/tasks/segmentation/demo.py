@@ -41,8 +41,6 @@ from stas_pipeline.tasks.segmentation.task import (
 BUNDLE = "deeplab_lite0"  # the whole-image recipe's bundle
 STAGE_NAMES = ("data", "masks", "datalist", "cache", "train", "predict", "ensemble", "evaluate", "export")
 TASK, LABEL_KIND = "segmentation", "mask"  # what the demo's datalist declares
-# what the demo writes into OUT besides summary.json and its cache (core/demo_runner.py); --overwrite removes them
-
 SYNTHETIC_SHAPE = (176, 320)  # height, width of the synthetic images: the challenge's aspect ratio, smaller
 
 

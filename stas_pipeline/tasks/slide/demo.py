@@ -23,8 +23,7 @@ import sys
 
 from stas_pipeline.core.demo_runner import FoldTrainingDemo, three_decimals
 from stas_pipeline.tasks.slide.synthetic import SyntheticSlide
-from stas_pipeline.tasks.slide.task import DEMO_DEFAULTS as DEFAULTS
-from stas_pipeline.tasks.slide.task import DEMO_TILE as TILE
+from stas_pipeline.tasks.slide.task import DEMO_DEFAULTS, DEMO_TILE
 
 BUNDLE = "deeplab_lite0"
 STAGE_NAMES = ("data", "tile", "cache", "train", "predict_oof", "evaluate_oof", "predict_test", "evaluate_test")
@@ -37,11 +36,11 @@ class SlideDemo(FoldTrainingDemo):
     STAGE_NAMES = STAGE_NAMES
     BUNDLE = BUNDLE
     N_IMAGES = 6  # slides: all but one labelled, the last held out
-    DEFAULTS = DEFAULTS
+    DEFAULTS = DEMO_DEFAULTS
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        self.image_size = DEFAULTS["image_size"]  # the tiles' cached size, whatever --image-size says
+        self.image_size = DEMO_DEFAULTS["image_size"]  # the tiles' cached size, whatever --image-size says
         self.tiles = self.out / "tiles"
         self.run_root = self.out / "runs" / BUNDLE
         self.evaluation = self.out / "evaluation"
@@ -60,8 +59,8 @@ class SlideDemo(FoldTrainingDemo):
 
     def stage_tile(self) -> None:
         self.stage("tile", [str(self.data / "slides"), "--masks", str(self.data / "masks.csv"), "--out",
-                            str(self.tiles), "--size", str(TILE["size"]), "--stride", str(TILE["stride"]),
-                            "--scale", str(TILE["scale"]), "--folds", str(self.folds), "--thumbnail", "512",
+                            str(self.tiles), "--size", str(DEMO_TILE["size"]), "--stride", str(DEMO_TILE["stride"]),
+                            "--scale", str(DEMO_TILE["scale"]), "--folds", str(self.folds), "--thumbnail", "512",
                             "--seed", str(self.args.seed)])
 
     def stage_cache(self) -> None:
@@ -103,7 +102,7 @@ class SlideDemo(FoldTrainingDemo):
         oof, test = self.scores.get("oof", {}), self.scores.get("test", {})
         return {
             "task": "slide",
-            "settings": {"bundle": BUNDLE, "tile": TILE, "image_size": self.image_size, "epochs": self.epochs,
+            "settings": {"bundle": BUNDLE, "tile": DEMO_TILE, "image_size": self.image_size, "epochs": self.epochs,
                          "batch_size": self.batch_size, "lr": self.lr, "folds": self.folds, "slides": self.n_images,
                          "encoder_weights": self.weights, "seed": self.args.seed},
             "oof_dice_at_0.5": oof.get("mean_dice_at_0.5"), "threshold": self.threshold,
@@ -115,7 +114,8 @@ class SlideDemo(FoldTrainingDemo):
         }
 
     def print_summary(self, summary: dict) -> None:
-        lines = ["", "=" * 78, f"stas demo --task slide: {BUNDLE} on {TILE['size']}-px tiles at 1/{TILE['scale']}, "
+        lines = ["", "=" * 78, f"stas demo --task slide: {BUNDLE} on {DEMO_TILE['size']}-px tiles at "
+                 f"1/{DEMO_TILE['scale']}, "
                  f"{self.epochs} epochs, {self.folds} folds, {self.n_images} synthetic slides", "-" * 78,
                  f"out-of-fold slides: mean Dice {three_decimals(summary['oof_dice_at_0.5'])} at 0.5, "
                  f"{three_decimals(summary['oof_dice_at_threshold'])} at the chosen threshold "
