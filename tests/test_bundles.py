@@ -233,6 +233,16 @@ def test_on_off_knobs_given_as_words_on_the_command_line(capsys):
     assert "--aux_head maybe: expected true or false" in error_chain(err.value)
 
 
+def test_dice_batch_follows_the_crops_unless_declared():
+    """The Dice loss is over the whole batch when the bundle trains on crops, per image otherwise; ``dice_batch``
+    declares it, as a word on the command line too."""
+    for overrides, expected in (({}, False), ({"crop_size": 32}, True), ({"crop_size": 32, "dice_batch": "false"},
+                                False), ({"dice_batch": "true"}, True)):
+        (loss,) = parsed_content("deeplab_lite0_slide", ["task#loss"], {"image_size": 64, **overrides})
+        assert loss.dice.batch is expected, overrides
+        assert loss.lovasz.per_image is not bool(overrides.get("crop_size")), overrides
+
+
 def test_the_optimiser_target_names_the_class_on_every_python():
     """``adabelief_pytorch.AdaBelief`` is also a submodule: Python 3.12's ``pydoc.locate`` (MONAI's resolver)
     returned the module there. The bundles' target must name no module, and resolve to the optimiser class."""

@@ -105,3 +105,18 @@ def test_dice_plus_bce_adds_the_weighted_pixelwise_bce():
     has_fg = target.flatten(1).amax(1, keepdim=True)
     expected = dice + 0.5 * bce + 0.1 * F.binary_cross_entropy_with_logits(aux, has_fg)
     assert torch.allclose(SegmentationLoss(aux_weight=0.1, bce_weight=0.5)((logits, aux), target), expected)
+
+
+def test_dice_per_image_weighs_a_small_foreground_as_much_as_a_large_one():
+    """``dice_batch=False``: the mean of each image's Dice, so a miss of a small object costs as much as a miss of a
+    large one; over the whole batch (the crop recipes' default) the small miss is nearly free."""
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, :, :8] = 1  # a large object, found
+    target[1, :, 7:9, 7:9] = 1  # a small one, missed
+    logits = torch.full_like(target, -20.0)
+    logits[0][target[0].bool()] = 20.0
+    whole = SegmentationLoss(aux_weight=0.0, batch=True)(logits, target).item()
+    per_image = SegmentationLoss(aux_weight=0.0, batch=True, dice_batch=False)(logits, target).item()
+    assert whole == pytest.approx(1 - 2 * 128 / (128 + 132), abs=1e-4)
+    assert per_image == pytest.approx((0.0 + 1.0) / 2, abs=1e-4)
+    assert SegmentationLoss(batch=True, dice_batch=False).lovasz.per_image is False  # the Lovasz keeps ``batch``

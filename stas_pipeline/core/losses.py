@@ -22,14 +22,16 @@ class SegmentationLoss(nn.Module):
     - the mask term, ``mask_loss``: ``"dice"`` (the STAS recipe's ``DiceLoss(sigmoid=True)``, plus ``bce_weight``
       x the pixelwise BCE when > 0: nnU-Net's Dice + BCE) or ``"bce_lovasz"`` (the HuBMAP recipe's BCE + Lovasz
       hinge, smp's binary ``LovaszLoss``, Berman et al. 2018); ``batch``: Dice over the whole batch, or one Lovasz
-      hinge over the batch's pixels (else per image, averaged);
+      hinge over the batch's pixels (else per image, averaged); ``dice_batch`` sets the Dice's alone (None: as
+      ``batch``): per image, each image's foreground weighs the same however small (an empty mask's Dice is
+      nearly constant, so add BCE to penalise false positives there);
     - with class logits, ``aux_weight`` x their BCE against "the mask has foreground";
     - with deep-supervision logits, ``deep_weight`` x (BCE + Lovasz hinge) of each, on the images whose mask has
       foreground only (zero, still in the graph, when none has).
     """
 
     def __init__(self, mask_loss: str = "dice", aux_weight: float = 0.1, bce_weight: float = 0.0,
-                 deep_weight: float = 0.1, batch: bool = False):
+                 deep_weight: float = 0.1, batch: bool = False, dice_batch: bool | None = None):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss must be one of {', '.join(MASK_LOSSES)}, got {mask_loss!r}")
@@ -37,7 +39,7 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"bce_weight {bce_weight} adds BCE to the Dice loss; mask_loss {mask_loss!r} has its own")
         self.mask_loss, self.bce_weight = mask_loss, bce_weight
         self.aux_weight, self.deep_weight = aux_weight, deep_weight
-        self.dice = DiceLoss(sigmoid=True, batch=batch)
+        self.dice = DiceLoss(sigmoid=True, batch=batch if dice_batch is None else dice_batch)
         self.lovasz = LovaszLoss("binary", per_image=not batch)
 
     def bce_lovasz(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
