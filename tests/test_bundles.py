@@ -235,12 +235,17 @@ def test_on_off_knobs_given_as_words_on_the_command_line(capsys):
 
 def test_dice_batch_follows_the_crops_unless_declared():
     """The Dice loss is over the whole batch when the bundle trains on crops, per image otherwise; ``dice_batch``
-    declares it, as a word on the command line too."""
-    for overrides, expected in (({}, False), ({"crop_size": 32}, True), ({"crop_size": 32, "dice_batch": "false"},
-                                False), ({"dice_batch": "true"}, True)):
-        (loss,) = parsed_content("deeplab_lite0_slide", ["task#loss"], {"image_size": 64, **overrides})
-        assert loss.dice.batch is expected, overrides
-        assert loss.lovasz.per_image is not bool(overrides.get("crop_size")), overrides
+    declares it, as a word on the command line too; the slide recipe declares it per image, with BCE."""
+    for bundle, overrides, expected in (("deeplab_lite0", {}, False), ("deeplab_lite0", {"crop_size": 32}, True),
+                                        ("deeplab_lite0", {"crop_size": 32, "dice_batch": "false"}, False),
+                                        ("deeplab_lite0", {"dice_batch": "true"}, True),
+                                        ("deeplab_lite0_slide", {"crop_size": 32}, False),
+                                        ("deeplab_lite0_slide", {"crop_size": 32, "dice_batch": "yes"}, True)):
+        (loss,) = parsed_content(bundle, ["task#loss"], {"image_size": 64, **overrides})
+        assert loss.dice.batch is expected, (bundle, overrides)
+        assert loss.lovasz.per_image is not bool(overrides.get("crop_size")), (bundle, overrides)
+    (loss,) = parsed_content("deeplab_lite0_slide", ["task#loss"], {"image_size": 64})
+    assert loss.bce_weight == 1.0
 
 
 def test_the_optimiser_target_names_the_class_on_every_python():
