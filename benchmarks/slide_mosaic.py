@@ -6,19 +6,20 @@ Three mosaics of the images in name order: ``train_a`` (the first 50, 10 x 5), `
 ``test`` (the rest, 8 columns; an empty slot is glass). Per scale of ``--scales`` (default 2, the recipe's: 1024-px
 windows, stride 512, read 2x smaller; ``--scales 4 2``: a member per scale, merged), ``stas tile`` puts the two
 training mosaics in two folds, and fold 0 of the recipe's bundle (``--bundle``, default ``deeplab_lite0_slide``)
-trains on ``train_b``'s tiles (validated on ``train_a``'s): 256-px crops (one per 512-px tile) at 2x, 256-px tiles
-at 4x, so every member takes the same training steps (validation on whole 512-px tiles makes a 2x run about twice
-as long on a CPU). ``stas predict`` predicts the test mosaic whole with all members (each at the tiling its run
-records, the maps merged; ``--runs``: members trained earlier), then each test image alone; each image's Dice
-against its reference mask is measured on its own region of the mosaic's level-0 mask, and on its own prediction.
+trains on ``train_b``'s tiles (validated on ``train_a``'s; ``--fold 1``: the reverse): 256-px crops (one per 512-px
+tile) at 2x, 256-px tiles at 4x, so every member takes the same training steps (validation on whole 512-px tiles
+makes a 2x run about twice as long on a CPU). ``stas predict`` predicts the test mosaic whole with all members
+(each at the tiling its run records, the maps merged; ``--runs``: members trained earlier), then each test image
+alone; each image's Dice against its reference mask is measured on its own region of the mosaic's level-0 mask, and
+on its own prediction.
 ``--pseudo-rounds N``: the member is group A's round 0; the test mosaic joins a tile datalist as test tiles, and
 each round group B trains on them as group A's latest run labels them (``stas pseudo-label --group B``), then
 group A on group B's labels; every run's test-mosaic Dice is in ``results.json``'s ``rounds``, and group A's last
 run is the figure (the HuBMAP winners' alternating rounds, scored on the slide they labelled).
-The threshold (``--threshold-on validation``, the default) is chosen as the slide demo chooses it, out of fold:
-the same members predict ``train_a`` (fold 0's validation images) whole, and the cut of the saved probability
-maps with the highest mean per-image Dice there is the one the test figure is also given at (``results.json``'s
-``threshold``; the figures at 0.5 stay beside it).
+The threshold (``--threshold-on validation``, the default) is chosen as the slide demo chooses it, out of fold: the
+same members predict their fold's validation mosaic (``train_a`` for fold 0) whole, and the cut of the saved
+probability maps with the highest mean per-image Dice there is the one the test figure is also given at
+(``results.json``'s ``threshold``; the figures at 0.5 stay beside it).
 Each stage is a ``stas`` process with its wall time and peak RSS. Training and prediction run on ``--device``
 (cuda when there is one; on one core of the 2-core VMs an epoch of the 2x member took 6 to 15 minutes).
 
@@ -28,6 +29,7 @@ Each stage is a ``stas`` process with its wall time and peak RSS. Training and p
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_old --bundle deeplab_lite0 --scales 4   # the old figure
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_pl --scales 4 --pseudo-rounds 1  # + alternating rounds
     python benchmarks/slide_mosaic.py --out /tmp/mosaic_e18 --epochs 18 --set seed=1 --device cuda  # longer, a GPU
+    python benchmarks/slide_mosaic.py --out /tmp/mosaic_f1 --fold 1              # trained on train_a, cut on train_b
 """
 
 from __future__ import annotations
@@ -142,7 +144,10 @@ def main() -> None:
                              "multi-scale pair, measured below the 2x member alone)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="bundle knobs of every member's training, e.g. mask_loss=dice (an ablation)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs of fold 0 (12)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (12)")
+    parser.add_argument("--fold", type=int, choices=(0, 1), default=0,
+                        help="the fold every member trains: 0 (default) on train_b, validated on train_a; 1 on "
+                             "train_a, validated on train_b. The threshold is chosen on the validation mosaic")
     parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="BEST_PT",
                         help="predict with these trained members (best.pt of earlier runs of this benchmark, e.g. "
                              "one --scales 4 and one --scales 2 run side by side) instead of training")
@@ -160,8 +165,8 @@ def main() -> None:
                              "stage's 0.01 no tile with STAS passed on the 4x member's map, whose median tile "
                              "has 6 %% of its pixels there)")
     parser.add_argument("--threshold-on", choices=("validation", "none"), default="validation",
-                        help="validation (default): the members also predict train_a (fold 0's validation "
-                             "images) whole, and the test figure is given at the cut with the best mean "
+                        help="validation (default): the members also predict their fold's validation mosaic "
+                             "(train_a for fold 0) whole, and the test figure is given at the cut with the best mean "
                              "per-image Dice there as well as at 0.5; none: at 0.5 only (one prediction less)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N images, split 40/40/20 (a quick check; default: all, 50/50/rest)")
@@ -194,7 +199,6 @@ def main() -> None:
             for name, mosaic in mosaics.items()}
     (out / "masks.csv").write_text(f"id,encoding\ntrain_a,{rles['train_a']}\ntrain_b,{rles['train_b']}\n")
     (out / "test_mask.csv").write_text(f"id,encoding\ntest,{rles['test']}\n")  # kept apart: scoring only
-    (out / "val" / "train_a.tif").symlink_to(out / "slides" / "train_a.tif")  # fold 0 validates on train_a
     test = mosaics["test"]
     for k, path in enumerate(test.images):  # each test image alone, as its own slide
         write_slide(out / "images" / f"{path.stem}.tif", lambda y, x, h, w, k=k: _alone(test, k, y, x, h, w),
@@ -228,26 +232,37 @@ def main() -> None:
     results["mean_dice_alone"] = round(float(np.mean([r["dice_alone"] for r in per_image])), 4)
     results["difference"] = round(results["mean_dice_mosaic"] - results["mean_dice_alone"], 4)
     if args.threshold_on == "validation":
-        results["threshold"] = validation_threshold(checkpoints, mosaics["train_a"], test, out, args, results)
+        val = validation_slide(checkpoints[0])
+        (out / "val" / f"{val}.tif").symlink_to(out / "slides" / f"{val}.tif")
+        results["threshold"] = validation_threshold(checkpoints, val, mosaics, out, args, results)
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs" + (
         f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "per_image"}, indent=2))
 
 
-def validation_threshold(checkpoints: list[str], val: Mosaic, test: Mosaic, out: Path, args: argparse.Namespace,
-                         results: dict) -> dict:
-    """``checkpoints`` predict ``val`` (stage ``predict_val``); the cut with the best mean per-image Dice on it,
-    chosen as ``stas evaluate --slides`` chooses it, and the test mosaic's mean per-image Dice at it (its map as
-    ``predict_mosaic`` saved it), with both curves."""
+def validation_slide(checkpoint: str) -> str:
+    """The training mosaic ``checkpoint``'s run validated on: the slide of its fold in its datalist."""
+    fold = run_info_of(checkpoint)["fold"]
+    config = json.loads((Path(checkpoint).parent / "config.json").read_text())
+    entries = json.loads(Path(config["datalist"]).read_text())["training"]
+    (slide,) = {e["group"] for e in entries if e["fold"] == fold}
+    return slide
+
+
+def validation_threshold(checkpoints: list[str], val: str, mosaics: dict[str, Mosaic], out: Path,
+                         args: argparse.Namespace, results: dict) -> dict:
+    """``checkpoints`` predict the validation mosaic ``val`` (stage ``predict_val``); the cut with the best mean
+    per-image Dice on it, chosen as ``stas evaluate --slides`` chooses it, and the test mosaic's mean per-image
+    Dice at it (its map as ``predict_mosaic`` saved it), with both curves."""
     measured("predict_val", predict_command(checkpoints, out / "val", out / "pred_val", args), out, results)
-    val_curve = threshold_curve(image_histograms(val, out / "pred_val" / "train_a_prob.npy"))
-    test_dice = threshold_curve(image_histograms(test, out / "pred_mosaic" / "test_prob.npy"))["curve"]
+    val_curve = threshold_curve(image_histograms(mosaics[val], out / "pred_val" / f"{val}_prob.npy"))
+    test_dice = threshold_curve(image_histograms(mosaics["test"], out / "pred_mosaic" / "test_prob.npy"))["curve"]
     if abs(test_dice["0.5"] - results["mean_dice_mosaic"]) > 1e-3:  # the map cut here must be the written mask
         raise SystemExit(f"test map cut at 0.5: mean Dice {test_dice['0.5']:.4f}, the written mask's "
                          f"{results['mean_dice_mosaic']}")
     best = val_curve["best_threshold"]
-    return {"chosen_on": "train_a: fold 0's validation images, mean per-image Dice", "threshold": best,
+    return {"chosen_on": f"{val}: the validation images of the members' fold, mean per-image Dice", "threshold": best,
             "val_mean_dice": round(val_curve["mean_dice_at_best"], 4),
             "mean_dice_mosaic": round(test_dice[str(best)], 4),
             "by_threshold": {t: {"val": round(v, 4), "test": round(test_dice[t], 4)}
@@ -279,10 +294,11 @@ def train(name: str, datalist: Path, scale: int, out: Path, args: argparse.Names
     measured(f"train_{name}", [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
                                f"bundles/{args.bundle}.json", "--dataset_dir", str(datalist.parent), "--datalist",
                                str(datalist), "--cache_dir", str(out / f"cache_{name}"), "--image_size", str(size),
-                               "--epochs", str(args.epochs), "--batch_size", "8", "--lr", "0.002", "--device",
-                               args.device, "--num_workers", "0", "--balanced_sampling", "true", *crops, *knobs,
+                               "--fold", str(args.fold), "--epochs", str(args.epochs), "--batch_size", "8", "--lr",
+                               "0.002", "--device", args.device, "--num_workers", "0", "--balanced_sampling", "true",
+                               *crops, *knobs,
                                "--output_dir", str(out / f"runs_{name}")], out, results)
-    run = out / f"runs_{name}" / args.bundle / "fold0"
+    run = out / f"runs_{name}" / args.bundle / f"fold{args.fold}"
     results[f"train_{name}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
     return str(run / "best.pt")
 
