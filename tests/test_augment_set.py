@@ -212,13 +212,15 @@ def test_clahe_is_scikit_images():
 
 
 def test_the_slide_recipe_trains_through_monais_runner(tmp_path):
-    """Every part of the recipe on at once (Dice, deep supervision scored by BCE + Lovasz, the set; hypercolumns
-    off, measured to cost): two epochs through MONAI's runner; its record says so and its losses are finite."""
+    """Every part of the recipe on at once (Dice per image plus BCE, deep supervision scored by BCE + Lovasz, the
+    set; hypercolumns off, measured to cost): two epochs through MONAI's runner; its record says so and its losses
+    are finite."""
     prepare(tmp_path, RECIPE)
     run = train(tmp_path, RECIPE, epochs=2, balanced_sampling=False)  # images here, not tiles with mask shares
     info = json.loads((run / "best.json").read_text())
     assert (info["mask_loss"], info["network"]["deep_supervision"], info["network"]["hypercolumns"]) == \
         ("dice", True, False)
+    assert (info["bce_weight"], info["dice_batch"]) == (1.0, False)  # Dice per image plus BCE
     assert {k: info[k] for k in RECIPE_PROBS} == RECIPE_PROBS
     assert (info["early_stop_patience"], info["plateau_patience"]) == (0, 0)  # both measured to cost
     history = json.loads((run / "metrics.json").read_text())["history"]
