@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from stage_runs import REPO, STAS, measured
 
+from stas_pipeline.core.datalist import load_fold
 from stas_pipeline.core.trained_runs import run_info_of
 from stas_pipeline.tasks.slide.evaluation import threshold_curve
 from stas_pipeline.tasks.slide.inference import upsampled
@@ -243,10 +244,8 @@ def main() -> None:
 
 def validation_slide(checkpoint: str) -> str:
     """The training mosaic ``checkpoint``'s run validated on: the slide of its fold in its datalist."""
-    fold = run_info_of(checkpoint)["fold"]
-    config = json.loads((Path(checkpoint).parent / "config.json").read_text())
-    entries = json.loads(Path(config["datalist"]).read_text())["training"]
-    (slide,) = {e["group"] for e in entries if e["fold"] == fold}
+    info = run_info_of(checkpoint)
+    (slide,) = {e["group"] for e in load_fold(info["datalist"], info["fold"])[1]}
     return slide
 
 
@@ -296,8 +295,7 @@ def train(name: str, datalist: Path, scale: int, out: Path, args: argparse.Names
                                str(datalist), "--cache_dir", str(out / f"cache_{name}"), "--image_size", str(size),
                                "--fold", str(args.fold), "--epochs", str(args.epochs), "--batch_size", "8", "--lr",
                                "0.002", "--device", args.device, "--num_workers", "0", "--balanced_sampling", "true",
-                               *crops, *knobs,
-                               "--output_dir", str(out / f"runs_{name}")], out, results)
+                               *crops, *knobs, "--output_dir", str(out / f"runs_{name}")], out, results)
     run = out / f"runs_{name}" / args.bundle / f"fold{args.fold}"
     results[f"train_{name}"]["val_dice"] = json.loads((run / "best.json").read_text()).get("val_dice")
     return str(run / "best.pt")
